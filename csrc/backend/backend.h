@@ -1,0 +1,82 @@
+#pragma once
+// The interface between the model and the hardware. csrc/model and csrc/engine reach kernels only
+// through this class; each backend (cpu/, later cuda/) owns its memory layout and threads.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "model/weights.h"
+
+namespace pyserve {
+
+// A weight matrix in whatever layout the backend computes fastest from.
+class Matrix {
+ public:
+  virtual ~Matrix() = default;
+  virtual int64_t rows() const = 0;  // output features (n)
+  virtual int64_t cols() const = 0;  // input features (k)
+  virtual size_t bytes() const = 0;  // bytes read by one full pass over the matrix
+};
+
+// Attention of a batch of tokens, each over its own sequence in the paged KV cache.
+struct AttentionBatch {
+  const float* q = nullptr;           // q: [n_tokens, n_heads, head_dim] at row stride q_stride
+  int64_t q_stride = 0;
+  int n_tokens = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 1.f;
+  const float* k_cache = nullptr;     // this layer's K: [num_slots, n_kv_heads, head_dim]
+  const float* v_cache = nullptr;     // this layer's V: same layout
+  int page_size = 0;
+  const int32_t* const* page_tables = nullptr;  // per token: its sequence's page table
+  const int32_t* positions = nullptr;            // per token: its position in its sequence
+  int window = 0;                     // sliding window (0: attend to the whole prefix)
+  float* out = nullptr;               // out: [n_tokens, n_heads, head_dim] at row stride out_stride
+  int64_t out_stride = 0;
+};
+
+// Memory the backend's kernels can address (host memory on the CPU, device memory on a GPU).
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual float* data() = 0;
+  virtual size_t bytes() const = 0;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+  virtual int num_threads() const = 0;
+
+  virtual std::unique_ptr<Buffer> allocate(size_t n_floats) = 0;
+
+  // Packs the row-wise concatenation of `parts` (each [rows_i, cols], same cols) into one matrix,
+  // so that fused projections (q|k|v, gate|up) run as one matmul.
+  virtual std::unique_ptr<Matrix> pack(const std::vector<const TensorView*>& parts) = 0;
+
+  // y: [m, rows] = x: [m, cols] · Wᵀ (+ bias) (+ y when accumulate)
+  virtual void matmul(const Matrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+                      const float* bias, bool accumulate) = 0;
+  // out: [m, cols] = rows `ids` of w (the embedding table shares the LM head's matrix)
+  virtual void gather_rows(const Matrix& w, const int32_t* ids, int m, float* out) = 0;
+  // y: [m, dim] = x / rms(x) * weight
+  virtual void rmsnorm(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps,
+                       float* y, int64_t ldy) = 0;
+  // In place on x: [m, n_heads, head_dim] (row stride ld); cos/sin: [m, head_dim / 2]
+  // (rotate-half convention of HF Llama).
+  virtual void rope(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* cos,
+                    const float* sin) = 0;
+  // Copies k/v rows [m, kv_dim] into cache slots [m] of this layer's K and V.
+  virtual void write_kv(const float* k, const float* v, int64_t ld, int m, int kv_dim,
+                        const int64_t* slots, float* k_cache, float* v_cache) = 0;
+  virtual void attention(const AttentionBatch& batch) = 0;
+  // out: [m, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:]
+  virtual void silu_mul(const float* gate_up, int m, int inter, float* out) = 0;
+};
+
+// The CPU backend with `num_threads` threads (0: all cores) and the given kernel ISA
+// ("auto" | "avx512" | "avx2" | "scalar"). Throws if the ISA is not available here.
+std::shared_ptr<Backend> make_cpu_backend(int num_threads, const std::string& isa);
+
+}  // namespace pyserve

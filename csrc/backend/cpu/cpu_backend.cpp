@@ -1,0 +1,237 @@
+#include "backend/cpu/cpu_backend.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+
+#include "backend/cpu/cpu_features.h"
+
+namespace pyserve::cpu {
+
+AlignedFloats allocate_floats(size_t n) {
+  const size_t bytes = std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64);
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  return AlignedFloats(static_cast<float*>(p));
+}
+
+PackedMatrix::PackedMatrix(int64_t n, int64_t k)
+    : n_(n), k_(k), size_(0) {
+  // Every group but the last is full; the last is padded to whole panels.
+  const int64_t full = n / kGroupRows;
+  const int64_t rest = n - full * kGroupRows;
+  const int64_t rest_width = (rest + kPanelRows - 1) / kPanelRows * kPanelRows;
+  size_ = static_cast<size_t>((full * kGroupRows + rest_width) * k);
+  data_ = allocate_floats(size_);
+}
+
+float PackedMatrix::at(int64_t row, int64_t col) const {
+  const int64_t g = row / kGroupRows, j = row % kGroupRows;
+  const int64_t valid = std::min<int64_t>(kGroupRows, n_ - g * kGroupRows);
+  const int64_t width = (valid + kPanelRows - 1) / kPanelRows * kPanelRows;
+  return data_[g * kGroupRows * k_ + col * width + j];
+}
+
+const KernelTable& select_kernels(const std::string& isa) {
+  const CpuFeatures& f = cpu_features();
+  const std::string want = isa == "auto" ? f.best_isa() : isa;
+  if (want == "scalar") return kernels_scalar();
+#if defined(PYSERVE_X86)
+  if (want == "avx2") {
+    if (!f.avx2) throw std::invalid_argument("ISA avx2 is not supported by this CPU/OS");
+    return kernels_avx2();
+  }
+  if (want == "avx512") {
+    if (!f.avx512) throw std::invalid_argument("ISA avx512 is not supported by this CPU/OS");
+    return kernels_avx512();
+  }
+#endif
+  throw std::invalid_argument("unknown ISA '" + isa + "' (expected auto, avx512, avx2 or scalar)");
+}
+
+CpuBackend::CpuBackend(int num_threads, const KernelTable& kernels)
+    : kernels_(kernels),
+      pool_(num_threads > 0 ? num_threads : std::max(1u, std::thread::hardware_concurrency())),
+      scratch_(pool_.size()) {}
+
+namespace {
+class HostBuffer final : public Buffer {
+ public:
+  explicit HostBuffer(size_t n) : n_(n), data_(allocate_floats(n)) {}
+  float* data() override { return data_.get(); }
+  size_t bytes() const override { return n_ * sizeof(float); }
+
+ private:
+  size_t n_;
+  AlignedFloats data_;
+};
+}  // namespace
+
+std::unique_ptr<Buffer> CpuBackend::allocate(size_t n_floats) {
+  return std::make_unique<HostBuffer>(n_floats);
+}
+
+std::string CpuBackend::name() const { return std::string("cpu-") + kernels_.name; }
+
+std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& parts) {
+  if (parts.empty()) throw std::invalid_argument("pack: no tensors");
+  const int64_t k = parts[0]->shape.at(1);
+  int64_t n = 0;
+  std::vector<std::pair<const TensorView*, int64_t>> row_owner;  // (part, first row) per part
+  for (const TensorView* p : parts) {
+    if (p->shape.size() != 2 || p->shape[1] != k)
+      throw std::invalid_argument("pack: tensor '" + p->name + "' is not [rows, " + std::to_string(k) + "]");
+    row_owner.emplace_back(p, n);
+    n += p->shape[0];
+  }
+  auto m = std::make_unique<PackedMatrix>(n, k);
+  float* dst = m->data();
+  const int64_t groups = m->groups();
+  pool_.parallel_for(groups, [&](int64_t gb, int64_t ge, int) {
+    std::vector<float> row(static_cast<size_t>(k));
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t valid = std::min<int64_t>(kGroupRows, n - g * kGroupRows);
+      const int64_t width = (valid + kPanelRows - 1) / kPanelRows * kPanelRows;
+      float* base = dst + g * kGroupRows * k;
+      std::fill(base, base + width * k, 0.f);
+      for (int64_t j = 0; j < valid; ++j) {
+        const int64_t r = g * kGroupRows + j;
+        size_t pi = row_owner.size() - 1;
+        while (row_owner[pi].second > r) --pi;
+        const TensorView* part = row_owner[pi].first;
+        part->to_f32((r - row_owner[pi].second) * k, k, row.data());
+        for (int64_t c = 0; c < k; ++c) base[c * width + j] = row[c];
+      }
+    }
+  });
+  return m;
+}
+
+void CpuBackend::matmul(const Matrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+                        const float* bias, bool accumulate) {
+  const auto& pw = static_cast<const PackedMatrix&>(w);
+  GemmArgs a;
+  a.x = x;
+  a.ldx = ldx;
+  a.w = pw.data();
+  a.bias = bias;
+  a.y = y;
+  a.ldy = ldy;
+  a.m = m;
+  a.n = static_cast<int>(pw.rows());
+  a.k = static_cast<int>(pw.cols());
+  a.accumulate = accumulate;
+  pool_.parallel_for(pw.groups(), [&](int64_t gb, int64_t ge, int) {
+    GemmArgs s = a;
+    s.group_begin = static_cast<int>(gb);
+    s.group_end = static_cast<int>(ge);
+    kernels_.gemm(s);
+  });
+}
+
+void CpuBackend::gather_rows(const Matrix& w, const int32_t* ids, int m, float* out) {
+  const auto& pw = static_cast<const PackedMatrix&>(w);
+  const int64_t k = pw.cols();
+  for (int i = 0; i < m; ++i) {
+    if (ids[i] < 0 || ids[i] >= pw.rows())
+      throw std::out_of_range("token id " + std::to_string(ids[i]) + " outside the vocabulary of " +
+                              std::to_string(pw.rows()));
+    for (int64_t c = 0; c < k; ++c) out[i * k + c] = pw.at(ids[i], c);
+  }
+}
+
+void CpuBackend::rmsnorm(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps,
+                         float* y, int64_t ldy) {
+  auto body = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* xi = x + i * ldx;
+      float* yi = y + i * ldy;
+      double ss = 0;
+      for (int d = 0; d < dim; ++d) ss += static_cast<double>(xi[d]) * xi[d];
+      const float inv = static_cast<float>(1.0 / std::sqrt(ss / dim + eps));
+      for (int d = 0; d < dim; ++d) yi[d] = weight[d] * (xi[d] * inv);
+    }
+  };
+  if (m < 16) body(0, m, 0); else pool_.parallel_for(m, body);
+}
+
+void CpuBackend::rope(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* cos,
+                      const float* sin) {
+  const int half = head_dim / 2;
+  auto body = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* c = cos + i * half;
+      const float* s = sin + i * half;
+      for (int h = 0; h < n_heads; ++h) {
+        float* v = x + i * ld + static_cast<int64_t>(h) * head_dim;
+        for (int d = 0; d < half; ++d) {
+          const float a = v[d], b2 = v[d + half];
+          v[d] = a * c[d] - b2 * s[d];
+          v[d + half] = b2 * c[d] + a * s[d];
+        }
+      }
+    }
+  };
+  if (m < 16) body(0, m, 0); else pool_.parallel_for(m, body);
+}
+
+void CpuBackend::write_kv(const float* k, const float* v, int64_t ld, int m, int kv_dim,
+                          const int64_t* slots, float* k_cache, float* v_cache) {
+  for (int i = 0; i < m; ++i) {
+    std::memcpy(k_cache + slots[i] * kv_dim, k + i * ld, kv_dim * sizeof(float));
+    std::memcpy(v_cache + slots[i] * kv_dim, v + i * ld, kv_dim * sizeof(float));
+  }
+}
+
+void CpuBackend::attention(const AttentionBatch& b) {
+  const int group = b.n_heads / b.n_kv_heads;
+  const int64_t kv_stride = static_cast<int64_t>(b.n_kv_heads) * b.head_dim;
+  int max_len = 0;
+  for (int i = 0; i < b.n_tokens; ++i) max_len = std::max(max_len, b.positions[i] + 1);
+  for (auto& s : scratch_)
+    if (static_cast<int>(s.size()) < max_len) s.resize(max_len);
+  const int64_t items = static_cast<int64_t>(b.n_tokens) * b.n_heads;
+  pool_.parallel_for(items, [&](int64_t ib, int64_t ie, int t) {
+    AttendArgs a;
+    a.head_dim = b.head_dim;
+    a.scale = b.scale;
+    a.k_cache = b.k_cache;
+    a.v_cache = b.v_cache;
+    a.kv_stride = kv_stride;
+    a.page_size = b.page_size;
+    a.scratch = scratch_[t].data();
+    for (int64_t it = ib; it < ie; ++it) {
+      const int i = static_cast<int>(it / b.n_heads), h = static_cast<int>(it % b.n_heads);
+      const int pos = b.positions[i];
+      a.q = b.q + i * b.q_stride + static_cast<int64_t>(h) * b.head_dim;
+      a.head_offset = static_cast<int64_t>(h / group) * b.head_dim;
+      a.page_table = b.page_tables[i];
+      a.hi = pos;
+      a.lo = b.window > 0 ? std::max(0, pos - b.window + 1) : 0;
+      a.out = b.out + i * b.out_stride + static_cast<int64_t>(h) * b.head_dim;
+      kernels_.attend(a);
+    }
+  });
+}
+
+void CpuBackend::silu_mul(const float* gate_up, int m, int inter, float* out) {
+  auto body = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* g = gate_up + i * 2 * inter;
+      const float* u = g + inter;
+      float* o = out + i * inter;
+      for (int d = 0; d < inter; ++d) o[d] = g[d] / (1.f + std::exp(-g[d])) * u[d];
+    }
+  };
+  if (m < 4) body(0, m, 0); else pool_.parallel_for(m, body);
+}
+
+}  // namespace pyserve::cpu
+
+namespace pyserve {
+std::shared_ptr<Backend> make_cpu_backend(int num_threads, const std::string& isa) {
+  return std::make_shared<cpu::CpuBackend>(num_threads, cpu::select_kernels(isa));
+}
+}  // namespace pyserve

@@ -1,0 +1,69 @@
+#pragma once
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "backend/backend.h"
+#include "backend/cpu/kernels.h"
+#include "backend/cpu/thread_pool.h"
+
+namespace pyserve::cpu {
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedFloats = std::unique_ptr<float[], FreeDeleter>;
+AlignedFloats allocate_floats(size_t n);  // 64-byte aligned, uninitialised
+
+// W: [n, k] in the grouped panel layout described in kernels.h.
+class PackedMatrix final : public Matrix {
+ public:
+  PackedMatrix(int64_t n, int64_t k);
+  int64_t rows() const override { return n_; }
+  int64_t cols() const override { return k_; }
+  size_t bytes() const override { return size_ * sizeof(float); }
+  int64_t groups() const { return (n_ + kGroupRows - 1) / kGroupRows; }
+  float* data() { return data_.get(); }
+  const float* data() const { return data_.get(); }
+  float at(int64_t row, int64_t col) const;  // element W[row][col]
+
+ private:
+  int64_t n_, k_;
+  size_t size_;
+  AlignedFloats data_;
+};
+
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(int num_threads, const KernelTable& kernels);
+  std::string name() const override;
+  int num_threads() const override { return pool_.size(); }
+  const KernelTable& kernels() const { return kernels_; }
+  ThreadPool& pool() { return pool_; }
+
+  std::unique_ptr<Buffer> allocate(size_t n_floats) override;
+  std::unique_ptr<Matrix> pack(const std::vector<const TensorView*>& parts) override;
+  void matmul(const Matrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+              const float* bias, bool accumulate) override;
+  void gather_rows(const Matrix& w, const int32_t* ids, int m, float* out) override;
+  void rmsnorm(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps, float* y,
+               int64_t ldy) override;
+  void rope(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* cos,
+            const float* sin) override;
+  void write_kv(const float* k, const float* v, int64_t ld, int m, int kv_dim, const int64_t* slots,
+                float* k_cache, float* v_cache) override;
+  void attention(const AttentionBatch& b) override;
+  void silu_mul(const float* gate_up, int m, int inter, float* out) override;
+
+ private:
+  const KernelTable& kernels_;
+  ThreadPool pool_;
+  std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
+};
+
+// The kernel table for an ISA name ("auto" picks the best this CPU and OS allow).
+const KernelTable& select_kernels(const std::string& isa);
+
+}  // namespace pyserve::cpu

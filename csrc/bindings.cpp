@@ -1,0 +1,419 @@
+// pyserve._C: the Python face of the C++ engine. Conversions only; the logic lives elsewhere.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+#include <numeric>
+#include <thread>
+
+#include "backend/cpu/cpu_backend.h"
+#include "backend/cpu/cpu_features.h"
+#include "engine/engine.h"
+#include "model/llama.h"
+
+namespace py = pybind11;
+using namespace pyserve;
+
+namespace {
+
+template <class T>
+T get_or(const py::dict& d, const char* key, T fallback) {
+  if (!d.contains(key) || d[key].is_none()) return fallback;
+  return d[key].cast<T>();
+}
+
+ModelConfig model_config_from(const py::dict& d) {
+  ModelConfig c;
+  c.architecture = get_or<std::string>(d, "architecture", "llama");
+  c.vocab_size = d["vocab_size"].cast<int>();
+  c.hidden_size = d["hidden_size"].cast<int>();
+  c.intermediate_size = d["intermediate_size"].cast<int>();
+  c.num_layers = d["num_hidden_layers"].cast<int>();
+  c.num_heads = d["num_attention_heads"].cast<int>();
+  c.num_kv_heads = get_or<int>(d, "num_key_value_heads", c.num_heads);
+  c.head_dim = get_or<int>(d, "head_dim", c.hidden_size / c.num_heads);
+  c.rms_norm_eps = get_or<float>(d, "rms_norm_eps", 1e-5f);
+  c.rope_theta = get_or<double>(d, "rope_theta", 10000.0);
+  c.max_position_embeddings = get_or<int>(d, "max_position_embeddings", 2048);
+  c.tie_word_embeddings = get_or<bool>(d, "tie_word_embeddings", false);
+  c.attention_bias = get_or<bool>(d, "attention_bias", false);
+  c.sliding_window = get_or<int>(d, "sliding_window", 0);
+  if (d.contains("rope_scaling") && !d["rope_scaling"].is_none()) {
+    py::dict rs = d["rope_scaling"].cast<py::dict>();
+    c.rope_type = get_or<std::string>(rs, "rope_type", get_or<std::string>(rs, "type", "default"));
+    c.rope_factor = get_or<double>(rs, "factor", 1.0);
+    c.rope_low_freq_factor = get_or<double>(rs, "low_freq_factor", 1.0);
+    c.rope_high_freq_factor = get_or<double>(rs, "high_freq_factor", 4.0);
+    c.rope_original_max_position = get_or<double>(rs, "original_max_position_embeddings", 8192.0);
+  }
+  c.validate();
+  return c;
+}
+
+py::dict model_config_to_dict(const ModelConfig& c) {
+  py::dict d;
+  d["architecture"] = c.architecture;
+  d["vocab_size"] = c.vocab_size;
+  d["hidden_size"] = c.hidden_size;
+  d["intermediate_size"] = c.intermediate_size;
+  d["num_hidden_layers"] = c.num_layers;
+  d["num_attention_heads"] = c.num_heads;
+  d["num_key_value_heads"] = c.num_kv_heads;
+  d["head_dim"] = c.head_dim;
+  d["sliding_window"] = c.sliding_window;
+  return d;
+}
+
+// The model plus the backend it computes on.
+struct PyModel {
+  std::shared_ptr<LlamaModel> model;
+};
+
+PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa) {
+  ModelConfig c = model_config_from(config);
+  // Keep the buffers alive (and their pointers valid) while weights are packed.
+  std::vector<py::buffer_info> infos;
+  infos.reserve(tensors.size());
+  TensorMap map;
+  for (const py::handle& item : tensors) {
+    py::tuple t = item.cast<py::tuple>();
+    if (t.size() != 4) throw std::invalid_argument("tensors: expected (name, format, buffer, shape) tuples");
+    TensorView v;
+    v.name = t[0].cast<std::string>();
+    v.dtype = parse_dtype(t[1].cast<std::string>());
+    infos.push_back(t[2].cast<py::buffer>().request());
+    const py::buffer_info& info = infos.back();
+    v.data = info.ptr;
+    v.shape = t[3].cast<std::vector<int64_t>>();
+    const int64_t bytes = info.size * info.itemsize;
+    if (bytes != v.numel() * static_cast<int64_t>(dtype_size(v.dtype)))
+      throw std::invalid_argument("tensor '" + v.name + "': buffer holds " + std::to_string(bytes) +
+                                  " bytes, shape and format need " +
+                                  std::to_string(v.numel() * dtype_size(v.dtype)));
+    map.add(std::move(v));
+  }
+  auto backend = make_cpu_backend(num_threads, isa);
+  PyModel m;
+  {
+    py::gil_scoped_release release;
+    m.model = std::make_shared<LlamaModel>(c, map, backend);
+  }
+  return m;
+}
+
+// One sequence with a private cache: for parity tests and tools, not for serving. Its pages are
+// handed out in reverse so the page table is never the identity.
+class Session {
+ public:
+  Session(PyModel m, int max_tokens, int page_size)
+      : model_(m.model),
+        cache_(model_->backend(), model_->config().num_layers, (max_tokens + page_size - 1) / page_size,
+               page_size, model_->config().kv_dim()) {
+    for (int p = cache_.num_pages() - 1; p >= 0; --p) pages_.push_back(p);
+  }
+
+  py::array_t<float> forward(const std::vector<int32_t>& tokens, bool all_logits) {
+    if (tokens.empty()) throw std::invalid_argument("forward: no tokens");
+    if (length_ + static_cast<int64_t>(tokens.size()) > cache_.capacity_tokens())
+      throw std::invalid_argument("forward: the session's cache is full");
+    ForwardBatch b;
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      b.tokens.push_back(tokens[i]);
+      b.positions.push_back(static_cast<int32_t>(length_ + i));
+      b.page_tables.push_back(pages_.data());
+      if (all_logits || i + 1 == tokens.size()) b.logit_rows.push_back(static_cast<int32_t>(i));
+    }
+    const int vocab = model_->config().vocab_size;
+    py::array_t<float> out({static_cast<py::ssize_t>(b.logit_rows.size()), static_cast<py::ssize_t>(vocab)});
+    float* dst = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      model_->forward(b, cache_, dst);
+    }
+    length_ += static_cast<int64_t>(tokens.size());
+    return out;
+  }
+  void reset() { length_ = 0; }
+  int64_t length() const { return length_; }
+
+ private:
+  std::shared_ptr<LlamaModel> model_;
+  KVCache cache_;
+  std::vector<int32_t> pages_;
+  int64_t length_ = 0;
+};
+
+SamplingParams sampling_from(const py::dict& d) {
+  SamplingParams p;
+  p.temperature = get_or<float>(d, "temperature", 1.f);
+  p.top_p = get_or<float>(d, "top_p", 1.f);
+  p.top_k = get_or<int>(d, "top_k", 0);
+  p.min_p = get_or<float>(d, "min_p", 0.f);
+  if (d.contains("seed") && !d["seed"].is_none()) {
+    p.has_seed = true;
+    p.seed = static_cast<uint64_t>(d["seed"].cast<int64_t>());
+  }
+  p.max_tokens = get_or<int>(d, "max_tokens", -1);
+  p.stop_token_ids = get_or<std::vector<int32_t>>(d, "stop_token_ids", {});
+  p.ignore_eos = get_or<bool>(d, "ignore_eos", false);
+  return p;
+}
+
+std::unique_ptr<Engine> make_engine(PyModel m, const py::dict& d) {
+  EngineConfig c;
+  c.max_num_seqs = get_or<int>(d, "max_num_seqs", c.max_num_seqs);
+  c.max_batch_tokens = get_or<int>(d, "max_batch_tokens", c.max_batch_tokens);
+  c.page_size = get_or<int>(d, "page_size", c.page_size);
+  c.kv_capacity_tokens = get_or<int>(d, "kv_capacity_tokens", c.kv_capacity_tokens);
+  c.max_model_len = get_or<int>(d, "max_model_len", c.max_model_len);
+  c.eos_token_ids = get_or<std::vector<int32_t>>(d, "eos_token_ids", {});
+  c.notify_fd = get_or<int>(d, "notify_fd", -1);
+  py::gil_scoped_release release;
+  return std::make_unique<Engine>(m.model, c);
+}
+
+py::dict stats_dict(const EngineStats& s) {
+  py::dict d;
+  d["num_running"] = s.num_running;
+  d["num_waiting"] = s.num_waiting;
+  d["kv_pages_used"] = s.kv_pages_used;
+  d["kv_pages_total"] = s.kv_pages_total;
+  d["page_size"] = s.page_size;
+  d["kv_capacity_tokens"] = s.kv_capacity_tokens;
+  d["steps"] = s.steps;
+  d["prompt_tokens_computed"] = s.prompt_tokens_computed;
+  d["tokens_generated"] = s.tokens_generated;
+  d["preemptions"] = s.preemptions;
+  return d;
+}
+
+// --- kernel entry points for tests and benchmarks ------------------------------------------
+
+using FArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+py::array_t<float> kernel_gemm(FArray w, FArray x, std::optional<FArray> bias, std::optional<FArray> y0,
+                               const std::string& isa, int threads) {
+  if (w.ndim() != 2 || x.ndim() != 2 || w.shape(1) != x.shape(1))
+    throw std::invalid_argument("gemm: need w [n, k] and x [m, k]");
+  const int64_t n = w.shape(0), k = w.shape(1), m = x.shape(0);
+  cpu::CpuBackend be(threads, cpu::select_kernels(isa));
+  TensorView tv;
+  tv.name = "w";
+  tv.data = w.data();
+  tv.shape = {n, k};
+  auto packed = be.pack({&tv});
+  py::array_t<float> y({m, n});
+  if (y0) {
+    if (y0->ndim() != 2 || y0->shape(0) != m || y0->shape(1) != n) throw std::invalid_argument("gemm: y must be [m, n]");
+    std::memcpy(y.mutable_data(), y0->data(), sizeof(float) * m * n);
+  }
+  if (bias && bias->size() != n) throw std::invalid_argument("gemm: bias must have n elements");
+  be.matmul(*packed, x.data(), k, static_cast<int>(m), y.mutable_data(), n, bias ? bias->data() : nullptr,
+            y0.has_value());
+  return y;
+}
+
+py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, int page_size,
+                                    std::vector<py::array_t<int32_t, py::array::c_style | py::array::forcecast>> tables,
+                                    std::vector<int32_t> positions, int window, const std::string& isa, int threads) {
+  // q: [T, H, D]; k_cache/v_cache: [slots, KVH, D]
+  if (q.ndim() != 3 || k_cache.ndim() != 3 || v_cache.ndim() != 3) throw std::invalid_argument("attention: bad ranks");
+  const int T = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
+  const int KVH = static_cast<int>(k_cache.shape(1));
+  if (static_cast<int>(tables.size()) != T || static_cast<int>(positions.size()) != T)
+    throw std::invalid_argument("attention: one page table and position per token");
+  std::vector<const int32_t*> ptrs;
+  for (auto& t : tables) ptrs.push_back(t.data());
+  cpu::CpuBackend be(threads, cpu::select_kernels(isa));
+  py::array_t<float> out({T, H, D});
+  AttentionBatch b;
+  b.q = q.data();
+  b.q_stride = static_cast<int64_t>(H) * D;
+  b.n_tokens = T;
+  b.n_heads = H;
+  b.n_kv_heads = KVH;
+  b.head_dim = D;
+  b.scale = 1.f / std::sqrt(static_cast<float>(D));
+  b.k_cache = k_cache.data();
+  b.v_cache = v_cache.data();
+  b.page_size = page_size;
+  b.page_tables = ptrs.data();
+  b.positions = positions.data();
+  b.window = window;
+  b.out = out.mutable_data();
+  b.out_stride = static_cast<int64_t>(H) * D;
+  be.attention(b);
+  return out;
+}
+
+// Streaming read bandwidth over `nbytes` with `threads` threads, best of `repeats` passes (GB/s):
+// the ceiling decode speed is measured against.
+double read_bandwidth_gbps(int64_t nbytes, int threads, int repeats) {
+  const int64_t n = nbytes / 8;
+  std::vector<uint64_t> buf(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<uint64_t>(i) * 2654435761u;
+  cpu::ThreadPool pool(threads);
+  std::vector<uint64_t> sink(threads, 0);
+  double best = 0;
+  py::gil_scoped_release release;
+  for (int r = 0; r < repeats; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    pool.parallel_for(threads, [&](int64_t b, int64_t e, int) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
+        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+        int64_t i = lo;
+        for (; i + 4 <= hi; i += 4) {
+          a0 += buf[i];
+          a1 += buf[i + 1];
+          a2 += buf[i + 2];
+          a3 += buf[i + 3];
+        }
+        for (; i < hi; ++i) a0 += buf[i];
+        sink[t] += a0 + a1 + a2 + a3;
+      }
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    best = std::max(best, static_cast<double>(n * 8) / s / 1e9);
+  }
+  volatile uint64_t keep = std::accumulate(sink.begin(), sink.end(), uint64_t{0});
+  (void)keep;
+  return best;
+}
+
+// Scheduler + BlockPool without a model, for unit tests of the scheduling policy.
+class SchedulerHarness {
+ public:
+  SchedulerHarness(int num_pages, int page_size, int max_num_seqs, int max_batch_tokens)
+      : pool_(num_pages), scheduler_({max_num_seqs, max_batch_tokens, page_size}, pool_) {}
+  void add(int64_t id, int num_prompt_tokens) {
+    auto s = std::make_unique<Sequence>();
+    s->id = id;
+    s->num_tokens = num_prompt_tokens;
+    scheduler_.add(s.get());
+    seqs_[id] = std::move(s);
+  }
+  void remove(int64_t id) {
+    scheduler_.remove(seqs_.at(id).get());
+    seqs_.erase(id);
+  }
+  // Runs one step: returns [(id, start, count, sample)] and applies it as the engine would
+  // (computed tokens advance; a sampled chunk appends one token).
+  std::vector<std::tuple<int64_t, int, int, bool>> step() {
+    std::vector<std::tuple<int64_t, int, int, bool>> out;
+    for (const ScheduledChunk& c : scheduler_.schedule()) {
+      out.emplace_back(c.seq->id, c.start, c.count, c.sample);
+      c.seq->num_computed += c.count;
+      if (c.sample) c.seq->num_tokens += 1;
+    }
+    return out;
+  }
+  std::vector<int64_t> rejected() {
+    std::vector<int64_t> ids;
+    for (Sequence* s : scheduler_.take_rejected()) ids.push_back(s->id);
+    return ids;
+  }
+  std::vector<int64_t> running() const {
+    std::vector<int64_t> ids;
+    for (Sequence* s : scheduler_.running()) ids.push_back(s->id);
+    return ids;
+  }
+  std::vector<int64_t> waiting() const {
+    std::vector<int64_t> ids;
+    for (Sequence* s : scheduler_.waiting()) ids.push_back(s->id);
+    return ids;
+  }
+  std::vector<int32_t> pages(int64_t id) const { return seqs_.at(id)->pages; }
+  int num_tokens(int64_t id) const { return seqs_.at(id)->num_tokens; }
+  int num_computed(int64_t id) const { return seqs_.at(id)->num_computed; }
+  int free_pages() const { return pool_.num_free(); }
+  int64_t preemptions() const { return scheduler_.num_preemptions(); }
+
+ private:
+  BlockPool pool_;
+  Scheduler scheduler_;
+  std::map<int64_t, std::unique_ptr<Sequence>> seqs_;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyserve's C++ engine: model, paged KV cache, scheduler, CPU kernels";
+
+  m.def("cpu_features", [] {
+    const auto& f = cpu::cpu_features();
+    py::dict d;
+    d["avx2"] = f.avx2;
+    d["avx512"] = f.avx512;
+    d["avx512_vnni"] = f.avx512_vnni;
+    d["avx512_bf16"] = f.avx512_bf16;
+    d["amx"] = f.amx;
+    d["best_isa"] = f.best_isa();
+    return d;
+  });
+
+  py::class_<PyModel>(m, "Model")
+      .def(py::init(&make_model), py::arg("config"), py::arg("tensors"), py::arg("num_threads") = 0,
+           py::arg("isa") = "auto",
+           "config: dict of ModelConfig fields; tensors: [(name, format, buffer, shape)]")
+      .def_property_readonly("backend", [](const PyModel& p) { return p.model->backend().name(); })
+      .def_property_readonly("num_threads", [](const PyModel& p) { return p.model->backend().num_threads(); })
+      .def_property_readonly("weight_bytes", [](const PyModel& p) { return p.model->weight_bytes(); })
+      .def_property_readonly("config", [](const PyModel& p) { return model_config_to_dict(p.model->config()); });
+
+  py::class_<Session>(m, "Session")
+      .def(py::init<PyModel, int, int>(), py::arg("model"), py::arg("max_tokens"), py::arg("page_size") = 16)
+      .def("forward", &Session::forward, py::arg("tokens"), py::arg("all_logits") = true,
+           "Appends tokens to the sequence; returns logits [len(tokens) or 1, vocab].")
+      .def("reset", &Session::reset)
+      .def_property_readonly("length", &Session::length);
+
+  py::class_<Engine>(m, "Engine")
+      .def(py::init(&make_engine), py::arg("model"), py::arg("config"))
+      .def("add_request",
+           [](Engine& e, int64_t id, std::vector<int32_t> prompt, const py::dict& params) {
+             e.add_request(id, std::move(prompt), sampling_from(params));
+           },
+           py::arg("request_id"), py::arg("prompt"), py::arg("params"))
+      .def("abort", &Engine::abort, py::arg("request_id"))
+      .def("fetch",
+           [](Engine& e) {
+             py::list out;
+             for (EngineOutput& o : e.fetch())
+               out.append(py::make_tuple(o.id, py::cast(o.tokens), o.finished,
+                                         o.finished ? py::object(py::str(o.finish_reason)) : py::object(py::none()),
+                                         o.num_prompt_tokens));
+             return out;
+           },
+           "[(request_id, new_token_ids, finished, finish_reason, num_prompt_tokens)]")
+      .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
+      .def("shutdown", &Engine::shutdown, py::call_guard<py::gil_scoped_release>());
+
+  py::module_ k = m.def_submodule("kernels", "CPU kernels, exposed for tests and benchmarks");
+  k.def("gemm", &kernel_gemm, py::arg("w"), py::arg("x"), py::arg("bias") = py::none(),
+        py::arg("y") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 1,
+        "x · wᵀ (+ bias) (+ y) through the packed layout and the chosen ISA's kernel");
+  k.def("attention", &kernel_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+        py::arg("page_size"), py::arg("page_tables"), py::arg("positions"), py::arg("window") = 0,
+        py::arg("isa") = "auto", py::arg("threads") = 1);
+  k.def("read_bandwidth_gbps", &read_bandwidth_gbps, py::arg("nbytes"), py::arg("threads"),
+        py::arg("repeats") = 5);
+
+  py::module_ t = m.def_submodule("testing", "pure-logic pieces, exposed for unit tests");
+  py::class_<SchedulerHarness>(t, "Scheduler")
+      .def(py::init<int, int, int, int>(), py::arg("num_pages"), py::arg("page_size"), py::arg("max_num_seqs"),
+           py::arg("max_batch_tokens"))
+      .def("add", &SchedulerHarness::add)
+      .def("remove", &SchedulerHarness::remove)
+      .def("step", &SchedulerHarness::step)
+      .def("rejected", &SchedulerHarness::rejected)
+      .def("running", &SchedulerHarness::running)
+      .def("waiting", &SchedulerHarness::waiting)
+      .def("pages", &SchedulerHarness::pages)
+      .def("num_tokens", &SchedulerHarness::num_tokens)
+      .def("num_computed", &SchedulerHarness::num_computed)
+      .def("free_pages", &SchedulerHarness::free_pages)
+      .def("preemptions", &SchedulerHarness::preemptions);
+}

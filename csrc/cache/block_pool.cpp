@@ -1,0 +1,46 @@
+#include "cache/block_pool.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace pyserve {
+
+BlockPool::BlockPool(int num_pages) : refs_(num_pages > 0 ? num_pages : 0, 0) {
+  if (num_pages <= 0) throw std::invalid_argument("BlockPool needs at least one page");
+  free_.reserve(num_pages);
+  for (int i = num_pages - 1; i >= 0; --i) free_.push_back(i);
+}
+
+void BlockPool::check(int32_t page) const {
+  if (page < 0 || page >= num_pages()) throw std::out_of_range("page " + std::to_string(page) + " out of range");
+}
+
+bool BlockPool::allocate(int n, std::vector<int32_t>& out) {
+  if (n < 0 || n > num_free()) return false;
+  for (int i = 0; i < n; ++i) {
+    const int32_t p = free_.back();
+    free_.pop_back();
+    refs_[p] = 1;
+    out.push_back(p);
+  }
+  return true;
+}
+
+void BlockPool::retain(int32_t page) {
+  check(page);
+  if (refs_[page] == 0) throw std::logic_error("retain of a free page");
+  ++refs_[page];
+}
+
+void BlockPool::release(int32_t page) {
+  check(page);
+  if (refs_[page] == 0) throw std::logic_error("release of a free page " + std::to_string(page));
+  if (--refs_[page] == 0) free_.push_back(page);
+}
+
+int BlockPool::refcount(int32_t page) const {
+  check(page);
+  return refs_[page];
+}
+
+}  // namespace pyserve

@@ -1,0 +1,38 @@
+#pragma once
+#include <cstdint>
+#include <memory>
+
+#include "backend/backend.h"
+
+namespace pyserve {
+
+// The paged KV cache's storage: for each layer, K and V as [num_pages * page_size, kv_dim].
+// Which pages belong to which sequence is the BlockPool's and the scheduler's business.
+class KVCache {
+ public:
+  KVCache(Backend& backend, int num_layers, int num_pages, int page_size, int kv_dim)
+      : num_layers_(num_layers), num_pages_(num_pages), page_size_(page_size), kv_dim_(kv_dim),
+        layer_floats_(static_cast<int64_t>(num_pages) * page_size * kv_dim),
+        buffer_(backend.allocate(static_cast<size_t>(layer_floats_) * 2 * num_layers)) {}
+
+  int num_layers() const { return num_layers_; }
+  int num_pages() const { return num_pages_; }
+  int page_size() const { return page_size_; }
+  int kv_dim() const { return kv_dim_; }
+  int64_t capacity_tokens() const { return static_cast<int64_t>(num_pages_) * page_size_; }
+  size_t bytes() const { return buffer_->bytes(); }
+  float* k(int layer) { return buffer_->data() + 2 * layer * layer_floats_; }
+  float* v(int layer) { return k(layer) + layer_floats_; }
+
+  // Bytes per cached token, for sizing the cache from a memory budget.
+  static size_t bytes_per_token(int num_layers, int kv_dim) {
+    return static_cast<size_t>(num_layers) * 2 * kv_dim * sizeof(float);
+  }
+
+ private:
+  int num_layers_, num_pages_, page_size_, kv_dim_;
+  int64_t layer_floats_;
+  std::unique_ptr<Buffer> buffer_;
+};
+
+}  // namespace pyserve

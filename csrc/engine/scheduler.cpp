@@ -1,0 +1,101 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace pyserve {
+
+Scheduler::Scheduler(SchedulerConfig config, BlockPool& pool) : config_(config), pool_(pool) {
+  if (config_.max_num_seqs < 1 || config_.max_batch_tokens < 1 || config_.page_size < 1)
+    throw std::invalid_argument("scheduler: max_num_seqs, max_batch_tokens and page_size must be >= 1");
+  // Every running sequence must be able to decode one token per step.
+  config_.max_batch_tokens = std::max(config_.max_batch_tokens, config_.max_num_seqs);
+}
+
+void Scheduler::add(Sequence* s) { waiting_.push_back(s); }
+
+void Scheduler::free_pages(Sequence* s) {
+  for (int32_t p : s->pages) pool_.release(p);
+  s->pages.clear();
+}
+
+void Scheduler::remove(Sequence* s) {
+  auto r = std::find(running_.begin(), running_.end(), s);
+  if (r != running_.end()) running_.erase(r);
+  auto w = std::find(waiting_.begin(), waiting_.end(), s);
+  if (w != waiting_.end()) waiting_.erase(w);
+  free_pages(s);
+}
+
+bool Scheduler::grow(Sequence* s, int tokens) {
+  const int need = pages_for(tokens) - static_cast<int>(s->pages.size());
+  return need <= 0 || pool_.allocate(need, s->pages);
+}
+
+void Scheduler::preempt(Sequence* s) {
+  running_.erase(std::find(running_.begin(), running_.end(), s));
+  free_pages(s);
+  s->num_computed = 0;
+  ++s->num_preemptions;
+  ++num_preemptions_;
+  waiting_.push_front(s);
+}
+
+std::vector<Sequence*> Scheduler::take_rejected() {
+  std::vector<Sequence*> out;
+  out.swap(rejected_);
+  return out;
+}
+
+std::vector<ScheduledChunk> Scheduler::schedule() {
+  std::vector<ScheduledChunk> plan;
+  int budget = config_.max_batch_tokens;
+  const int ps = config_.page_size;
+
+  // 1. Running sequences, oldest first.
+  for (size_t i = 0; i < running_.size() && budget > 0;) {
+    Sequence* s = running_[i];
+    int n = std::min(s->num_tokens - s->num_computed, budget);
+    bool preempted_self = false;
+    while (!grow(s, s->num_computed + n)) {
+      const int can = (static_cast<int>(s->pages.size()) + pool_.num_free()) * ps - s->num_computed;
+      if (can > 0) {  // a prompt chunk shrinks to the pages there are
+        n = std::min(n, can);
+        continue;
+      }
+      Sequence* victim = running_.back();  // newest, and not yet planned (we go oldest first)
+      preempt(victim);
+      if (victim == s) {
+        preempted_self = true;
+        break;
+      }
+    }
+    if (preempted_self) break;  // s was the newest: nothing after it is left to plan
+    plan.push_back({s, s->num_computed, n, s->num_computed + n == s->num_tokens});
+    budget -= n;
+    ++i;
+  }
+
+  // 2. Admit waiting sequences. Keep one free page per running sequence so that admitting a long
+  // prompt does not immediately force a preemption at the next decode step.
+  while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
+    Sequence* s = waiting_.front();
+    if (pages_for(s->num_tokens + 1) > pool_.num_pages()) {  // could never fit, even alone
+      waiting_.pop_front();
+      rejected_.push_back(s);
+      continue;
+    }
+    const int reserve = static_cast<int>(running_.size());
+    const int can = (pool_.num_free() - reserve) * ps;
+    const int n = std::min({s->num_tokens - s->num_computed, budget, can});
+    if (n <= 0) break;
+    if (!grow(s, s->num_computed + n)) throw std::logic_error("scheduler: page accounting is off");
+    waiting_.pop_front();
+    running_.push_back(s);
+    plan.push_back({s, s->num_computed, n, s->num_computed + n == s->num_tokens});
+    budget -= n;
+  }
+  return plan;
+}
+
+}  // namespace pyserve

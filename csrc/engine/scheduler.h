@@ -1,0 +1,70 @@
+#pragma once
+// Which tokens of which sequences run in the next step. Pure logic over counters and a BlockPool:
+// no model, no tensors, unit-tested on its own.
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "cache/block_pool.h"
+
+namespace pyserve {
+
+// What the scheduler knows of a request.
+struct Sequence {
+  int64_t id = 0;
+  int num_tokens = 0;    // prompt + generated so far
+  int num_computed = 0;  // tokens whose K/V are in the cache
+  std::vector<int32_t> pages;  // page table: token t lives in pages[t / page_size]
+  int num_preemptions = 0;
+};
+
+struct ScheduledChunk {
+  Sequence* seq;
+  int start;    // first token index processed this step
+  int count;    // tokens processed this step
+  bool sample;  // the chunk reaches the end of the known tokens: sample the next one
+};
+
+struct SchedulerConfig {
+  int max_num_seqs = 4;        // sequences admitted (holding pages) at once
+  int max_batch_tokens = 512;  // tokens per step: decodes + prefill chunks (chunked prefill)
+  int page_size = 16;
+};
+
+// Hybrid steps: every running sequence first (a decode token, or the next chunk of its prompt),
+// then new sequences from the waiting queue while the token budget, the sequence limit and free
+// pages allow. When a running sequence needs a page and none is free, the most recently admitted
+// one is preempted: its pages are freed and it re-enters the front of the queue to be recomputed.
+class Scheduler {
+ public:
+  Scheduler(SchedulerConfig config, BlockPool& pool);
+
+  void add(Sequence* s);     // to the back of the waiting queue
+  void remove(Sequence* s);  // finished or aborted: frees its pages; a no-op if unknown
+
+  // Plans the next step and allocates the pages it writes. Sequences that can never fit the
+  // cache are moved to rejected() instead.
+  std::vector<ScheduledChunk> schedule();
+  std::vector<Sequence*> take_rejected();
+
+  const std::deque<Sequence*>& waiting() const { return waiting_; }
+  const std::vector<Sequence*>& running() const { return running_; }
+  bool idle() const { return waiting_.empty() && running_.empty(); }
+  const SchedulerConfig& config() const { return config_; }
+  int64_t num_preemptions() const { return num_preemptions_; }
+
+ private:
+  bool grow(Sequence* s, int tokens);  // pages for the first `tokens` tokens; false if not free
+  void preempt(Sequence* s);
+  void free_pages(Sequence* s);
+  int pages_for(int tokens) const { return (tokens + config_.page_size - 1) / config_.page_size; }
+
+  SchedulerConfig config_;
+  BlockPool& pool_;
+  std::deque<Sequence*> waiting_;
+  std::vector<Sequence*> running_;
+  std::vector<Sequence*> rejected_;
+  int64_t num_preemptions_ = 0;
+};
+
+}  // namespace pyserve

@@ -1,0 +1,147 @@
+#include "model/llama.h"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+namespace pyserve {
+
+namespace {
+std::string layer_name(int i, const char* rest) { return "model.layers." + std::to_string(i) + "." + rest; }
+}  // namespace
+
+LlamaModel::LlamaModel(const ModelConfig& config, const TensorMap& t, std::shared_ptr<Backend> backend)
+    : config_(config), backend_(std::move(backend)) {
+  config_.validate();
+  const ModelConfig& c = config_;
+  const int64_t H = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate_size, V = c.vocab_size;
+
+  const TensorView& embed = t.get("model.embed_tokens.weight", {V, H});
+  embed_ = backend_->pack({&embed});
+  if (c.tie_word_embeddings || !t.has("lm_head.weight")) {
+    weight_bytes_ += embed_->bytes();
+  } else {
+    lm_head_ = backend_->pack({&t.get("lm_head.weight", {V, H})});
+    weight_bytes_ += lm_head_->bytes();
+  }
+  final_norm_ = t.get("model.norm.weight", {H}).to_f32();
+  inv_freq_ = rope_inv_freq(c);
+
+  layers_.resize(c.num_layers);
+  for (int i = 0; i < c.num_layers; ++i) {
+    Layer& L = layers_[i];
+    L.attn_norm = t.get(layer_name(i, "input_layernorm.weight"), {H}).to_f32();
+    L.ffn_norm = t.get(layer_name(i, "post_attention_layernorm.weight"), {H}).to_f32();
+    L.qkv = backend_->pack({&t.get(layer_name(i, "self_attn.q_proj.weight"), {Q, H}),
+                            &t.get(layer_name(i, "self_attn.k_proj.weight"), {KV, H}),
+                            &t.get(layer_name(i, "self_attn.v_proj.weight"), {KV, H})});
+    if (c.attention_bias) {
+      for (const char* p : {"self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"}) {
+        std::vector<float> b = t.get(layer_name(i, p)).to_f32();
+        L.qkv_bias.insert(L.qkv_bias.end(), b.begin(), b.end());
+      }
+      if (static_cast<int64_t>(L.qkv_bias.size()) != Q + 2 * KV)
+        throw std::invalid_argument("layer " + std::to_string(i) + ": q/k/v bias sizes do not match the projections");
+    }
+    L.o = backend_->pack({&t.get(layer_name(i, "self_attn.o_proj.weight"), {H, Q})});
+    L.gate_up = backend_->pack({&t.get(layer_name(i, "mlp.gate_proj.weight"), {I, H}),
+                                &t.get(layer_name(i, "mlp.up_proj.weight"), {I, H})});
+    L.down = backend_->pack({&t.get(layer_name(i, "mlp.down_proj.weight"), {H, I})});
+    weight_bytes_ += L.qkv->bytes() + L.o->bytes() + L.gate_up->bytes() + L.down->bytes();
+  }
+}
+
+void LlamaModel::reserve(int n) {
+  if (n <= ws_.capacity) return;
+  const ModelConfig& c = config_;
+  const size_t N = static_cast<size_t>(n);
+  ws_.h.resize(N * c.hidden_size);
+  ws_.xn.resize(N * c.hidden_size);
+  ws_.qkv.resize(N * (c.q_dim() + 2 * c.kv_dim()));
+  ws_.attn.resize(N * c.q_dim());
+  ws_.gate_up.resize(N * 2 * c.intermediate_size);
+  ws_.act.resize(N * c.intermediate_size);
+  ws_.cos.resize(N * c.head_dim / 2);
+  ws_.sin.resize(N * c.head_dim / 2);
+  ws_.final_x.resize(N * c.hidden_size);
+  ws_.slots.resize(N);
+  ws_.capacity = n;
+}
+
+void LlamaModel::forward(const ForwardBatch& batch, KVCache& cache, float* logits) {
+  const ModelConfig& c = config_;
+  const int n = static_cast<int>(batch.tokens.size());
+  if (n == 0) return;
+  std::lock_guard<std::mutex> lock(forward_mu_);
+  if (batch.positions.size() != batch.tokens.size() || batch.page_tables.size() != batch.tokens.size())
+    throw std::invalid_argument("forward: tokens, positions and page_tables differ in length");
+  reserve(n);
+  Backend& be = *backend_;
+  const int H = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate_size;
+  const int QKV = Q + 2 * KV, half = c.head_dim / 2, ps = cache.page_size();
+
+  // x: [n, H] token embeddings
+  be.gather_rows(*embed_, batch.tokens.data(), n, ws_.h.data());
+
+  // cos/sin: [n, head_dim/2]; angle = pos * inv_freq in float32, as HF computes it.
+  for (int i = 0; i < n; ++i) {
+    const int pos = batch.positions[i];
+    if (pos < 0 || pos >= cache.capacity_tokens()) throw std::out_of_range("forward: position outside the cache");
+    for (int d = 0; d < half; ++d) {
+      const float angle = static_cast<float>(pos) * inv_freq_[d];
+      ws_.cos[i * half + d] = static_cast<float>(std::cos(static_cast<double>(angle)));
+      ws_.sin[i * half + d] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+    ws_.slots[i] = static_cast<int64_t>(batch.page_tables[i][pos / ps]) * ps + pos % ps;
+  }
+
+  AttentionBatch ab;
+  ab.q = ws_.qkv.data();
+  ab.q_stride = QKV;
+  ab.n_tokens = n;
+  ab.n_heads = c.num_heads;
+  ab.n_kv_heads = c.num_kv_heads;
+  ab.head_dim = c.head_dim;
+  ab.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  ab.page_size = ps;
+  ab.page_tables = batch.page_tables.data();
+  ab.positions = batch.positions.data();
+  ab.window = c.sliding_window;
+  ab.out = ws_.attn.data();
+  ab.out_stride = Q;
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    Layer& L = layers_[l];
+    // attention block: h += o(attn(rope(q), rope(k), v))
+    be.rmsnorm(ws_.h.data(), H, L.attn_norm.data(), n, H, c.rms_norm_eps, ws_.xn.data(), H);
+    // qkv: [n, Q + 2 KV]
+    be.matmul(*L.qkv, ws_.xn.data(), H, n, ws_.qkv.data(), QKV,
+              L.qkv_bias.empty() ? nullptr : L.qkv_bias.data(), false);
+    be.rope(ws_.qkv.data(), QKV, n, c.num_heads, c.head_dim, ws_.cos.data(), ws_.sin.data());
+    be.rope(ws_.qkv.data() + Q, QKV, n, c.num_kv_heads, c.head_dim, ws_.cos.data(), ws_.sin.data());
+    be.write_kv(ws_.qkv.data() + Q, ws_.qkv.data() + Q + KV, QKV, n, KV, ws_.slots.data(),
+                cache.k(l), cache.v(l));
+    ab.k_cache = cache.k(l);
+    ab.v_cache = cache.v(l);
+    be.attention(ab);  // attn: [n, Q]
+    be.matmul(*L.o, ws_.attn.data(), Q, n, ws_.h.data(), H, nullptr, true);
+    // MLP block: h += down(silu(gate(x)) * up(x))
+    be.rmsnorm(ws_.h.data(), H, L.ffn_norm.data(), n, H, c.rms_norm_eps, ws_.xn.data(), H);
+    be.matmul(*L.gate_up, ws_.xn.data(), H, n, ws_.gate_up.data(), 2 * I, nullptr, false);
+    be.silu_mul(ws_.gate_up.data(), n, I, ws_.act.data());
+    be.matmul(*L.down, ws_.act.data(), I, n, ws_.h.data(), H, nullptr, true);
+  }
+
+  // Only the rows that will be sampled (or inspected) go through the final norm and LM head.
+  const int r = static_cast<int>(batch.logit_rows.size());
+  for (int j = 0; j < r; ++j) {
+    const int row = batch.logit_rows[j];
+    if (row < 0 || row >= n) throw std::out_of_range("forward: logit row outside the batch");
+    be.rmsnorm(ws_.h.data() + static_cast<int64_t>(row) * H, H, final_norm_.data(), 1, H,
+               c.rms_norm_eps, ws_.final_x.data() + static_cast<int64_t>(j) * H, H);
+  }
+  const Matrix& head = lm_head_ ? *lm_head_ : *embed_;
+  be.matmul(head, ws_.final_x.data(), H, r, logits, c.vocab_size, nullptr, false);
+}
+
+}  // namespace pyserve

@@ -1,0 +1,61 @@
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "backend/backend.h"
+#include "cache/kv_cache.h"
+#include "model/config.h"
+#include "model/weights.h"
+
+namespace pyserve {
+
+// One forward step: tokens from any number of sequences, each at its own position, each reading
+// and writing the KV cache through its sequence's page table.
+struct ForwardBatch {
+  std::vector<int32_t> tokens;               // [n]
+  std::vector<int32_t> positions;            // [n]
+  std::vector<const int32_t*> page_tables;   // [n] (tokens of one sequence share one table)
+  std::vector<int32_t> logit_rows;           // indices into [0, n) whose logits are wanted
+  void clear() { tokens.clear(); positions.clear(); page_tables.clear(); logit_rows.clear(); }
+};
+
+// The Llama-family decoder (Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2) over a Backend.
+class LlamaModel {
+ public:
+  LlamaModel(const ModelConfig& config, const TensorMap& tensors, std::shared_ptr<Backend> backend);
+
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() { return *backend_; }
+  // Bytes of weights one decode step reads (every matrix once, the LM head included).
+  size_t weight_bytes() const { return weight_bytes_; }
+
+  // logits: [batch.logit_rows.size(), vocab_size]
+  void forward(const ForwardBatch& batch, KVCache& cache, float* logits);
+
+ private:
+  struct Layer {
+    std::vector<float> attn_norm, ffn_norm, qkv_bias;  // qkv_bias empty without attention_bias
+    std::unique_ptr<Matrix> qkv, o, gate_up, down;     // q|k|v and gate|up fused row-wise
+  };
+  struct Workspace {
+    int capacity = 0;
+    std::vector<float> h, xn, qkv, attn, gate_up, act, cos, sin, final_x;
+    std::vector<int64_t> slots;
+  };
+  void reserve(int n_tokens);
+
+  ModelConfig config_;
+  std::shared_ptr<Backend> backend_;
+  std::unique_ptr<Matrix> embed_;    // [vocab, hidden]: also the LM head when tied
+  std::unique_ptr<Matrix> lm_head_;  // null when tied
+  std::vector<float> final_norm_;
+  std::vector<float> inv_freq_;
+  std::vector<Layer> layers_;
+  size_t weight_bytes_ = 0;
+  Workspace ws_;
+  std::mutex forward_mu_;  // the workspace and thread pool serve one forward at a time
+};
+
+}  // namespace pyserve
