@@ -1,0 +1,4 @@
+"""The OpenAI-compatible ASGI app (never touches sockets or h11)."""
+from pyserve.api.app import App, create_app
+
+__all__ = ["App", "create_app"]

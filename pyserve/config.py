@@ -1,0 +1,229 @@
+"""Engine configuration: the knobs of `mlc_llm serve`, its mode presets, and `--overrides`.
+
+Two steps, so every choice stays visible and testable without a model:
+
+1. What the user said: `EngineConfig` with `None` for "not given" (flags, then `--overrides`).
+2. `resolve_engine_config(...)`: fills every `None` from the mode preset, the model's context
+   length and the memory available for the KV cache, then checks the result.
+
+Mode presets (as MLC-LLM defines them):
+    local        max_num_sequence = min(4, max_batch); max_total_sequence_length =
+                 min(KV capacity, context, 8192)
+    interactive  max_num_sequence = 1; max_total_sequence_length = min(KV capacity, context)
+    server       max_num_sequence = max_batch; max_total_sequence_length = KV capacity from memory
+Like MLC, max_total_sequence_length is the KV cache size: the tokens of all running sequences
+together. kv_cache_tokens is that rounded up to whole pages.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("local", "interactive", "server")
+DEVICES = ("cpu", "cuda")
+PREFIX_CACHE_MODES = ("radix", "disable")
+PREFILL_MODES = ("hybrid", "chunked")
+
+DEFAULT_MAX_BATCH = 80  # MLC-LLM's default max_batch_size
+LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
+DEFAULT_PREFILL_CHUNK = {"cpu": 512, "cuda": 2048}
+DEFAULT_MEMORY_UTILIZATION = {"cpu": 0.5, "cuda": 0.85}  # share of free memory the KV cache may take
+FALLBACK_KV_BUDGET_BYTES = 2 << 30  # when free memory is unknown
+
+
+class ConfigError(ValueError):
+    """A bad flag or override; the message says which and what is allowed."""
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    mode: str = "local"
+    max_batch: int = DEFAULT_MAX_BATCH  # upper bound for max_num_sequence (the "server" preset)
+    max_num_sequence: int | None = None  # sequences decoded together
+    max_total_sequence_length: int | None = None  # KV cache capacity in tokens, all sequences
+    max_single_sequence_length: int | None = None  # one sequence's limit (prompt + output); the
+    #                                                 served max_model_len. None: model context.
+    prefill_chunk_size: int | None = None  # prompt tokens per forward step
+    page_size: int = 16  # tokens per KV page
+    num_threads: int | None = None  # CPU threads; None: the CPUs this process may use
+    kv_cache_tokens: int | None = None  # KV pool size; given: caps the memory-derived capacity
+    memory_utilization: float | None = None  # share of free memory for the KV cache
+    prefix_cache_mode: str = "radix"
+    prefill_mode: str = "hybrid"
+
+    def resolved(self) -> bool:
+        return None not in (
+            self.max_num_sequence,
+            self.max_total_sequence_length,
+            self.max_single_sequence_length,
+            self.prefill_chunk_size,
+            self.num_threads,
+            self.kv_cache_tokens,
+        )
+
+
+# --- --overrides ---------------------------------------------------------------------------------
+
+# Keys accepted by --overrides: our field names plus MLC-LLM's spellings.
+_OVERRIDE_ALIASES = {
+    "max_total_seq_length": "max_total_sequence_length",
+    "context_window_size": "max_single_sequence_length",
+    "gpu_memory_utilization": "memory_utilization",
+}
+OVERRIDABLE = (
+    "max_num_sequence",
+    "max_total_sequence_length",
+    "max_single_sequence_length",
+    "prefill_chunk_size",
+    "page_size",
+    "num_threads",
+    "kv_cache_tokens",
+    "memory_utilization",
+    "max_batch",
+)
+
+
+def _field_type(name: str) -> type:
+    return float if name == "memory_utilization" else int
+
+
+def parse_overrides(text: str | None) -> dict[str, Any]:
+    """Parses "k=v;k=v" into {field name: typed value}. Unknown keys and bad values -> ConfigError."""
+    out: dict[str, Any] = {}
+    for item in (text or "").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key or not raw:
+            raise ConfigError(f"--overrides: expected key=value, got {item!r}")
+        name = _OVERRIDE_ALIASES.get(key, key)
+        if name not in OVERRIDABLE:
+            valid = sorted(set(OVERRIDABLE) | set(_OVERRIDE_ALIASES))
+            raise ConfigError(f"--overrides: unknown key {key!r}; valid keys: {', '.join(valid)}")
+        typ = _field_type(name)
+        try:
+            value = typ(raw)
+        except ValueError:
+            raise ConfigError(f"--overrides: {key} must be {'a number' if typ is float else 'an integer'}, got {raw!r}") from None
+        if name in out:
+            raise ConfigError(f"--overrides: {key} is given twice")
+        out[name] = value
+    return out
+
+
+def apply_overrides(config: EngineConfig, overrides: dict[str, Any]) -> EngineConfig:
+    return dataclasses.replace(config, **overrides)
+
+
+# --- presets --------------------------------------------------------------------------------------
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    """K and V for every layer: 2 * layers * kv_heads * head_dim * bytes."""
+    return 2 * num_layers * num_kv_heads * head_dim * dtype_bytes
+
+
+def available_memory_bytes(device: str) -> int | None:
+    """Free memory the KV cache may draw on: MemAvailable for the CPU; None where unknown (the
+    engine knows the GPU's free memory better than we do here)."""
+    if device != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def default_num_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def resolve_engine_config(
+    config: EngineConfig,
+    *,
+    context_length: int,
+    kv_bytes_per_token: int,
+    available_bytes: int | None = None,
+) -> EngineConfig:
+    """Fills every unset field from the mode preset. `context_length` is the model's; the KV
+    capacity is `available_bytes * memory_utilization / kv_bytes_per_token` unless
+    `kv_cache_tokens` is given. Values the user set always win."""
+    validate(config)
+    cfg = dataclasses.replace(config)
+    context = min(context_length, cfg.max_single_sequence_length or context_length)
+
+    if cfg.kv_cache_tokens is not None:
+        kv_capacity = cfg.kv_cache_tokens
+    else:
+        util = cfg.memory_utilization or DEFAULT_MEMORY_UTILIZATION.get(cfg.device, 0.5)
+        budget = FALLBACK_KV_BUDGET_BYTES if available_bytes is None else int(available_bytes * util)
+        kv_capacity = budget // max(kv_bytes_per_token, 1)
+        # More than every sequence at full context is never needed.
+        kv_capacity = min(kv_capacity, cfg.max_batch * context)
+    kv_capacity = max(kv_capacity, cfg.page_size)
+
+    if cfg.mode == "local":
+        preset_seqs, preset_total = min(4, cfg.max_batch), min(kv_capacity, context, LOCAL_MAX_TOTAL_SEQUENCE_LENGTH)
+    elif cfg.mode == "interactive":
+        preset_seqs, preset_total = 1, min(kv_capacity, context)
+    else:  # server
+        preset_seqs, preset_total = cfg.max_batch, kv_capacity
+
+    if cfg.max_num_sequence is None:
+        cfg.max_num_sequence = preset_seqs
+    if cfg.max_total_sequence_length is None:
+        cfg.max_total_sequence_length = preset_total
+    # A single sequence cannot outgrow the whole cache.
+    cfg.max_single_sequence_length = min(context, cfg.max_total_sequence_length)
+    if cfg.prefill_chunk_size is None:
+        cfg.prefill_chunk_size = min(DEFAULT_PREFILL_CHUNK.get(cfg.device, 512), cfg.max_total_sequence_length)
+    if cfg.num_threads is None:
+        cfg.num_threads = default_num_threads()
+    # The pool holds max_total_sequence_length tokens in whole pages, and at least one page per
+    # sequence so every admitted sequence can start.
+    cfg.kv_cache_tokens = max(
+        _round_up(cfg.max_total_sequence_length, cfg.page_size), cfg.max_num_sequence * cfg.page_size
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: EngineConfig) -> None:
+    if cfg.mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.device not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    if cfg.prefix_cache_mode not in PREFIX_CACHE_MODES:
+        raise ConfigError(f"prefix_cache_mode must be one of {', '.join(PREFIX_CACHE_MODES)}, got {cfg.prefix_cache_mode!r}")
+    if cfg.prefill_mode not in PREFILL_MODES:
+        raise ConfigError(f"prefill_mode must be one of {', '.join(PREFILL_MODES)}, got {cfg.prefill_mode!r}")
+    for name in OVERRIDABLE:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if name == "memory_utilization":
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"memory_utilization must be in (0, 1], got {value}")
+        elif value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if cfg.page_size & (cfg.page_size - 1):
+        raise ConfigError(f"page_size must be a power of two, got {cfg.page_size}")

@@ -1,0 +1,420 @@
+"""Request types for the OpenAI endpoints, parsed from a decoded JSON object.
+
+Validation follows OpenAI's documented ranges; every violation is a `ProtocolError` (HTTP 400) that
+names the offending parameter. Unknown fields are ignored, as OpenAI and vLLM do. Fields we know but
+cannot serve yet (tools, logprobs, echo, ...) are refused with "not supported yet" rather than
+silently ignored, so a client never gets output that quietly disregards what it asked for.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyserve.protocol.errors import ProtocolError
+
+_MISSING: Any = object()
+
+MAX_N = 128
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM has no limit. A bound keeps matching cheap.
+MAX_PROMPTS = 256  # prompts per completions request (a batch)
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """Decodes a request body that must be a JSON object (NaN/Infinity are not JSON: refused)."""
+    if not body.strip():
+        raise ProtocolError("The request body is empty; expected a JSON object.")
+    try:
+        text = body.decode("utf-8")
+        data = json.loads(text, parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise ProtocolError("The request body is not valid UTF-8.") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ProtocolError(f"The request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(f"The request body must be a JSON object, not {_json_type(data)}.")
+    if _SURROGATE_ESCAPE.search(text):
+        _reject_lone_surrogates(data)
+    return data
+
+
+# JSON may spell a lone UTF-16 surrogate ("\\ud800"): not a character, it cannot be tokenized or
+# echoed back as UTF-8. Only bodies containing such an escape pay for the walk.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _reject_lone_surrogates(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError("The request contains an unpaired UTF-16 surrogate (\\ud800-\\udfff).") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _reject_lone_surrogates(k)
+            _reject_lone_surrogates(v)
+    elif isinstance(value, list):
+        for v in value:
+            _reject_lone_surrogates(v)
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+# ---------------------------------------------------------------------------------------------
+# Field readers: each returns the value (or default when absent/null) or raises ProtocolError.
+
+
+def _type_error(param: str, expected: str, value: Any) -> ProtocolError:
+    return ProtocolError(f"'{param}' must be {expected}, got {_json_type(value)}.", param=param)
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+
+
+def _opt_int(data: dict, name: str, default: Any = None, *, lo: int | None = None, hi: int | None = None) -> Any:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise _type_error(name, "an integer", value)
+    value = int(value)
+    if lo is not None and value < lo:
+        raise ProtocolError(f"'{name}' must be >= {lo}, got {value}.", param=name)
+    if hi is not None and value > hi:
+        raise ProtocolError(f"'{name}' must be <= {hi}, got {value}.", param=name)
+    return value
+
+
+def _opt_float(
+    data: dict,
+    name: str,
+    default: Any = None,
+    *,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+) -> Any:
+    value = data.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _type_error(name, "a number", value)
+    value = float(value)
+    if not math.isfinite(value):
+        raise ProtocolError(f"'{name}' must be a finite number.", param=name)
+    if lo is not None and (value <= lo if lo_open else value < lo):
+        bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
+        raise ProtocolError(f"'{name}' must be {bound}, got {value:g}.", param=name)
+    if hi is not None and value > hi:
+        raise ProtocolError(f"'{name}' must be <= {hi:g}, got {value:g}.", param=name)
+    return value
+
+
+def _opt_bool(data: dict, name: str, default: Any = None) -> Any:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _type_error(name, "a boolean", value)
+    return value
+
+
+def _opt_str(data: dict, name: str, default: Any = None) -> Any:
+    value = data.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise _type_error(name, "a string", value)
+    return value
+
+
+def _token_id_list(value: Any, param: str) -> list[int]:
+    if not isinstance(value, list):
+        raise _type_error(param, "an array of token ids", value)
+    out = []
+    for i, tok in enumerate(value):
+        if not _is_int(tok) or tok < 0:
+            raise ProtocolError(f"'{param}[{i}]' must be a non-negative integer token id.", param=param)
+        out.append(int(tok))
+    return out
+
+
+def _stop_list(data: dict) -> list[str]:
+    value = data.get("stop")
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _type_error("stop", "a string or an array of strings", value)
+    if len(value) > MAX_STOP_STRINGS:
+        raise ProtocolError(f"'stop' may hold at most {MAX_STOP_STRINGS} strings, got {len(value)}.", param="stop")
+    for i, s in enumerate(value):
+        if not isinstance(s, str):
+            raise _type_error(f"stop[{i}]", "a string", s)
+    return [s for s in value if s]
+
+
+def _not_supported(param: str, what: str | None = None) -> ProtocolError:
+    return ProtocolError(f"{what or repr(param)} is not supported yet.", param=param)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+@dataclass
+class GenerationRequest:
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model: str | None = None
+    max_tokens: int | None = None  # None: up to the context
+    temperature: float | None = None  # None: the model's generation defaults, else 1.0
+    top_p: float | None = None
+    top_k: int | None = None  # 0 or -1 disables
+    min_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True  # vLLM extension
+    # None: not given (the model's generation defaults, else neutral).
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage
+    user: str | None = None
+
+    def _parse_common(self, data: dict) -> None:
+        self.model = _opt_str(data, "model")
+        self.temperature = _opt_float(data, "temperature", lo=0.0, hi=2.0)
+        self.top_p = _opt_float(data, "top_p", lo=0.0, hi=1.0, lo_open=True)
+        self.top_k = _opt_int(data, "top_k", lo=-1)
+        self.min_p = _opt_float(data, "min_p", lo=0.0, hi=1.0)
+        self.seed = _opt_int(data, "seed", lo=-(2**63), hi=2**64 - 1)
+        self.stop = _stop_list(data)
+        if data.get("stop_token_ids") is not None:
+            self.stop_token_ids = _token_id_list(data["stop_token_ids"], "stop_token_ids")
+        self.ignore_eos = _opt_bool(data, "ignore_eos", False)
+        self.skip_special_tokens = _opt_bool(data, "skip_special_tokens", True)
+        self.presence_penalty = _opt_float(data, "presence_penalty", lo=-2.0, hi=2.0)
+        self.frequency_penalty = _opt_float(data, "frequency_penalty", lo=-2.0, hi=2.0)
+        self.repetition_penalty = _opt_float(data, "repetition_penalty", lo=0.0, hi=2.0, lo_open=True)
+        self.logit_bias = _logit_bias(data)
+        self.n = _opt_int(data, "n", 1, lo=1, hi=MAX_N)
+        self.stream = _opt_bool(data, "stream", False)
+        self.include_usage = _stream_options(data, self.stream)
+        self.user = _opt_str(data, "user")
+        if _opt_int(data, "best_of", 1, lo=1) != 1:
+            raise _not_supported("best_of", "'best_of' other than 1")
+        fmt = data.get("response_format")
+        if fmt is not None:
+            if not isinstance(fmt, dict):
+                raise _type_error("response_format", "an object", fmt)
+            if fmt.get("type", "text") != "text":
+                raise _not_supported("response_format", f"response_format type {fmt.get('type')!r}")
+
+
+def _logit_bias(data: dict) -> dict[int, float]:
+    value = data.get("logit_bias")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _type_error("logit_bias", "an object mapping token ids to numbers", value)
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise ProtocolError(f"'logit_bias' keys must be token ids, got {key!r}.", param="logit_bias") from None
+        if tok < 0:
+            raise ProtocolError(f"'logit_bias' keys must be non-negative token ids, got {key!r}.", param="logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise ProtocolError(
+                f"'logit_bias' values must be numbers in [-100, 100], got {bias!r} for {key!r}.", param="logit_bias"
+            )
+        out[tok] = float(bias)
+    return out
+
+
+def _stream_options(data: dict, stream: bool) -> bool:
+    opts = data.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise _type_error("stream_options", "an object", opts)
+    if not stream:
+        raise ProtocolError("'stream_options' is only allowed when 'stream' is true.", param="stream_options")
+    include = opts.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise _type_error("stream_options.include_usage", "a boolean", include)
+    return bool(include)
+
+
+@dataclass
+class ChatCompletionRequest(GenerationRequest):
+    # Normalized for the chat template: {"role": str, "content": str, ...name/tool_calls kept}.
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    max_completion_tokens: int | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "ChatCompletionRequest":
+        req = cls()
+        req.messages = _messages(data)
+        req._parse_common(data)
+        req.max_completion_tokens = _opt_int(data, "max_completion_tokens", lo=1)
+        legacy = _opt_int(data, "max_tokens", lo=1)
+        # max_completion_tokens supersedes the deprecated max_tokens.
+        req.max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else legacy
+        for name in ("logprobs",):
+            if data.get(name):
+                raise _not_supported(name)
+        if data.get("top_logprobs") is not None:
+            raise _not_supported("top_logprobs")
+        if data.get("tools"):
+            raise _not_supported("tools", "Tool calling ('tools')")
+        if data.get("functions"):
+            raise _not_supported("functions", "Function calling ('functions')")
+        return req
+
+
+def _messages(data: dict) -> list[dict[str, Any]]:
+    value = data.get("messages", _MISSING)
+    if value is _MISSING or value is None:
+        raise ProtocolError("'messages' is a required property.", param="messages")
+    if not isinstance(value, list):
+        raise _type_error("messages", "an array of message objects", value)
+    if not value:
+        raise ProtocolError("'messages' must contain at least one message.", param="messages")
+    return [_message(m, f"messages[{i}]") for i, m in enumerate(value)]
+
+
+def _message(msg: Any, where: str) -> dict[str, Any]:
+    if not isinstance(msg, dict):
+        raise _type_error(where, "a message object", msg)
+    role = msg.get("role")
+    if role is None:
+        raise ProtocolError(f"'{where}.role' is a required property.", param=f"{where}.role")
+    if not isinstance(role, str):
+        raise _type_error(f"{where}.role", "a string", role)
+    if role not in CHAT_ROLES:
+        raise ProtocolError(
+            f"'{where}.role' must be one of {sorted(CHAT_ROLES)}, got {role!r}.", param=f"{where}.role"
+        )
+    content = msg.get("content")
+    if content is None:
+        # An assistant turn may carry only tool calls; everyone else must say something.
+        if role != "assistant":
+            raise ProtocolError(f"'{where}.content' is a required property.", param=f"{where}.content")
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        text = "\n".join(_text_part(p, f"{where}.content[{j}]") for j, p in enumerate(content))
+    else:
+        raise _type_error(f"{where}.content", "a string or an array of content parts", content)
+    out: dict[str, Any] = {"role": role, "content": text}
+    # Keep the few extra keys chat templates look at.
+    if isinstance(msg.get("name"), str):
+        out["name"] = msg["name"]
+    if isinstance(msg.get("tool_call_id"), str):
+        out["tool_call_id"] = msg["tool_call_id"]
+    if isinstance(msg.get("tool_calls"), list):
+        out["tool_calls"] = msg["tool_calls"]
+    return out
+
+
+def _text_part(part: Any, where: str) -> str:
+    if not isinstance(part, dict):
+        raise _type_error(where, "a content part object", part)
+    kind = part.get("type")
+    if kind != "text":
+        if not isinstance(kind, str):
+            raise ProtocolError(f"'{where}.type' is a required string.", param=f"{where}.type")
+        raise ProtocolError(
+            f"'{where}.type': content part type {kind!r} is not supported (text only).", param=f"{where}.type"
+        )
+    text = part.get("text")
+    if not isinstance(text, str):
+        raise _type_error(f"{where}.text", "a string", text)
+    return text
+
+
+@dataclass
+class CompletionRequest(GenerationRequest):
+    # One entry per prompt: text to tokenize, or token ids as given.
+    prompt: list[str | list[int]] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CompletionRequest":
+        req = cls()
+        req.prompt = _prompts(data)
+        req._parse_common(data)
+        # OpenAI's legacy completions default to 16 tokens (so does vLLM).
+        req.max_tokens = _opt_int(data, "max_tokens", 16, lo=1)
+        if data.get("echo"):
+            raise _not_supported("echo")
+        if data.get("logprobs") is not None:
+            raise _not_supported("logprobs")
+        if data.get("suffix"):
+            raise _not_supported("suffix")
+        if len(req.prompt) * req.n > MAX_PROMPTS:
+            raise ProtocolError(
+                f"Too many completions in one request: {len(req.prompt)} prompts x n={req.n} > {MAX_PROMPTS}.",
+                param="prompt",
+            )
+        return req
+
+
+def _prompts(data: dict) -> list[str | list[int]]:
+    value = data.get("prompt", _MISSING)
+    if value is _MISSING or value is None:
+        raise ProtocolError("'prompt' is a required property.", param="prompt")
+    if isinstance(value, str):
+        return [value]
+    expected = "a string, an array of strings, an array of token ids, or an array of token-id arrays"
+    if not isinstance(value, list):
+        raise _type_error("prompt", expected, value)
+    if not value:
+        raise ProtocolError("'prompt' must not be an empty array.", param="prompt")
+    if all(isinstance(p, str) for p in value):
+        return list(value)
+    if all(_is_int(p) for p in value):
+        return [_token_id_list(value, "prompt")]
+    if all(isinstance(p, list) for p in value):
+        out: list[str | list[int]] = []
+        for i, p in enumerate(value):
+            if not p:
+                raise ProtocolError(f"'prompt[{i}]' must not be an empty array.", param="prompt")
+            out.append(_token_id_list(p, f"prompt[{i}]"))
+        return out
+    raise ProtocolError(f"'prompt' must be {expected} (not a mix).", param="prompt")

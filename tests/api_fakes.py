@@ -1,0 +1,289 @@
+"""Fakes for the API tests: a byte-level tokenizer, a chat template, a scripted AsyncEngine, and
+a tiny in-process ASGI client (scope/receive/send; no sockets).
+
+If the lead's pyserve.engine.sampling is not importable yet, a stub following the interface doc
+is installed so the API layer can build SamplingParams.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import anyio
+
+try:
+    from pyserve.engine.sampling import RequestOutput, SamplingParams
+except ImportError:  # the lead's module is not there yet: stub it per the interface doc
+
+    @dataclass
+    class SamplingParams:  # type: ignore[no-redef]
+        max_tokens: int | None = None
+        temperature: float = 1.0
+        top_p: float = 1.0
+        top_k: int = 0
+        seed: int | None = None
+        stop_token_ids: list[int] = field(default_factory=list)
+        ignore_eos: bool = False
+
+    @dataclass
+    class RequestOutput:  # type: ignore[no-redef]
+        new_token_ids: list[int]
+        finished: bool
+        finish_reason: str | None
+        num_prompt_tokens: int
+
+    _stub = types.ModuleType("pyserve.engine.sampling")
+    _stub.SamplingParams = SamplingParams
+    _stub.RequestOutput = RequestOutput
+    sys.modules["pyserve.engine.sampling"] = _stub
+
+
+BOS, EOS, IM_END = 256, 257, 258
+SPECIAL = {BOS: "<s>", EOS: "</s>", IM_END: "<|im_end|>"}
+
+
+class FakeTokenizer:
+    """Byte-level: ids 0..255 are UTF-8 bytes (so multi-byte characters span tokens), plus three
+    special tokens that are recognized when written in the text."""
+
+    vocab_size = 259
+    bos_token, eos_token = "<s>", "</s>"
+    bos_token_id, eos_token_ids = BOS, [EOS]
+    all_special_ids = set(SPECIAL)
+
+    def __init__(self, add_bos_token: bool = True) -> None:
+        self.add_bos_token = add_bos_token
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids: list[int] = [BOS] if add_special_tokens and self.add_bos_token else []
+        i = 0
+        while i < len(text):
+            for tok, s in SPECIAL.items():
+                if text.startswith(s, i):
+                    ids.append(tok)
+                    i += len(s)
+                    break
+            else:
+                ids.extend(text[i].encode("utf-8"))
+                i += 1
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        out, run = [], bytearray()
+        for tok in ids:
+            if tok < 256:
+                run.append(tok)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            if not skip_special_tokens:
+                out.append(SPECIAL[tok])
+        out.append(run.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [SPECIAL.get(i, chr(i)) for i in ids]
+
+    def is_special(self, id: int) -> bool:
+        return id in SPECIAL
+
+
+class FakeChatTemplate:
+    """Writes BOS itself (as many real templates do); raises like a template's raise_exception."""
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, **extra: Any) -> str:
+        if any(m["content"] == "RAISE" for m in messages):
+            raise ValueError("Conversation roles must alternate user/assistant")
+        text = "<s>" + "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+        return text + ("assistant:" if add_generation_prompt else "")
+
+
+@dataclass
+class FakeModelConfig:
+    vocab_size: int = 259
+    max_position_embeddings: int = 64
+
+
+@dataclass
+class FakeModel:
+    name: str = "fake-model"
+    path: str = "/models/fake-model"
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    chat_template: FakeChatTemplate = field(default_factory=FakeChatTemplate)
+    config: FakeModelConfig = field(default_factory=FakeModelConfig)
+    generation_defaults: dict = field(default_factory=dict)
+
+
+@dataclass
+class Call:
+    prompt_ids: list[int]
+    params: Any
+    closed_early: bool = False  # the consumer left before the engine finished: an abort
+    finished: bool = False
+
+
+class FakeEngine:
+    """Scripted AsyncEngine: every request answers `reply` (as UTF-8 byte tokens), `chunk` tokens
+    per RequestOutput, then EOS with finish_reason "stop"; max_tokens cuts it with "length"."""
+
+    def __init__(
+        self,
+        reply: str = "Hello there!",
+        *,
+        chunk: int = 1,
+        max_model_len: int = 64,
+        model: FakeModel | None = None,
+    ) -> None:
+        self.reply = reply
+        self.chunk = chunk
+        self.max_model_len = max_model_len
+        self.model = model or FakeModel()
+        self.calls: list[Call] = []
+        self.gate: anyio.Event | None = None  # when set: wait on it after the first output
+        self.error: Exception | None = None  # raised at the start of generate
+        self.error_after: int | None = None  # raise RuntimeError after this many outputs
+        self.cached_tokens = 0
+        self.running = False
+        self.shut_down = False
+
+    def replies(self) -> list[int]:
+        return list(self.reply.encode("utf-8")) + [EOS]
+
+    async def generate(self, prompt_ids: list[int], params: Any):
+        call = Call(list(prompt_ids), params)
+        self.calls.append(call)
+        try:
+            if self.error is not None:
+                raise self.error
+            tokens = self.replies()
+            limit = params.max_tokens if params.max_tokens is not None else len(tokens)
+            produced = 0
+            outputs = 0
+            while True:
+                await anyio.sleep(0)
+                take = min(self.chunk, len(tokens) - produced, limit - produced)
+                new = tokens[produced : produced + take]
+                produced += take
+                stop_hit = bool(new) and new[-1] == EOS or any(t in params.stop_token_ids for t in new)
+                done = stop_hit or produced >= limit
+                reason = "stop" if stop_hit else ("length" if done else None)
+                out = RequestOutput(new, done, reason, len(prompt_ids))
+                if self.cached_tokens:
+                    out.num_cached_tokens = self.cached_tokens  # type: ignore[attr-defined]
+                if done:
+                    call.finished = True
+                yield out
+                outputs += 1
+                if done:
+                    return
+                if self.error_after is not None and outputs >= self.error_after:
+                    raise RuntimeError("engine exploded")
+                if self.gate is not None:
+                    await self.gate.wait()
+        finally:
+            if not call.finished:
+                call.closed_early = True  # synchronous, like a real engine's abort
+
+    async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
+        self.running = True
+        task_status.started()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.running = False
+
+    async def shutdown(self) -> None:
+        self.shut_down = True
+
+    def stats(self) -> dict:
+        return {"running": 0, "waiting": 0, "kv_capacity_tokens": 1024}
+
+
+# --- a tiny ASGI client ----------------------------------------------------------------------------
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    messages: list[dict]
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def events(self) -> list[Any]:
+        """The SSE `data:` payloads, JSON-decoded ("[DONE]" kept as the string)."""
+        text = self.body.decode("utf-8")
+        assert text.endswith("\n\n"), text[-50:]
+        out = []
+        for block in text.split("\n\n")[:-1]:
+            assert block.startswith("data: "), block
+            data = block[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+        return out
+
+
+async def request(
+    app: Any,
+    method: str,
+    path: str,
+    body: Any = None,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    disconnect_after: int | None = None,
+    body_chunk: int | None = None,
+) -> Response:
+    """Calls the app once. `body`: bytes, or an object sent as JSON. `disconnect_after`: the
+    client goes away after that many response body messages (0: right after the request)."""
+    raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode())
+    pieces = [raw[i : i + body_chunk] for i in range(0, len(raw), body_chunk)] if body_chunk else [raw]
+    pieces = pieces or [b""]
+    incoming = [
+        {"type": "http.request", "body": p, "more_body": i < len(pieces) - 1} for i, p in enumerate(pieces)
+    ]
+    gone = anyio.Event()
+    if disconnect_after == 0:
+        gone.set()  # the client leaves right after sending its request
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        if incoming:
+            return incoming.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if gone.is_set():
+            raise OSError("client disconnected")
+        sent.append(message)
+        if disconnect_after is not None and sum(m["type"] == "http.response.body" for m in sent) >= disconnect_after:
+            gone.set()
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers],
+    }
+    with anyio.fail_after(5):
+        await app(scope, receive, send)
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert len(starts) <= 1
+    if not starts:
+        return Response(0, {}, b"", sent)
+    hdrs = {k.decode().lower(): v.decode() for k, v in starts[0]["headers"]}
+    body_bytes = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return Response(starts[0]["status"], hdrs, body_bytes, sent)
+
+
+def call(app: Any, method: str, path: str, body: Any = None, **kwargs: Any) -> Response:
+    return anyio.run(lambda: request(app, method, path, body, **kwargs))

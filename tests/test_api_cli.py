@@ -1,0 +1,239 @@
+"""CLI flags, --overrides, mode presets, and main()'s wiring — all without a model."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import types
+
+import pytest
+
+from pyserve import cli
+from pyserve.config import (
+    ConfigError,
+    EngineConfig,
+    kv_bytes_per_token,
+    parse_overrides,
+    resolve_engine_config,
+)
+
+GiB = 1 << 30
+
+
+def resolve(cfg: EngineConfig, context=32768, bytes_per_token=1000, available=None, **kw) -> EngineConfig:
+    return resolve_engine_config(cfg, context_length=context, kv_bytes_per_token=bytes_per_token, available_bytes=available, **kw)
+
+
+# --- arguments -------------------------------------------------------------------------------------
+
+
+def test_defaults():
+    args = cli.parse_args([])
+    assert args.model is None and args.host == "127.0.0.1" and args.port == 8000
+    assert args.device == "cpu" and args.mode == "local" and args.log_level == "info"
+    assert args.served_model_name is None
+    assert args.engine_config == EngineConfig()
+
+
+def test_all_flags():
+    args = cli.parse_args(
+        [
+            "model.gguf",
+            "--host", "0.0.0.0",
+            "--port", "9000",
+            "--mode", "server",
+            "--max-num-sequence", "8",
+            "--max-total-sequence-length", "4096",
+            "--prefill-chunk-size", "256",
+            "--num-threads", "2",
+            "--served-model-name", "smol",
+            "--log-level", "debug",
+            "--prefix-cache-mode", "disable",
+            "--prefill-mode", "chunked",
+        ]
+    )
+    assert (args.model, args.host, args.port, args.served_model_name, args.log_level) == ("model.gguf", "0.0.0.0", 9000, "smol", "debug")
+    cfg = args.engine_config
+    assert (cfg.mode, cfg.max_num_sequence, cfg.max_total_sequence_length, cfg.prefill_chunk_size, cfg.num_threads) == ("server", 8, 4096, 256, 2)
+    assert (cfg.prefix_cache_mode, cfg.prefill_mode) == ("disable", "chunked")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--mode", "turbo"], "--mode"),
+        (["--port", "70000"], "port"),
+        (["--port", "http"], "port"),
+        (["--max-num-sequence", "0"], ">= 1"),
+        (["--device", "tpu"], "--device"),
+        (["--overrides", "bogus_key=1"], "unknown key 'bogus_key'"),
+        (["--overrides", "max_num_sequence=lots"], "integer"),
+        (["--overrides", "max_num_sequence"], "key=value"),
+        (["--overrides", "max_num_sequence=0"], ">= 1"),
+        (["--max-num-sequence", "4", "--overrides", "max_num_sequence=8"], "both"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_clear_message(capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_overrides_parsing():
+    assert parse_overrides("") == {}
+    assert parse_overrides(" max_num_sequence = 8 ; max_total_seq_length=4096;; prefill_chunk_size=128 ;") == {
+        "max_num_sequence": 8,
+        "max_total_sequence_length": 4096,  # MLC's spelling maps onto ours
+        "prefill_chunk_size": 128,
+    }
+    assert parse_overrides("gpu_memory_utilization=0.5;context_window_size=2048") == {
+        "memory_utilization": 0.5,
+        "max_single_sequence_length": 2048,
+    }
+    with pytest.raises(ConfigError, match="twice"):
+        parse_overrides("page_size=16;page_size=32")
+    with pytest.raises(ConfigError, match="valid keys: .*max_num_sequence"):
+        parse_overrides("max_batch_size=3")
+
+
+def test_overrides_reach_the_engine_config():
+    cfg = cli.parse_args(["--overrides", "max_num_sequence=6;page_size=32;kv_cache_tokens=1000"]).engine_config
+    assert (cfg.max_num_sequence, cfg.page_size, cfg.kv_cache_tokens) == (6, 32, 1000)
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = (
+        "import sys\n"
+        "from pyserve import cli\n"
+        "try:\n    cli.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in sys.modules if m.startswith(('pyserve.model', 'pyserve.http', 'pyserve._C',"
+        " 'pyserve.engine.async_engine', 'tokenizers', 'sentencepiece', 'numpy', 'gguf', 'torch'))]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
+    assert "usage: python -m pyserve" in out and "HEAVY []" in out
+
+
+# --- presets ---------------------------------------------------------------------------------------
+
+
+def test_local_preset():
+    cfg = resolve(EngineConfig(mode="local"), available=64 * GiB)
+    assert cfg.max_num_sequence == 4
+    assert cfg.max_total_sequence_length == 8192  # min(KV capacity, context, 8192)
+    assert cfg.max_single_sequence_length == 8192
+    assert cfg.kv_cache_tokens == 8192 and cfg.kv_cache_tokens % cfg.page_size == 0
+    assert cfg.prefill_chunk_size == 512 and cfg.num_threads >= 1
+    assert cfg.resolved()
+
+
+def test_local_preset_small_context_and_small_memory():
+    assert resolve(EngineConfig(), context=2048, available=64 * GiB).max_total_sequence_length == 2048
+    # 1 MB at 50% and 1000 B/token -> 524 tokens of KV.
+    cfg = resolve(EngineConfig(), available=1 << 20)
+    assert cfg.max_total_sequence_length == 524
+    assert cfg.max_single_sequence_length == 524  # one sequence cannot outgrow the cache
+    assert cfg.kv_cache_tokens == 528  # whole pages
+
+
+def test_interactive_preset():
+    cfg = resolve(EngineConfig(mode="interactive"), context=32768, available=64 * GiB)
+    assert cfg.max_num_sequence == 1 and cfg.max_total_sequence_length == 32768
+
+
+def test_server_preset_sizes_kv_from_memory():
+    cfg = resolve(EngineConfig(mode="server"), context=4096, bytes_per_token=1000, available=100_000_000)
+    assert cfg.max_num_sequence == 80
+    assert cfg.max_total_sequence_length == 50_000  # 50% of 100 MB / 1000 B
+    assert cfg.max_single_sequence_length == 4096
+    # Never more than every sequence at full context.
+    big = resolve(EngineConfig(mode="server", max_batch=2), context=4096, available=1000 * GiB)
+    assert big.max_num_sequence == 2 and big.max_total_sequence_length == 8192
+    # Unknown free memory (e.g. CUDA before the engine looks): a fixed fallback budget.
+    assert resolve(EngineConfig(mode="server"), available=None).max_total_sequence_length == (2 << 30) // 1000
+
+
+def test_user_values_win_over_presets():
+    cfg = resolve(
+        EngineConfig(mode="server", max_num_sequence=3, max_total_sequence_length=1000, prefill_chunk_size=64, num_threads=7),
+        available=64 * GiB,
+    )
+    assert (cfg.max_num_sequence, cfg.max_total_sequence_length, cfg.prefill_chunk_size, cfg.num_threads) == (3, 1000, 64, 7)
+    assert cfg.kv_cache_tokens == 1008
+
+
+def test_kv_cache_tokens_and_context_window_caps():
+    cfg = resolve(EngineConfig(mode="interactive", kv_cache_tokens=3000), available=64 * GiB)
+    assert cfg.max_total_sequence_length == 3000
+    cfg = resolve(EngineConfig(mode="interactive", max_single_sequence_length=1024), available=64 * GiB)
+    assert cfg.max_single_sequence_length == 1024 and cfg.max_total_sequence_length == 1024
+
+
+def test_memory_utilization_override():
+    cfg = resolve(EngineConfig(mode="server", memory_utilization=0.25), context=1 << 20, available=4_000_000)
+    assert cfg.max_total_sequence_length == 1000
+
+
+def test_resolve_rejects_bad_values():
+    with pytest.raises(ConfigError, match="page_size"):
+        resolve(EngineConfig(page_size=12))
+    with pytest.raises(ConfigError, match="memory_utilization"):
+        resolve(EngineConfig(memory_utilization=1.5))
+    with pytest.raises(ConfigError, match="mode"):
+        resolve(EngineConfig(mode="turbo"))
+
+
+def test_kv_bytes_per_token():
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64, f32.
+    assert kv_bytes_per_token(30, 3, 64, 4) == 46080
+
+
+# --- main() wiring with fakes ----------------------------------------------------------------------
+
+
+def test_main_wires_model_engine_app_and_server(monkeypatch, caplog):
+    from api_fakes import FakeEngine, FakeModel
+
+    import pyserve.model.loader as loader
+
+    model = FakeModel(name="tiny")
+    model.format, model.file_bytes = "gguf Q4_1", 123456
+    model.config = types.SimpleNamespace(
+        max_position_embeddings=2048, num_hidden_layers=2, num_key_value_heads=1, head_dim=8, vocab_size=259
+    )
+    monkeypatch.setattr(loader, "default_model_path", lambda: "/models/tiny.gguf")
+    loaded: list = []
+    monkeypatch.setattr(loader, "load_model", lambda path: loaded.append(path) or model)
+
+    built: dict = {}
+
+    class AsyncEngine(FakeEngine):
+        def __init__(self, m, config):
+            super().__init__(model=m, max_model_len=config.max_single_sequence_length)
+            built["engine"], built["config"] = self, config
+
+    fake_async_engine = types.ModuleType("pyserve.engine.async_engine")
+    fake_async_engine.AsyncEngine = AsyncEngine
+    monkeypatch.setitem(sys.modules, "pyserve.engine.async_engine", fake_async_engine)
+
+    import pyserve.http.server as server
+
+    served: dict = {}
+    monkeypatch.setattr(server, "run", lambda app, config: served.update(app=app, config=config))
+
+    caplog.set_level("INFO")
+    assert cli.main(["--port", "0", "--served-model-name", "smol", "--mode", "interactive"]) == 0
+    assert loaded == ["/models/tiny.gguf"]
+    cfg = built["config"]
+    assert dataclasses.is_dataclass(cfg) and cfg.resolved() and cfg.mode == "interactive"
+    assert cfg.max_num_sequence == 1 and cfg.max_single_sequence_length == 2048
+    assert served["app"].served_model_name == "smol" and served["app"].engine is built["engine"]
+    assert (served["config"].host, served["config"].port) == ("127.0.0.1", 0)
+    assert "KV cache 1024 tokens" in caplog.text and "gguf Q4_1" in caplog.text
+
+
+def test_main_reports_a_missing_model(capsys):
+    pytest.importorskip("pyserve.model.loader")
+    assert cli.main(["/nonexistent/model.gguf"]) == 1
+    assert "error:" in capsys.readouterr().err
