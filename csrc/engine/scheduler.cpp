@@ -53,6 +53,7 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
   const int ps = config_.page_size;
 
   // 1. Running sequences, oldest first.
+  const int64_t preemptions_before = num_preemptions_;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i];
     int n = std::min(s->num_tokens - s->num_computed, budget);
@@ -76,8 +77,10 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
     ++i;
   }
 
-  // 2. Admit waiting sequences. Keep one free page per running sequence so that admitting a long
-  // prompt does not immediately force a preemption at the next decode step.
+  // 2. Admit waiting sequences, unless this step just had to preempt (re-admitting the victim at
+  // once would thrash). Keep one free page per running sequence so that admitting a long prompt
+  // does not force a preemption at the next decode step.
+  if (num_preemptions_ != preemptions_before) return plan;
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Sequence* s = waiting_.front();
     if (pages_for(s->num_tokens + 1) > pool_.num_pages()) {  // could never fit, even alone
