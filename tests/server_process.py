@@ -1,0 +1,56 @@
+"""Start `python -m pyserve` as a real subprocess on a free port, for end-to-end tests."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
+    """Yields the base URL once /health answers 200; stops the server (SIGINT) afterwards and
+    checks that it exited cleanly."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "pyserve", *args, "--port", str(port), "--num-threads", "2"]
+    log = open(os.devnull, "wb") if os.environ.get("PYSERVE_TEST_QUIET") else None
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode} before it was ready: {cmd}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    break
+                conn.close()
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready after {startup_timeout} s: {cmd}")
+            time.sleep(0.2)  # polling a real readiness condition, not standing in for one
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(2)  # SIGINT: the Ctrl-C path
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                raise AssertionError("server did not stop on SIGINT within 30 s")
+        assert proc.returncode == 0, f"server exited with {proc.returncode}"
