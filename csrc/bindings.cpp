@@ -227,6 +227,15 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   std::vector<const int32_t*> ptrs;
   for (auto& t : tables) ptrs.push_back(t.data());
   cpu::CpuBackend be(threads, cpu::select_kernels(isa));
+  // Lay the caller's [slots, KVH, D] rows out the way the backend keeps its cache.
+  const int64_t slots = k_cache.shape(0);
+  if (slots % page_size != 0) throw std::invalid_argument("attention: slots must be whole pages");
+  auto k_buf = be.allocate(static_cast<size_t>(slots) * KVH * D);
+  auto v_buf = be.allocate(static_cast<size_t>(slots) * KVH * D);
+  std::vector<int64_t> slot_ids(static_cast<size_t>(slots));
+  std::iota(slot_ids.begin(), slot_ids.end(), 0);
+  be.write_kv(k_cache.data(), v_cache.data(), static_cast<int64_t>(KVH) * D, static_cast<int>(slots), KVH, D,
+              page_size, slot_ids.data(), k_buf->data(), v_buf->data());
   py::array_t<float> out({T, H, D});
   AttentionBatch b;
   b.q = q.data();
@@ -236,8 +245,8 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   b.n_kv_heads = KVH;
   b.head_dim = D;
   b.scale = 1.f / std::sqrt(static_cast<float>(D));
-  b.k_cache = k_cache.data();
-  b.v_cache = v_cache.data();
+  b.k_cache = k_buf->data();
+  b.v_cache = v_buf->data();
   b.page_size = page_size;
   b.page_tables = ptrs.data();
   b.positions = positions.data();

@@ -19,14 +19,15 @@ class Matrix {
   virtual size_t bytes() const = 0;  // bytes read by one full pass over the matrix
 };
 
-// Attention of a batch of tokens, each over its own sequence in the paged KV cache.
+// Attention of a batch of tokens, each over its own sequence in the paged KV cache. The cache's
+// layout inside a page is the backend's choice (write_kv is the only writer).
 struct AttentionBatch {
   const float* q = nullptr;           // q: [n_tokens, n_heads, head_dim] at row stride q_stride
   int64_t q_stride = 0;
   int n_tokens = 0, n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float scale = 1.f;
-  const float* k_cache = nullptr;     // this layer's K: [num_slots, n_kv_heads, head_dim]
-  const float* v_cache = nullptr;     // this layer's V: same layout
+  const float* k_cache = nullptr;     // this layer's K and V pages
+  const float* v_cache = nullptr;
   int page_size = 0;
   const int32_t* const* page_tables = nullptr;  // per token: its sequence's page table
   const int32_t* positions = nullptr;            // per token: its position in its sequence
@@ -67,9 +68,10 @@ class Backend {
   // (rotate-half convention of HF Llama).
   virtual void rope(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* cos,
                     const float* sin) = 0;
-  // Copies k/v rows [m, kv_dim] into cache slots [m] of this layer's K and V.
-  virtual void write_kv(const float* k, const float* v, int64_t ld, int m, int kv_dim,
-                        const int64_t* slots, float* k_cache, float* v_cache) = 0;
+  // Stores k/v: [m, n_kv_heads, head_dim] (row stride ld) at cache slots [m] (slot = page *
+  // page_size + offset) of this layer's K and V.
+  virtual void write_kv(const float* k, const float* v, int64_t ld, int m, int n_kv_heads, int head_dim,
+                        int page_size, const int64_t* slots, float* k_cache, float* v_cache) = 0;
   virtual void attention(const AttentionBatch& batch) = 0;
   // out: [m, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:]
   virtual void silu_mul(const float* gate_up, int m, int inter, float* out) = 0;

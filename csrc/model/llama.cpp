@@ -119,8 +119,8 @@ void LlamaModel::forward(const ForwardBatch& batch, KVCache& cache, float* logit
               L.qkv_bias.empty() ? nullptr : L.qkv_bias.data(), false);
     be.rope(ws_.qkv.data(), QKV, n, c.num_heads, c.head_dim, ws_.cos.data(), ws_.sin.data());
     be.rope(ws_.qkv.data() + Q, QKV, n, c.num_kv_heads, c.head_dim, ws_.cos.data(), ws_.sin.data());
-    be.write_kv(ws_.qkv.data() + Q, ws_.qkv.data() + Q + KV, QKV, n, KV, ws_.slots.data(),
-                cache.k(l), cache.v(l));
+    be.write_kv(ws_.qkv.data() + Q, ws_.qkv.data() + Q + KV, QKV, n, c.num_kv_heads, c.head_dim, ps,
+                ws_.slots.data(), cache.k(l), cache.v(l));
     ab.k_cache = cache.k(l);
     ab.v_cache = cache.v(l);
     be.attention(ab);  // attn: [n, Q]

@@ -177,40 +177,67 @@ void CpuBackend::rope(float* x, int64_t ld, int m, int n_heads, int head_dim, co
   if (m < 16) body(0, m, 0); else pool_.parallel_for(m, body);
 }
 
-void CpuBackend::write_kv(const float* k, const float* v, int64_t ld, int m, int kv_dim,
-                          const int64_t* slots, float* k_cache, float* v_cache) {
+void CpuBackend::write_kv(const float* k, const float* v, int64_t ld, int m, int n_kv_heads, int head_dim,
+                          int page_size, const int64_t* slots, float* k_cache, float* v_cache) {
+  const int64_t ps = page_size, hd = head_dim;
   for (int i = 0; i < m; ++i) {
-    std::memcpy(k_cache + slots[i] * kv_dim, k + i * ld, kv_dim * sizeof(float));
-    std::memcpy(v_cache + slots[i] * kv_dim, v + i * ld, kv_dim * sizeof(float));
+    const int64_t page = slots[i] / ps, off = slots[i] % ps;
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const float* ks = k + i * ld + h * hd;
+      const float* vs = v + i * ld + h * hd;
+      float* kt = k_cache + (page * n_kv_heads + h) * hd * ps + off;  // K page: [kvh][hd][ps]
+      for (int64_t d = 0; d < hd; ++d) kt[d * ps] = ks[d];
+      std::memcpy(v_cache + ((page * n_kv_heads + h) * ps + off) * hd, vs, hd * sizeof(float));  // V: [kvh][ps][hd]
+    }
   }
 }
 
 void CpuBackend::attention(const AttentionBatch& b) {
   const int group = b.n_heads / b.n_kv_heads;
-  const int64_t kv_stride = static_cast<int64_t>(b.n_kv_heads) * b.head_dim;
-  int max_len = 0;
-  for (int i = 0; i < b.n_tokens; ++i) max_len = std::max(max_len, b.positions[i] + 1);
+  const int max_block = std::max(1, std::min(8, kMaxAttendQueries / group));
+  // Blocks of consecutive tokens of one sequence share each K/V load (prefill chunks); a decode
+  // batch is one token per block.
+  struct Block { int first, count; };
+  std::vector<Block> blocks;
+  for (int i = 0; i < b.n_tokens;) {
+    int n = 1;
+    while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
+           b.positions[i + n] == b.positions[i] + n)
+      ++n;
+    blocks.push_back({i, n});
+    i += n;
+  }
+  size_t need = 0;
+  for (const Block& bl : blocks) {
+    const int hi = b.positions[bl.first + bl.count - 1];
+    const int lo = b.window > 0 ? std::max(0, b.positions[bl.first] - b.window + 1) : 0;
+    need = std::max(need, static_cast<size_t>(bl.count) * group * (hi - lo + 1));
+  }
   for (auto& s : scratch_)
-    if (static_cast<int>(s.size()) < max_len) s.resize(max_len);
-  const int64_t items = static_cast<int64_t>(b.n_tokens) * b.n_heads;
+    if (s.size() < need) s.resize(need);
+  const int64_t items = static_cast<int64_t>(blocks.size()) * b.n_kv_heads;
   pool_.parallel_for(items, [&](int64_t ib, int64_t ie, int t) {
-    AttendArgs a;
-    a.head_dim = b.head_dim;
-    a.scale = b.scale;
-    a.k_cache = b.k_cache;
-    a.v_cache = b.v_cache;
-    a.kv_stride = kv_stride;
-    a.page_size = b.page_size;
-    a.scratch = scratch_[t].data();
     for (int64_t it = ib; it < ie; ++it) {
-      const int i = static_cast<int>(it / b.n_heads), h = static_cast<int>(it % b.n_heads);
-      const int pos = b.positions[i];
-      a.q = b.q + i * b.q_stride + static_cast<int64_t>(h) * b.head_dim;
-      a.head_offset = static_cast<int64_t>(h / group) * b.head_dim;
-      a.page_table = b.page_tables[i];
-      a.hi = pos;
-      a.lo = b.window > 0 ? std::max(0, pos - b.window + 1) : 0;
-      a.out = b.out + i * b.out_stride + static_cast<int64_t>(h) * b.head_dim;
+      const Block& bl = blocks[it / b.n_kv_heads];
+      const int kvh = static_cast<int>(it % b.n_kv_heads);
+      AttendArgs a;
+      a.q = b.q + bl.first * b.q_stride + static_cast<int64_t>(kvh) * group * b.head_dim;
+      a.q_stride = b.q_stride;
+      a.out = b.out + bl.first * b.out_stride + static_cast<int64_t>(kvh) * group * b.head_dim;
+      a.out_stride = b.out_stride;
+      a.n_tokens = bl.count;
+      a.group = group;
+      a.head_dim = b.head_dim;
+      a.scale = b.scale;
+      a.k_cache = b.k_cache;
+      a.v_cache = b.v_cache;
+      a.n_kv_heads = b.n_kv_heads;
+      a.kv_head = kvh;
+      a.page_size = b.page_size;
+      a.page_table = b.page_tables[bl.first];
+      a.positions = b.positions + bl.first;
+      a.window = b.window;
+      a.scratch = scratch_[t].data();
       kernels_.attend(a);
     }
   });

@@ -52,8 +52,8 @@ class CpuBackend final : public Backend {
                int64_t ldy) override;
   void rope(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* cos,
             const float* sin) override;
-  void write_kv(const float* k, const float* v, int64_t ld, int m, int kv_dim, const int64_t* slots,
-                float* k_cache, float* v_cache) override;
+  void write_kv(const float* k, const float* v, int64_t ld, int m, int n_kv_heads, int head_dim,
+                int page_size, const int64_t* slots, float* k_cache, float* v_cache) override;
   void attention(const AttentionBatch& b) override;
   void silu_mul(const float* gate_up, int m, int inter, float* out) override;
 

@@ -27,20 +27,31 @@ struct GemmArgs {
   int group_begin = 0, group_end = 0;  // the groups of output rows this call computes
 };
 
-// Attention of one query head of one token over its sequence's cached keys/values.
+// KV cache layout of one layer (page_size slots per page):
+//   K: [num_pages][n_kv_heads][head_dim][page_size]  -- transposed inside a page, so the scores of
+//      one query against a whole page are page_size-wide vector FMAs with no horizontal sums
+//   V: [num_pages][n_kv_heads][page_size][head_dim]  -- a row per slot, for out += p * v
+//
+// Attention of a block of consecutive tokens of one sequence against one KV head, for the
+// `group` query heads that share it (GQA). Query (t, g) reads q[t * q_stride + g * head_dim]
+// and writes out[t * out_stride + g * head_dim]; token t attends to positions
+// [max(0, pos_t - window + 1) if window else 0, pos_t].
+constexpr int kMaxAttendQueries = 128;  // n_tokens * group per call
+
 struct AttendArgs {
-  const float* q = nullptr;  // q: [head_dim], rotary already applied
-  int head_dim = 0;
+  const float* q = nullptr;
+  int64_t q_stride = 0;
+  float* out = nullptr;
+  int64_t out_stride = 0;
+  int n_tokens = 0, group = 0, head_dim = 0;
   float scale = 1.f;
-  const float* k_cache = nullptr;  // this layer's K: [num_slots, kv_stride]; slot = page*page_size+i
-  const float* v_cache = nullptr;  // this layer's V, same layout
-  int64_t kv_stride = 0;           // floats per slot (n_kv_heads * head_dim)
-  int64_t head_offset = 0;         // kv_head * head_dim
+  const float* k_cache = nullptr;
+  const float* v_cache = nullptr;
+  int n_kv_heads = 0, kv_head = 0, page_size = 0;
   const int32_t* page_table = nullptr;
-  int page_size = 0;
-  int lo = 0, hi = 0;              // attend to positions lo..hi inclusive
-  float* scratch = nullptr;        // >= hi - lo + 1 floats
-  float* out = nullptr;            // out: [head_dim]
+  const int32_t* positions = nullptr;  // [n_tokens], ascending
+  int window = 0;
+  float* scratch = nullptr;  // >= n_tokens * group * (positions[last] - lo(positions[0]) + 1)
 };
 
 struct KernelTable {

@@ -27,30 +27,33 @@ void gemm_scalar(const GemmArgs& a) {
 }
 
 void attend_scalar(const AttendArgs& a) {
-  const int len = a.hi - a.lo + 1;
-  float max_score = -INFINITY;
-  for (int t = 0; t < len; ++t) {
-    const int pos = a.lo + t;
-    const int64_t slot = static_cast<int64_t>(a.page_table[pos / a.page_size]) * a.page_size + pos % a.page_size;
-    const float* k = a.k_cache + slot * a.kv_stride + a.head_offset;
-    float s = 0.f;
-    for (int d = 0; d < a.head_dim; ++d) s += a.q[d] * k[d];
-    s *= a.scale;
-    a.scratch[t] = s;
-    if (s > max_score) max_score = s;
-  }
-  float sum = 0.f;
-  for (int t = 0; t < len; ++t) {
-    a.scratch[t] = std::exp(a.scratch[t] - max_score);
-    sum += a.scratch[t];
-  }
-  for (int d = 0; d < a.head_dim; ++d) a.out[d] = 0.f;
-  for (int t = 0; t < len; ++t) {
-    const int pos = a.lo + t;
-    const int64_t slot = static_cast<int64_t>(a.page_table[pos / a.page_size]) * a.page_size + pos % a.page_size;
-    const float* v = a.v_cache + slot * a.kv_stride + a.head_offset;
-    const float p = a.scratch[t] / sum;
-    for (int d = 0; d < a.head_dim; ++d) a.out[d] += p * v[d];
+  const int64_t ps = a.page_size, hd = a.head_dim, nkv = a.n_kv_heads;
+  for (int t = 0; t < a.n_tokens; ++t) {
+    const int hi = a.positions[t];
+    const int lo = a.window > 0 && hi - a.window + 1 > 0 ? hi - a.window + 1 : 0;
+    for (int g = 0; g < a.group; ++g) {
+      const float* q = a.q + t * a.q_stride + g * hd;
+      float* out = a.out + t * a.out_stride + g * hd;
+      float* s = a.scratch;
+      float max_score = -INFINITY;
+      for (int pos = lo; pos <= hi; ++pos) {
+        const int64_t page = a.page_table[pos / ps], off = pos % ps;
+        const float* kt = a.k_cache + (page * nkv + a.kv_head) * hd * ps;  // [hd][ps]
+        float dot = 0.f;
+        for (int64_t d = 0; d < hd; ++d) dot += q[d] * kt[d * ps + off];
+        s[pos - lo] = dot * a.scale;
+        if (s[pos - lo] > max_score) max_score = s[pos - lo];
+      }
+      float sum = 0.f;
+      for (int pos = lo; pos <= hi; ++pos) sum += (s[pos - lo] = std::exp(s[pos - lo] - max_score));
+      for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
+      for (int pos = lo; pos <= hi; ++pos) {
+        const int64_t page = a.page_table[pos / ps], off = pos % ps;
+        const float* v = a.v_cache + ((page * nkv + a.kv_head) * ps + off) * hd;
+        const float p = s[pos - lo] / sum;
+        for (int64_t d = 0; d < hd; ++d) out[d] += p * v[d];
+      }
+    }
   }
 }
 
