@@ -1,0 +1,555 @@
+"""Real-socket tests: serve() on an ephemeral port, raw clients, hostile ones included."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any, AsyncIterator, Iterator
+
+import anyio
+import h11
+import pytest
+
+from pyserve.http import ClientDisconnected, LifespanError, ServerConfig, serve
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+@asynccontextmanager
+async def running(app: Any, **config: Any) -> AsyncIterator[int]:
+    """Serve app on an ephemeral port for the duration of the block; stop gracefully after."""
+    with anyio.fail_after(10):  # a hung test fails instead of blocking the suite
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve, app, ServerConfig(port=0, **config))
+            yield port
+            tg.cancel_scope.cancel()
+
+
+class Client:
+    """A raw TCP client that parses responses with an h11 client state machine."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self.h11 = h11.Connection(h11.CLIENT)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, port: int) -> AsyncIterator["Client"]:
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            yield cls(stream)
+
+    async def request(self, method: str = "GET", path: str = "/", body: bytes = b"",
+                      headers: list[tuple[str, str]] | None = None) -> None:
+        hdrs = [("Host", "test"), *(headers or [])]
+        if body and not any(k.lower() == "content-length" for k, _ in hdrs):
+            hdrs.append(("Content-Length", str(len(body))))
+        data = self.h11.send(h11.Request(method=method, target=path, headers=hdrs))
+        if body:
+            data += self.h11.send(h11.Data(data=body))
+        data += self.h11.send(h11.EndOfMessage())
+        await self.stream.send(data)
+
+    async def _event(self) -> Any:
+        while (event := self.h11.next_event()) is h11.NEED_DATA:
+            try:
+                self.h11.receive_data(await self.stream.receive())
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                self.h11.receive_data(b"")
+        return event
+
+    async def response(self) -> tuple[int, dict[bytes, bytes], bytes]:
+        event = await self._event()
+        while isinstance(event, h11.InformationalResponse):
+            event = await self._event()
+        assert isinstance(event, h11.Response), event
+        body = b""
+        while not isinstance(part := await self._event(), h11.EndOfMessage):
+            body += part.data
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        return event.status_code, dict(event.headers), body
+
+    async def get(self, path: str = "/") -> tuple[int, dict[bytes, bytes], bytes]:
+        await self.request("GET", path)
+        return await self.response()
+
+    async def read_all(self) -> bytes:
+        """Everything until the server closes the connection."""
+        data = b""
+        while True:
+            try:
+                data += await self.stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return data
+
+
+async def raw_exchange(port: int, data: bytes, *, eof: bool = False) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(data)
+        if eof:
+            await stream.send_eof()
+        return await Client(stream).read_all()
+
+
+def parse_json_error(raw: bytes, status: int) -> dict:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    return error
+
+
+async def echo_app(scope: dict, receive: Any, send: Any) -> None:
+    """Answers with the method, path, query and body it saw, as JSON."""
+    if scope["type"] == "lifespan":
+        await lifespan_loop(receive, send)
+        return
+    body = b""
+    while True:
+        message = await receive()
+        assert message["type"] == "http.request"
+        body += message["body"]
+        if not message.get("more_body"):
+            break
+    payload = json.dumps({"method": scope["method"], "path": scope["path"],
+                          "query": scope["query_string"].decode(), "body": body.decode(),
+                          "client": list(scope["client"]),
+                          "state": sorted(scope.get("state", {}))}).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": payload})
+
+
+async def lifespan_loop(receive: Any, send: Any, log: list | None = None) -> None:
+    while True:
+        message = await receive()
+        if log is not None:
+            log.append(message["type"])
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
+@contextmanager
+def on_log(substring: str, logger: str = "pyserve.http") -> Iterator[anyio.Event]:
+    """An event set when the server logs a line containing substring: a sync point that does
+    not depend on scheduling luck."""
+    seen = anyio.Event()
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if substring in record.getMessage():
+                seen.set()
+
+    handler, log = Handler(), logging.getLogger(logger)
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.DEBUG)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
+
+async def still_serves(port: int) -> None:
+    async with Client.connect(port) as client:
+        status, _, body = await client.get("/after")
+        assert status == 200 and json.loads(body)["path"] == "/after"
+
+
+# ---- normal traffic ----------------------------------------------------------------------------
+
+async def test_scope_and_keep_alive() -> None:
+    seen: list[dict] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            seen.append(scope)
+        await echo_app(scope, receive, send)
+
+    async with running(app) as port:
+        async with Client.connect(port) as client:
+            status, headers, body = await client.get("/a%2Fb%20c?q=1")
+            assert status == 200 and headers[b"content-type"] == b"application/json"
+            assert json.loads(body)["path"] == "/a/b c"
+            await client.request("POST", "/echo", b"hello")
+            status, _, body = await client.response()
+            assert json.loads(body)["body"] == "hello"
+    first, second = seen
+    assert first["client"] == second["client"]  # same connection
+    assert first["asgi"] == {"version": "3.0", "spec_version": "2.3"}
+    assert first["raw_path"] == b"/a%2Fb%20c" and first["query_string"] == b"q=1"
+    assert first["http_version"] == "1.1" and first["scheme"] == "http"
+    assert first["root_path"] == "" and first["server"] == ("127.0.0.1", port)
+    assert (b"host", b"test") in first["headers"]
+
+
+async def test_streaming_response_is_chunked_over_the_wire() -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        for i in range(3):
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i,
+                        "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    async with running(app) as port:
+        async with Client.connect(port) as client:
+            status, headers, body = await client.get()
+    assert headers[b"transfer-encoding"] == b"chunked"
+    assert body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: [DONE]\n\n"
+
+
+async def test_expect_100_continue_over_sockets() -> None:
+    async with running(echo_app) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+                              b"Expect: 100-continue\r\n\r\n")
+            interim = await stream.receive()
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            await stream.send(b"hi")
+            client = Client(stream)
+            client.h11.send(h11.Request(method="POST", target="/", headers=[("Host", "x")]))
+            status, _, body = await client.response()
+            assert status == 200 and json.loads(body)["body"] == "hi"
+
+
+async def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="pyserve.access")
+    async with running(echo_app) as port:
+        async with Client.connect(port) as client:
+            await client.get("/logged?x=1")
+    (record,) = [r for r in caplog.records if r.name == "pyserve.access"]
+    assert '"GET /logged?x=1 HTTP/1.1" 200 ' in record.getMessage()
+    assert record.getMessage().endswith("ms")
+
+
+# ---- hostile and broken clients ------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    b"\x00\x01\x02garbage\xff\r\n\r\n",
+    b"GET /\r\n\r\n",  # request line without HTTP version
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",  # invalid header name
+    b"GET / HTTP/1.1\r\nHost: x\r\n:x\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+])
+async def test_malformed_requests_get_400_and_server_survives(raw: bytes) -> None:
+    async with running(echo_app) as port:
+        reply = await raw_exchange(port, raw)
+        assert parse_json_error(reply, 400)["message"].startswith("Invalid HTTP request")
+        await still_serves(port)
+
+
+async def test_oversized_headers_get_431() -> None:
+    async with running(echo_app, max_header_bytes=1024) as port:
+        reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 4096)
+        parse_json_error(reply, 431)
+        await still_serves(port)
+
+
+async def test_oversized_body_gets_413() -> None:
+    async with running(echo_app, max_body_bytes=100) as port:
+        reply = await raw_exchange(
+            port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000)
+        assert "100 bytes" in parse_json_error(reply, 413)["message"]
+        chunked = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + (b"40\r\n" + b"a" * 64 + b"\r\n") * 3 + b"0\r\n\r\n")
+        parse_json_error(await raw_exchange(port, chunked), 413)
+        await still_serves(port)
+
+
+async def test_body_shorter_than_content_length_then_close() -> None:
+    outcome: list[dict] = []
+    done = anyio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await echo_app(scope, receive, send)
+            return
+        if scope["path"] == "/after":
+            await echo_app(scope, receive, send)
+            return
+        while (message := await receive())["type"] == "http.request":
+            outcome.append(message)
+        outcome.append(message)
+        done.set()
+
+    async with running(app) as port:
+        reply = await raw_exchange(
+            port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort", eof=True)
+        await done.wait()
+        assert outcome[0] == {"type": "http.request", "body": b"short", "more_body": True}
+        assert outcome[-1] == {"type": "http.disconnect"}
+        assert reply.startswith(b"HTTP/1.1 400 ")  # the half-closed client can still read it
+        await still_serves(port)
+
+
+async def test_silent_client_is_dropped_at_header_timeout() -> None:
+    async with running(echo_app, header_timeout=0.3) as port:
+        with anyio.fail_after(5):
+            # A request line, then nothing: the server closes on its own, without answering.
+            assert await raw_exchange(port, b"GET / HTTP/1.1\r\n") == b""
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:  # no bytes at all
+                assert await Client(stream).read_all() == b""
+        await still_serves(port)
+
+
+async def test_idle_keep_alive_connection_is_closed() -> None:
+    async with running(echo_app, keep_alive_timeout=0.3) as port:
+        async with Client.connect(port) as client:
+            assert (await client.get())[0] == 200
+            with anyio.fail_after(5):
+                assert await client.read_all() == b""
+
+
+async def test_slow_body_is_dropped_at_body_timeout() -> None:
+    async with running(echo_app, body_timeout=0.3) as port:
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n"
+        reply = await raw_exchange(port, head + b"ab")  # 7 bytes short, and then silence
+        assert reply.startswith(b"HTTP/1.1 408 ")
+        await still_serves(port)
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async with running(echo_app) as port:
+        reply = await raw_exchange(port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+                                         b"GET /2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.index(b'"path": "/1"') < reply.index(b'"path": "/2"')
+    assert reply.count(b"HTTP/1.1 200 OK") == 2
+
+
+# ---- disconnects and app errors ------------------------------------------------------------------
+
+async def test_app_sees_disconnect_while_streaming() -> None:
+    result: dict[str, Any] = {}
+    done = anyio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/after":
+            await echo_app(scope, receive, send)
+            return
+        assert (await receive())["more_body"] is False
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        result["receive"] = await receive()  # blocks until the client goes away
+        try:
+            await send({"type": "http.response.body", "body": b"more", "more_body": True})
+        except OSError as exc:
+            result["send"] = exc
+        done.set()
+
+    async with running(app) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"first" in await stream.receive()
+        await done.wait()  # closing the socket is what releases the app
+        assert result["receive"] == {"type": "http.disconnect"}
+        assert isinstance(result["send"], ClientDisconnected)
+        await still_serves(port)
+
+
+async def test_receive_after_response_complete_is_disconnect() -> None:
+    messages: list[dict] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        messages.append(await receive())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+        messages.append(await receive())
+
+    async with running(app) as port:
+        async with Client.connect(port) as client:
+            assert (await client.get())[0] == 204
+            assert (await client.get())[0] == 204  # and keep-alive still works
+    assert messages[1] == {"type": "http.disconnect"}
+
+
+async def test_app_exception_before_start_is_500_json(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/after":
+            await echo_app(scope, receive, send)
+            return
+        raise ValueError("boom")
+
+    async with running(app) as port:
+        reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 500 ")
+        assert json.loads(body) == {"error": {"message": "Internal Server Error",
+                                              "type": "internal_error", "param": None,
+                                              "code": None}}
+        await still_serves(port)
+    assert any("boom" in r.getMessage() or (r.exc_info and "boom" in str(r.exc_info[1]))
+               for r in caplog.records if r.name == "pyserve.http")
+
+
+async def test_app_exception_after_start_closes_the_connection() -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"partial", "more_body": True})
+        raise ValueError("boom")
+
+    async with running(app) as port:
+        reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 ") and b"partial" in reply
+    assert not reply.endswith(b"0\r\n\r\n")  # no terminating chunk: the client sees truncation
+
+
+async def test_app_returning_without_response_is_500() -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        return None
+
+    async with running(app) as port:
+        reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 500 ")
+
+
+# ---- lifespan --------------------------------------------------------------------------------
+
+async def test_lifespan_startup_and_shutdown_and_state() -> None:
+    log: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            scope["state"]["engine"] = "ready"
+            await lifespan_loop(receive, send, log)
+            return
+        log.append(f"request state={scope['state'].get('engine')}")
+        await echo_app(scope, receive, send)
+
+    async with running(app) as port:
+        assert log == ["lifespan.startup"]  # startup finished before the port was reported
+        async with Client.connect(port) as client:
+            assert (await client.get())[0] == 200
+    assert log == ["lifespan.startup", "request state=ready", "lifespan.shutdown"]
+
+
+async def test_port_in_use_raises_oserror() -> None:
+    async with running(echo_app) as port:
+        with anyio.fail_after(5), pytest.raises(OSError):
+            await serve(echo_app, ServerConfig(port=port))
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        ServerConfig(max_body_bytes=0)
+    with pytest.raises(ValueError, match="port"):
+        ServerConfig(port=70000)
+
+
+async def test_lifespan_startup_failure_raises() -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        assert scope["type"] == "lifespan"
+        await receive()
+        await send({"type": "lifespan.startup.failed", "message": "no model"})
+
+    with anyio.fail_after(5):
+        with pytest.raises(LifespanError, match="no model"):
+            await serve(app, ServerConfig(port=0))
+
+
+async def test_app_without_lifespan_support_is_served() -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            raise ValueError(f"unsupported scope {scope['type']}")  # what plain apps do
+        await echo_app(scope, receive, send)
+
+    async with running(app) as port:
+        await still_serves(port)
+
+
+# ---- stopping and capacity --------------------------------------------------------------------
+
+async def test_graceful_stop_finishes_in_flight_and_closes_idle() -> None:
+    arrived, release = anyio.Event(), anyio.Event()
+    log: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await lifespan_loop(receive, send, log)
+            return
+        arrived.set()
+        await release.wait()
+        log.append("request done")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"finished"})
+
+    with anyio.fail_after(5):  # far below shutdown_timeout: idle connections must not hold us
+        async with anyio.create_task_group() as tg:
+            server = anyio.CancelScope()
+
+            async def run_server(*, task_status: Any) -> None:
+                with server:
+                    await serve(app, ServerConfig(port=0, shutdown_timeout=30),
+                                task_status=task_status)
+
+            port = await tg.start(run_server)
+            idle = await anyio.connect_tcp("127.0.0.1", port)  # never sends a request
+            async with Client.connect(port) as client:
+                await client.request()
+                await arrived.wait()
+                with on_log("Waiting up to") as draining:
+                    server.cancel()  # stop while the request is in flight
+                    await draining.wait()  # logged once the listener is closed
+                with pytest.raises(OSError):  # not accepting any more
+                    await anyio.connect_tcp("127.0.0.1", port)
+                assert log == ["lifespan.startup"]  # shutdown waits for the request
+                release.set()
+                status, _, body = await client.response()
+                assert (status, body) == (200, b"finished")
+            assert await Client(idle).read_all() == b""
+            await idle.aclose()
+    assert log == ["lifespan.startup", "request done", "lifespan.shutdown"]
+
+
+async def test_stop_cancels_requests_that_outlive_shutdown_timeout() -> None:
+    arrived, cancelled = anyio.Event(), anyio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        arrived.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            port = await tg.start(serve, app, ServerConfig(port=0, shutdown_timeout=0.2))
+            async with Client.connect(port) as client:
+                await client.request()
+                await arrived.wait()
+                tg.cancel_scope.cancel()
+        assert cancelled.is_set()
+
+
+async def test_max_connections_makes_extra_clients_wait() -> None:
+    async with running(echo_app, max_connections=1) as port:
+        async with Client.connect(port) as first:
+            assert (await first.get())[0] == 200
+            async with Client.connect(port) as second:  # TCP-connected, but not yet accepted
+                await second.request()
+                with anyio.move_on_after(0.2) as waited:
+                    await second.response()
+                assert waited.cancelled_caught
+                await first.stream.aclose()  # frees the slot
+                assert (await second.response())[0] == 200
