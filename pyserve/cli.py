@@ -197,7 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pyserve.engine.async_engine import AsyncEngine
     from pyserve.http.server import LifespanError, ServerConfig, run
 
+    t0 = time.perf_counter()
     engine = AsyncEngine(model, engine_config)
+    log.info(
+        "engine ready in %.2f s: %s kernels, %d threads, %.0f MB of weights read per decode step",
+        time.perf_counter() - t0,
+        getattr(engine, "backend", "?"),
+        engine_config.num_threads,
+        getattr(engine, "weight_bytes", 0) / 1e6,
+    )
     app = create_app(engine, served_model_name=args.served_model_name)
     try:
         kv_tokens = engine.stats().get("kv_capacity_tokens", engine_config.kv_cache_tokens)
