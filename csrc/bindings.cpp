@@ -156,6 +156,16 @@ SamplingParams sampling_from(const py::dict& d) {
     p.seed = static_cast<uint64_t>(d["seed"].cast<int64_t>());
   }
   p.max_tokens = get_or<int>(d, "max_tokens", -1);
+  p.min_tokens = get_or<int>(d, "min_tokens", 0);
+  p.presence_penalty = get_or<float>(d, "presence_penalty", 0.f);
+  p.frequency_penalty = get_or<float>(d, "frequency_penalty", 0.f);
+  p.repetition_penalty = get_or<float>(d, "repetition_penalty", 1.f);
+  if (d.contains("logit_bias") && !d["logit_bias"].is_none())
+    for (const auto& kv : d["logit_bias"].cast<py::dict>())
+      p.logit_bias.emplace_back(kv.first.cast<int32_t>(), kv.second.cast<float>());
+  p.logprobs = get_or<int>(d, "logprobs", -1);
+  p.prompt_logprobs = get_or<int>(d, "prompt_logprobs", -1);
+  p.n = get_or<int>(d, "n", 1);
   p.stop_token_ids = get_or<std::vector<int32_t>>(d, "stop_token_ids", {});
   p.ignore_eos = get_or<bool>(d, "ignore_eos", false);
   return p;
@@ -389,14 +399,22 @@ PYBIND11_MODULE(_C, m) {
       .def("abort", &Engine::abort, py::arg("request_id"))
       .def("fetch",
            [](Engine& e) {
+             auto lp_list = [](const std::vector<TokenLogprob>& v) {
+               py::list l;
+               for (const TokenLogprob& t : v) l.append(py::make_tuple(t.token, t.logprob, py::cast(t.top)));
+               return l;
+             };
              py::list out;
              for (EngineOutput& o : e.fetch())
-               out.append(py::make_tuple(o.id, py::cast(o.tokens), o.finished,
-                                         o.finished ? py::object(py::str(o.finish_reason)) : py::object(py::none()),
-                                         o.num_prompt_tokens));
+               out.append(py::make_tuple(
+                   o.id, o.index, py::cast(o.tokens), o.finished,
+                   o.finished ? py::object(py::str(o.finish_reason)) : py::object(py::none()), o.num_prompt_tokens,
+                   o.logprobs.empty() ? py::object(py::none()) : py::object(lp_list(o.logprobs)),
+                   o.has_prompt_logprobs ? py::object(lp_list(o.prompt_logprobs)) : py::object(py::none())));
              return out;
            },
-           "[(request_id, new_token_ids, finished, finish_reason, num_prompt_tokens)]")
+           "[(request_id, index, new_token_ids, finished, finish_reason, num_prompt_tokens, logprobs, "
+           "prompt_logprobs)]; logprobs entries are (token, logprob, [(token, logprob), ...])")
       .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
       .def("shutdown", &Engine::shutdown, py::call_guard<py::gil_scoped_release>());
 

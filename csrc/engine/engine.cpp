@@ -41,9 +41,10 @@ void Engine::shutdown() {
 }
 
 void Engine::add_request(int64_t id, std::vector<int32_t> prompt, SamplingParams params) {
-  params.validate();
-  if (prompt.empty()) throw std::invalid_argument("the prompt has no tokens");
   const int vocab = model_->config().vocab_size;
+  params.validate(vocab);
+  if (id < 0 || id >= (int64_t{1} << 54)) throw std::invalid_argument("request id out of range");
+  if (prompt.empty()) throw std::invalid_argument("the prompt has no tokens");
   for (int32_t t : prompt)
     if (t < 0 || t >= vocab)
       throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
@@ -82,14 +83,15 @@ EngineStats Engine::stats() const {
   return stats_;
 }
 
-void Engine::emit(int64_t id, const int32_t* tokens, int n, bool finished, const char* reason, int num_prompt) {
+EngineOutput& Engine::emit(const Request& r, bool finished, const char* reason) {
   EngineOutput o;
-  o.id = id;
-  o.tokens.assign(tokens, tokens + n);
+  o.id = r.id;
+  o.index = r.index;
   o.finished = finished;
   o.finish_reason = reason ? reason : "";
-  o.num_prompt_tokens = num_prompt;
+  o.num_prompt_tokens = r.num_prompt;
   pending_out_.push_back(std::move(o));
+  return pending_out_.back();
 }
 
 void Engine::publish() {
@@ -99,14 +101,21 @@ void Engine::publish() {
     std::lock_guard<std::mutex> lock(out_mu_);
     was_empty = outbox_.empty();
     for (EngineOutput& o : pending_out_) {
-      // A slow reader gets one merged entry per request rather than one per step.
-      auto it = outbox_index_.find(o.id);
+      // A slow reader gets one merged entry per choice rather than one per step.
+      const int64_t k = key(o.id, o.index);
+      auto it = outbox_index_.find(k);
       if (it == outbox_index_.end()) {
-        outbox_index_[o.id] = outbox_.size();
+        outbox_index_[k] = outbox_.size();
         outbox_.push_back(std::move(o));
       } else {
         EngineOutput& m = outbox_[it->second];
         m.tokens.insert(m.tokens.end(), o.tokens.begin(), o.tokens.end());
+        m.logprobs.insert(m.logprobs.end(), std::make_move_iterator(o.logprobs.begin()),
+                          std::make_move_iterator(o.logprobs.end()));
+        if (o.has_prompt_logprobs) {
+          m.has_prompt_logprobs = true;
+          m.prompt_logprobs = std::move(o.prompt_logprobs);
+        }
         m.finished = o.finished;
         m.finish_reason = o.finish_reason;
       }
@@ -123,11 +132,11 @@ void Engine::publish() {
 
 void Engine::release(Request& r) {
   scheduler_.remove(&r.seq);
-  requests_.erase(r.seq.id);  // r is gone after this line
+  requests_.erase(key(r.id, r.index));  // r is gone after this line
 }
 
 void Engine::finish(Request& r, const char* reason) {
-  emit(r.seq.id, nullptr, 0, true, reason, r.num_prompt);
+  emit(r, true, reason);
   release(r);
 }
 
@@ -138,7 +147,15 @@ void Engine::update_stats() {
   stats_.kv_pages_used = pool_.num_used();
 }
 
+void Engine::seed_rng(Request& r) {
+  if (r.params.has_seed)
+    r.rng.seed(r.params.seed + static_cast<uint64_t>(r.index));
+  else
+    r.rng.seed((static_cast<uint64_t>(seed_source_()) << 32) ^ seed_source_());
+}
+
 void Engine::loop() {
+  const int vocab = model_->config().vocab_size;
   for (;;) {
     std::vector<Incoming> incoming;
     std::vector<int64_t> aborts;
@@ -150,23 +167,35 @@ void Engine::loop() {
       aborts.swap(aborts_);
     }
     for (Incoming& in : incoming) {
-      if (requests_.count(in.id)) {  // a duplicate id is the caller's bug; refuse the newcomer
-        emit(in.id, nullptr, 0, true, "abort", static_cast<int>(in.prompt.size()));
+      if (requests_.count(key(in.id, 0))) {  // a duplicate id is the caller's bug; refuse the newcomer
+        Request dup;
+        dup.id = in.id;
+        dup.num_prompt = static_cast<int>(in.prompt.size());
+        emit(dup, true, "abort");
         continue;
       }
       auto r = std::make_unique<Request>();
-      r->seq.id = in.id;
+      r->id = in.id;
+      r->seq.id = key(in.id, 0);
       r->seq.num_tokens = static_cast<int>(in.prompt.size());
       r->num_prompt = r->seq.num_tokens;
       r->tokens = std::move(in.prompt);
       r->params = std::move(in.params);
-      r->rng.seed(r->params.has_seed ? r->params.seed : (static_cast<uint64_t>(seed_source_()) << 32) ^ seed_source_());
+      r->prompt_logprobs_done = r->params.prompt_logprobs < 0;
+      if (r->params.penalised()) {
+        r->history = std::make_unique<TokenHistory>();
+        r->history->add_prompt(r->tokens, vocab);
+      }
+      seed_rng(*r);
       scheduler_.add(&r->seq);
-      requests_[in.id] = std::move(r);
+      requests_[r->seq.id] = std::move(r);
     }
     for (int64_t id : aborts) {
-      auto it = requests_.find(id);
-      if (it != requests_.end()) finish(*it->second, "abort");
+      for (auto it = requests_.lower_bound(key(id, 0)); it != requests_.end() && it->second->id == id;) {
+        Request& r = *it->second;
+        ++it;  // finish() erases r
+        finish(r, "abort");
+      }
     }
     if (!scheduler_.idle()) {
       try {
@@ -174,20 +203,50 @@ void Engine::loop() {
       } catch (const std::exception& e) {
         // A bug, not a client error: fail the requests rather than the process.
         std::fprintf(stderr, "pyserve engine: step failed: %s\n", e.what());
-        std::vector<int64_t> ids;
-        for (auto& kv : requests_) ids.push_back(kv.first);
-        for (int64_t id : ids) finish(*requests_[id], "abort");
+        while (!requests_.empty()) finish(*requests_.begin()->second, "abort");
       }
     }
     update_stats();
     publish();
   }
   // Shutdown: every request still here ends as aborted.
-  std::vector<int64_t> ids;
-  for (auto& kv : requests_) ids.push_back(kv.first);
-  for (int64_t id : ids) finish(*requests_[id], "abort");
+  while (!requests_.empty()) finish(*requests_.begin()->second, "abort");
   update_stats();
   publish();
+}
+
+void Engine::fork(Request& parent) {
+  // The other choices share every page that lies wholly before the one holding the last prompt
+  // token, and recompute the rest themselves (< one page): no page is written by two sequences,
+  // and their logits come out bit-identical to the parent's (the kernels are batch-invariant).
+  const int ps = config_.page_size;
+  const int shared_pages = (parent.num_prompt - 1) / ps;
+  for (int i = 1; i < parent.params.n; ++i) {
+    auto c = std::make_unique<Request>();
+    c->id = parent.id;
+    c->index = i;
+    c->seq.id = key(parent.id, i);
+    c->tokens.assign(parent.tokens.begin(), parent.tokens.begin() + parent.num_prompt);
+    c->num_prompt = parent.num_prompt;
+    c->seq.num_tokens = parent.num_prompt;
+    c->params = parent.params;
+    c->prompt_logprobs_done = true;
+    c->forked = true;  // only choice 0 forks
+    if (parent.history) {
+      c->history = std::make_unique<TokenHistory>();
+      c->history->add_prompt(c->tokens, model_->config().vocab_size);
+    }
+    for (int p = 0; p < shared_pages && p < static_cast<int>(parent.seq.pages.size()); ++p) {
+      pool_.retain(parent.seq.pages[p]);
+      c->seq.pages.push_back(parent.seq.pages[p]);
+    }
+    c->seq.num_computed = static_cast<int>(c->seq.pages.size()) * ps;
+    seed_rng(*c);
+    requests_[c->seq.id] = std::move(c);
+  }
+  // Front of the queue in index order.
+  for (int i = parent.params.n - 1; i >= 1; --i) scheduler_.add_front(&requests_.at(key(parent.id, i))->seq);
+  parent.forked = true;
 }
 
 void Engine::step() {
@@ -196,34 +255,55 @@ void Engine::step() {
   if (plan.empty()) return;
 
   batch_.clear();
+  rows_.clear();
   int64_t prompt_tokens = 0;
   for (const ScheduledChunk& c : plan) {
     Request& r = *requests_.at(c.seq->id);
+    const int base = static_cast<int>(batch_.tokens.size());
     for (int i = 0; i < c.count; ++i) {
       batch_.tokens.push_back(r.tokens[c.start + i]);
       batch_.positions.push_back(c.start + i);
       batch_.page_tables.push_back(r.seq.pages.data());
     }
-    if (c.sample) batch_.logit_rows.push_back(static_cast<int32_t>(batch_.tokens.size()) - 1);
+    // Logit rows: every prompt position when prompt logprobs are wanted, else just the last.
+    const bool prompt_rows = !r.prompt_logprobs_done && c.start < r.num_prompt;
+    const int first = prompt_rows ? 0 : c.count - 1;
+    const int n_rows = prompt_rows ? c.count : (c.sample ? 1 : 0);
+    const int first_row = static_cast<int>(batch_.logit_rows.size());
+    for (int i = first; i < first + n_rows; ++i) batch_.logit_rows.push_back(base + i);
+    rows_.push_back({&r, first_row, n_rows, c.start + first, c.sample, c.count});
     if (c.count > 1 || c.start < r.num_prompt) prompt_tokens += c.count;
   }
   const int vocab = model_->config().vocab_size;
   logits_.resize(batch_.logit_rows.size() * static_cast<size_t>(vocab));
   model_->forward(batch_, cache_, logits_.data());
 
-  int row = 0;
   int64_t generated = 0;
-  for (const ScheduledChunk& c : plan) {
-    Request& r = *requests_.at(c.seq->id);
-    r.seq.num_computed += c.count;
-    if (!c.sample) continue;
-    const float* lg = logits_.data() + static_cast<size_t>(row++) * vocab;
-    const int32_t tok = sampler_.sample(lg, vocab, r.params, r.rng);
+  const auto& eos = config_.eos_token_ids;
+  for (const RowUse& u : rows_) {
+    Request& r = *u.req;
+    r.seq.num_computed += u.count;
+    // Prompt logprobs: the row at position p scores the prompt token at p + 1.
+    if (!r.prompt_logprobs_done && u.rows > 0) {
+      for (int j = 0; j < u.rows; ++j) {
+        const int pos = u.first_pos + j;
+        if (pos + 1 >= r.num_prompt) break;
+        if (pos != static_cast<int>(r.prompt_logprobs.size())) continue;  // recomputed after preemption
+        const float* lg = logits_.data() + static_cast<size_t>(u.first_row + j) * vocab;
+        r.prompt_logprobs.push_back(token_logprob(lg, vocab, r.tokens[pos + 1], r.params.prompt_logprobs));
+      }
+      if (r.seq.num_computed >= r.num_prompt) r.prompt_logprobs_done = true;
+    }
+    if (!u.sample) continue;
+    const float* lg = logits_.data() + static_cast<size_t>(u.first_row + u.rows - 1) * vocab;
+    if (r.params.n > 1 && !r.forked) fork(r);
+    TokenLogprob lp;
+    const int32_t tok = sampler_.sample(lg, vocab, r.params, r.rng, r.history.get(), r.num_generated, eos, &lp);
     r.tokens.push_back(tok);
     r.seq.num_tokens += 1;
     r.num_generated += 1;
+    if (r.history) r.history->add_generated(tok, vocab);
     ++generated;
-    const auto& eos = config_.eos_token_ids;
     const auto& stops = r.params.stop_token_ids;
     const char* reason = nullptr;
     if (std::find(stops.begin(), stops.end(), tok) != stops.end() ||
@@ -232,7 +312,13 @@ void Engine::step() {
     else if ((r.params.max_tokens >= 0 && r.num_generated >= r.params.max_tokens) ||
              r.seq.num_tokens >= std::min<int64_t>(config_.max_model_len, cache_.capacity_tokens()))
       reason = "length";
-    emit(r.seq.id, &tok, 1, reason != nullptr, reason, r.num_prompt);
+    EngineOutput& o = emit(r, reason != nullptr, reason);
+    o.tokens.push_back(tok);
+    if (r.params.logprobs >= 0) o.logprobs.push_back(std::move(lp));
+    if (r.params.prompt_logprobs >= 0 && r.index == 0 && r.num_generated == 1) {
+      o.has_prompt_logprobs = true;
+      o.prompt_logprobs = std::move(r.prompt_logprobs);
+    }
     if (reason) release(r);
   }
   std::lock_guard<std::mutex> lock(stats_mu_);

@@ -35,10 +35,14 @@ struct EngineConfig {
 
 struct EngineOutput {
   int64_t id = 0;
-  std::vector<int32_t> tokens;  // new tokens since the last output of this request
+  int index = 0;                // which of the request's n choices
+  std::vector<int32_t> tokens;  // new tokens since the last output of this choice
   bool finished = false;
   std::string finish_reason;    // "stop" | "length" | "abort" once finished
   int num_prompt_tokens = 0;
+  std::vector<TokenLogprob> logprobs;  // aligned with tokens, when asked for
+  bool has_prompt_logprobs = false;    // once, with the first output of choice 0
+  std::vector<TokenLogprob> prompt_logprobs;  // for prompt positions 1.. (position 0 has none)
 };
 
 struct EngineStats {
@@ -56,22 +60,32 @@ class Engine {
   Engine& operator=(const Engine&) = delete;
 
   // Throws std::invalid_argument (prompt empty, too long, token out of vocabulary, bad params).
+  // With params.n > 1 the prompt is prefilled once; the other choices then share its full KV
+  // pages and recompute only the last, partly filled page.
   void add_request(int64_t id, std::vector<int32_t> prompt, SamplingParams params);
-  void abort(int64_t id);  // unknown or finished ids are ignored
+  void abort(int64_t id);  // every choice of the request; unknown or finished ids are ignored
   std::vector<EngineOutput> fetch();
   EngineStats stats() const;
   void shutdown();  // aborts everything and joins the thread; idempotent
   const EngineConfig& config() const { return config_; }
 
  private:
+  // One choice of a request. Keyed by key(id, index).
   struct Request {
     Sequence seq;
+    int64_t id = 0;
+    int index = 0;
     std::vector<int32_t> tokens;  // prompt then generated
     int num_prompt = 0;
     int num_generated = 0;
     SamplingParams params;
     std::mt19937_64 rng;
+    std::unique_ptr<TokenHistory> history;  // only when a penalty is asked for
+    bool forked = false;                     // choice 0 of n > 1: the others exist
+    bool prompt_logprobs_done = false;
+    std::vector<TokenLogprob> prompt_logprobs;
   };
+  static int64_t key(int64_t id, int index) { return id * 256 + index; }
   struct Incoming {
     int64_t id;
     std::vector<int32_t> prompt;
@@ -80,9 +94,11 @@ class Engine {
 
   void loop();
   void step();
+  void fork(Request& parent);
+  void seed_rng(Request& r);
   void finish(Request& r, const char* reason);  // emits the end, then releases
   void release(Request& r);                      // frees pages and forgets the request
-  void emit(int64_t id, const int32_t* tokens, int n, bool finished, const char* reason, int num_prompt);
+  EngineOutput& emit(const Request& r, bool finished, const char* reason);
   void publish();
   void update_stats();
 
@@ -95,6 +111,8 @@ class Engine {
   std::map<int64_t, std::unique_ptr<Request>> requests_;  // engine thread only
   ForwardBatch batch_;
   std::vector<float> logits_;
+  struct RowUse { Request* req; int first_row; int rows; int first_pos; bool sample; int count; };
+  std::vector<RowUse> rows_;
   std::vector<EngineOutput> pending_out_;  // this step's outputs, before publishing
 
   mutable std::mutex in_mu_;

@@ -3,13 +3,36 @@
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 
 namespace pyserve {
 
-void SamplingParams::validate() const {
-  if (!(temperature >= 0.f) || !std::isfinite(temperature)) throw std::invalid_argument("temperature must be >= 0");
-  if (!(top_p > 0.f && top_p <= 1.f)) throw std::invalid_argument("top_p must be in (0, 1]");
-  if (!(min_p >= 0.f && min_p <= 1.f)) throw std::invalid_argument("min_p must be in [0, 1]");
+void SamplingParams::validate(int vocab_size) const {
+  auto bad = [](const std::string& what) { throw std::invalid_argument(what); };
+  if (!(temperature >= 0.f) || !std::isfinite(temperature)) bad("temperature must be >= 0");
+  if (!(top_p > 0.f && top_p <= 1.f)) bad("top_p must be in (0, 1]");
+  if (!(min_p >= 0.f && min_p <= 1.f)) bad("min_p must be in [0, 1]");
+  if (!(repetition_penalty > 0.f) || !std::isfinite(repetition_penalty)) bad("repetition_penalty must be > 0");
+  if (!std::isfinite(presence_penalty) || !std::isfinite(frequency_penalty)) bad("penalties must be finite");
+  for (const auto& [tok, bias] : logit_bias) {
+    if (tok < 0 || tok >= vocab_size)
+      bad("logit_bias token id " + std::to_string(tok) + " is outside the vocabulary [0, " + std::to_string(vocab_size) + ")");
+    if (!std::isfinite(bias)) bad("logit_bias values must be finite");
+  }
+  if (min_tokens < 0) bad("min_tokens must be >= 0");
+  if (n < 1 || n > 128) bad("n must be in [1, 128]");
+  if (logprobs > vocab_size || prompt_logprobs > vocab_size) bad("too many logprobs asked for");
+}
+
+void TokenHistory::add_prompt(const std::vector<int32_t>& prompt, int vocab) {
+  seen.assign(vocab, 0);
+  for (int32_t t : prompt) seen[t] = 1;
+}
+
+void TokenHistory::add_generated(int32_t token, int vocab) {
+  ++generated[token];
+  if (seen.size() != static_cast<size_t>(vocab)) seen.assign(vocab, 0);
+  seen[token] = 1;
 }
 
 int32_t argmax(const float* x, int n) {
@@ -19,69 +42,120 @@ int32_t argmax(const float* x, int n) {
   return best;
 }
 
+TokenLogprob token_logprob(const float* x, int n, int32_t token, int k) {
+  float m = -INFINITY;
+  for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
+  double sum = 0;
+  for (int i = 0; i < n; ++i) sum += std::exp(static_cast<double>(x[i] - m));
+  const float log_z = m + static_cast<float>(std::log(sum));
+  TokenLogprob out;
+  out.token = token;
+  out.logprob = x[token] - log_z;
+  if (k > 0) {
+    std::vector<std::pair<float, int32_t>> c(n);
+    for (int i = 0; i < n; ++i) c[i] = {x[i], i};
+    k = std::min(k, n);
+    auto more_likely = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
+    std::partial_sort(c.begin(), c.begin() + k, c.end(), more_likely);
+    for (int i = 0; i < k; ++i) out.top.emplace_back(c[i].second, c[i].first - log_z);
+  }
+  return out;
+}
+
 namespace {
 double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0); }
 }  // namespace
 
-int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& p, std::mt19937_64& rng) {
-  if (p.temperature == 0.f || p.top_k == 1) return argmax(logits, vocab);
-  const float inv_t = 1.f / p.temperature;
-  auto& c = candidates_;
-  c.resize(vocab);
-  for (int i = 0; i < vocab; ++i) c[i] = {logits[i] * inv_t, i};
-  auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
-
-  size_t keep = c.size();
-  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < keep) {
-    std::nth_element(c.begin(), c.begin() + p.top_k, c.end(), by_logit);
-    keep = p.top_k;
-    c.resize(keep);
-  }
-  // Softmax weights over the survivors (relative to the max, for stability).
-  float max_logit = -INFINITY;
-  for (const auto& e : c) max_logit = std::max(max_logit, e.first);
-  double total = 0;
-  for (auto& e : c) {
-    e.first = std::exp(e.first - max_logit);
-    total += e.first;
-  }
-  if (p.top_p < 1.f) {
-    // Smallest set of most likely tokens whose mass reaches top_p. Sorting the whole vocabulary
-    // per token is slow; the nucleus almost always lies in the top 1024, so sort those first.
-    size_t head = std::min<size_t>(c.size(), 1024);
-    std::nth_element(c.begin(), c.begin() + (head - 1), c.end(), by_logit);
-    std::sort(c.begin(), c.begin() + head, by_logit);
-    double cum = 0;
-    size_t n = 0;
-    for (;;) {
-      while (n < head && cum < p.top_p * total) cum += c[n++].first;
-      if (cum >= p.top_p * total || head == c.size()) break;
-      std::sort(c.begin() + head, c.end(), by_logit);
-      head = c.size();
+int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& p, std::mt19937_64& rng,
+                        const TokenHistory* history, int num_generated, const std::vector<int32_t>& eos,
+                        TokenLogprob* logprob) {
+  const bool masked = num_generated < p.min_tokens;
+  const bool processed = !p.logit_bias.empty() || (p.penalised() && history) || masked ||
+                         (p.temperature != 0.f && p.temperature != 1.f);
+  const float* x = logits;
+  if (processed) {
+    work_.assign(logits, logits + vocab);
+    float* w = work_.data();
+    for (const auto& [tok, bias] : p.logit_bias) w[tok] += bias;
+    if (history && p.repetition_penalty != 1.f && !history->seen.empty())
+      for (int i = 0; i < vocab; ++i)
+        if (history->seen[i]) w[i] = w[i] > 0 ? w[i] / p.repetition_penalty : w[i] * p.repetition_penalty;
+    if (history && (p.presence_penalty != 0.f || p.frequency_penalty != 0.f))
+      for (const auto& [tok, count] : history->generated) w[tok] -= p.presence_penalty + p.frequency_penalty * count;
+    if (masked) {
+      for (int32_t t : eos) w[t] = -INFINITY;
+      for (int32_t t : p.stop_token_ids)
+        if (t >= 0 && t < vocab) w[t] = -INFINITY;
     }
-    c.resize(std::max<size_t>(n, 1));
-    total = 0;
-    for (const auto& e : c) total += e.first;
+    if (p.temperature != 0.f && p.temperature != 1.f) {
+      const float inv_t = 1.f / p.temperature;
+      for (int i = 0; i < vocab; ++i) w[i] *= inv_t;
+    }
+    x = w;
   }
-  if (p.min_p > 0.f) {  // drop tokens less likely than min_p x the most likely one
-    const float floor = p.min_p * 1.f;  // the max survivor has weight exp(0) = 1
-    size_t w = 0;
-    total = 0;
-    for (const auto& e : c)
-      if (e.first >= floor) {
-        c[w++] = e;
-        total += e.first;
+
+  int32_t chosen;
+  if (p.temperature == 0.f || p.top_k == 1) {
+    chosen = argmax(x, vocab);
+  } else {
+    auto& c = candidates_;
+    c.resize(vocab);
+    for (int i = 0; i < vocab; ++i) c[i] = {x[i], i};
+    auto by_logit = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    if (p.top_k > 0 && static_cast<size_t>(p.top_k) < c.size()) {
+      std::nth_element(c.begin(), c.begin() + p.top_k, c.end(), by_logit);
+      c.resize(p.top_k);
+    }
+    // Softmax weights over the survivors (relative to the max, for stability).
+    float max_logit = -INFINITY;
+    for (const auto& e : c) max_logit = std::max(max_logit, e.first);
+    double total = 0;
+    for (auto& e : c) {
+      e.first = std::exp(e.first - max_logit);
+      total += e.first;
+    }
+    if (p.top_p < 1.f) {
+      // Smallest set of most likely tokens whose mass reaches top_p. Sorting the whole vocabulary
+      // per token is slow; the nucleus almost always lies in the top 1024, so sort those first.
+      size_t head = std::min<size_t>(c.size(), 1024);
+      std::nth_element(c.begin(), c.begin() + (head - 1), c.end(), by_logit);
+      std::sort(c.begin(), c.begin() + head, by_logit);
+      double cum = 0;
+      size_t n = 0;
+      for (;;) {
+        while (n < head && cum < p.top_p * total) cum += c[n++].first;
+        if (cum >= p.top_p * total || head == c.size()) break;
+        std::sort(c.begin() + head, c.end(), by_logit);
+        head = c.size();
       }
-    c.resize(w);
+      c.resize(std::max<size_t>(n, 1));
+      total = 0;
+      for (const auto& e : c) total += e.first;
+    }
+    if (p.min_p > 0.f) {  // drop tokens less likely than min_p x the most likely one (weight 1)
+      size_t w = 0;
+      total = 0;
+      for (const auto& e : c)
+        if (e.first >= p.min_p) {
+          c[w++] = e;
+          total += e.first;
+        }
+      c.resize(w);
+    }
+    double r = uniform01(rng) * total;
+    chosen = c.back().second;
+    for (const auto& e : c) {
+      r -= e.first;
+      if (r < 0) {
+        chosen = e.second;
+        break;
+      }
+    }
   }
-  double r = uniform01(rng) * total;
-  for (const auto& e : c) {
-    r -= e.first;
-    if (r < 0) return e.second;
-  }
-  return c.back().second;
+  if (logprob && p.logprobs >= 0) *logprob = token_logprob(x, vocab, chosen, p.logprobs);
+  return chosen;
 }
 
 }  // namespace pyserve

@@ -13,6 +13,7 @@ Scheduler::Scheduler(SchedulerConfig config, BlockPool& pool) : config_(config),
 }
 
 void Scheduler::add(Sequence* s) { waiting_.push_back(s); }
+void Scheduler::add_front(Sequence* s) { waiting_.push_front(s); }
 
 void Scheduler::free_pages(Sequence* s) {
   for (int32_t p : s->pages) pool_.release(p);

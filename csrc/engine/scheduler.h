@@ -39,7 +39,8 @@ class Scheduler {
  public:
   Scheduler(SchedulerConfig config, BlockPool& pool);
 
-  void add(Sequence* s);     // to the back of the waiting queue
+  void add(Sequence* s);        // to the back of the waiting queue
+  void add_front(Sequence* s);  // to the front (forked choices: next in line, pages already held)
   void remove(Sequence* s);  // finished or aborted: frees its pages; a no-op if unknown
 
   // Plans the next step and allocates the pages it writes. Sequences that can never fit the

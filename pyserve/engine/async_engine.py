@@ -20,7 +20,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectSendStream
 
 from pyserve.config import EngineConfig, available_memory_bytes, kv_bytes_per_token, resolve_engine_config
-from pyserve.engine.sampling import RequestOutput, SamplingParams
+from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -102,37 +102,42 @@ class AsyncEngine:
         except BlockingIOError:
             pass
 
-    def _dispatch(self, outputs: list[tuple[int, list[int], bool, str | None, int]]) -> None:
-        for rid, tokens, finished, reason, num_prompt in outputs:
+    def _dispatch(self, outputs: list[tuple]) -> None:
+        for rid, index, tokens, finished, reason, num_prompt, logprobs, prompt_logprobs in outputs:
             stream = self._streams.get(rid)
             if stream is None:  # the consumer has gone (aborted); nothing to deliver
                 continue
-            stream.send_nowait(RequestOutput(tokens, finished, reason, num_prompt))
-            if finished:
-                stream.close()
-                del self._streams[rid]
+            out = RequestOutput(tokens, finished, reason, num_prompt, index=index)
+            if logprobs is not None:
+                out.logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in logprobs]
+            if prompt_logprobs is not None:
+                out.prompt_logprobs = [None] + [TokenLogprob(t, lp, list(top)) for t, lp, top in prompt_logprobs]
+            stream.send_nowait(out)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Streams the request's outputs. Leaving early (break, cancellation, aclose) aborts the
-        request, and the engine frees its KV pages. Bad input raises ValueError before anything
-        is queued."""
+        """Streams the request's outputs; with params.n > 1 the choices interleave (see
+        RequestOutput.index) and the stream ends when all have finished. Leaving early (break,
+        cancellation, aclose) aborts the request, and the engine frees its KV pages. Bad input
+        raises ValueError before anything is queued."""
         if self._closed:
             raise RuntimeError("the engine is shut down")
         rid = next(self._ids)
         send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
         self._engine.add_request(rid, list(prompt_ids), params.to_engine())
         self._streams[rid] = send
-        finished = False
+        unfinished = max(int(params.n), 1)
         try:
             async with receive:
                 async for out in receive:
-                    finished = out.finished
+                    if out.finished:
+                        unfinished -= 1
                     yield out
-                    if finished:
+                    if unfinished == 0:
                         return
         finally:
-            if not finished:
-                self._streams.pop(rid, None)
+            self._streams.pop(rid, None)
+            send.close()
+            if unfinished:
                 self._engine.abort(rid)
 
     async def shutdown(self) -> None:
