@@ -2,14 +2,21 @@
 
 Flags follow `mlc_llm serve`. Heavy imports (model loader, C++ engine, HTTP server) happen inside
 main() after parsing, so `--help` and flag errors are instant.
+
+The same flags build the app for other ASGI servers: `pyserve.asgi.create_app` reads them from
+the PYSERVE_ARGS environment variable (or keyword arguments) and calls `build_app` below; the
+server-only flags (host, port, limits and timeouts of the HTTP server) are then the other
+server's business.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from pyserve.config import (
     DEVICES,
@@ -53,8 +60,73 @@ def _port(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+_SIZE_UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def _size(text: str) -> int:
+    """Bytes: 1048576, 64KiB, 16MiB, 1MB."""
+    stripped = text.strip().lower()
+    number = stripped.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = stripped[len(number):].strip()
+    try:
+        value = int(float(number) * _SIZE_UNITS[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size in bytes (e.g. 1048576, 64KiB, 16MiB), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte, got {text!r}")
+    return value
+
+
+def _str_list(text: str) -> list[str]:
+    """A JSON list of strings (MLC-LLM's form: '["*"]') or a comma-separated string ('a, b')."""
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            value = json.loads(stripped)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"invalid JSON list {text!r}: {e}") from None
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise argparse.ArgumentTypeError(f"expected a JSON list of strings, got {text!r}")
+        return [v.strip() for v in value if v.strip()]
+    return [v.strip() for v in stripped.split(",") if v.strip()]
+
+
+class ArgumentError(ValueError):
+    """A bad flag, for callers that must not exit (pyserve.asgi.create_app)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    raise_errors = False
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        if self.raise_errors:
+            raise ArgumentError(message)
+        super().error(message)  # usage + message on stderr, exit status 2
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m pyserve",
         description="Serve an LLM over an OpenAI-compatible HTTP API.",
     )
@@ -92,11 +164,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-mode", choices=PREFILL_MODES, default="hybrid", help="how prefill mixes with decode (default: %(default)s)")
     p.add_argument("--served-model-name", help="model id in the API (default: directory name or GGUF file stem)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging verbosity (default: %(default)s)")
+
+    api = p.add_argument_group("API access")
+    api.add_argument(
+        "--api-key",
+        default=os.environ.get("PYSERVE_API_KEY") or None,
+        help="require `Authorization: Bearer KEY` on /v1/* (default: $PYSERVE_API_KEY; unset: open)",
+    )
+    api.add_argument("--allow-origins", type=_str_list, default=["*"], metavar="LIST",
+                     help='CORS origins, as a JSON list or comma-separated; \'[]\' turns CORS off (default: ["*"])')
+    api.add_argument("--allow-methods", type=_str_list, default=["*"], metavar="LIST",
+                     help='CORS methods (default: ["*"])')
+    api.add_argument("--allow-headers", type=_str_list, default=["*"], metavar="LIST",
+                     help='CORS request headers (default: ["*"])')
+    api.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (cookies, auth)")
+
+    lim = p.add_argument_group("limits (hostile, slow and excess clients)")
+    lim.add_argument("--max-body-size", type=_size, default=16 * 1024**2, metavar="BYTES",
+                     help="largest request body; larger -> 413 (default: 16MiB)")
+    lim.add_argument("--max-header-size", type=_size, default=64 * 1024, metavar="BYTES",
+                     help="largest request head (request line + headers); larger -> 431 (default: 64KiB)")
+    lim.add_argument("--max-header-count", type=_positive_int, default=100, metavar="N",
+                     help="most header fields per request; more -> 431 (default: %(default)s)")
+    lim.add_argument("--header-timeout", type=_positive_float, default=10.0, metavar="S",
+                     help="seconds to receive a request head before the connection is dropped (default: %(default)s)")
+    lim.add_argument("--keep-alive-timeout", type=_positive_float, default=5.0, metavar="S",
+                     help="seconds an idle keep-alive connection is kept open (default: %(default)s)")
+    lim.add_argument("--body-timeout", type=_positive_float, default=60.0, metavar="S",
+                     help="longest silence while a request body arrives; then 408 (default: %(default)s)")
+    lim.add_argument("--write-timeout", type=_positive_float, default=60.0, metavar="S",
+                     help="longest a client may leave a response unread before it is dropped and its "
+                     "request aborted (default: %(default)s)")
+    lim.add_argument("--max-connections", type=_positive_int, default=1024, metavar="N",
+                     help="concurrent connections; more wait in the listen backlog (default: %(default)s)")
+    lim.add_argument("--max-waiting-requests", type=_non_negative_int, default=256, metavar="N",
+                     help="generation requests that may wait for a batch slot; more -> 503 with Retry-After "
+                     "(default: %(default)s)")
+    lim.add_argument("--shutdown-timeout", type=_positive_float, default=30.0, metavar="S",
+                     help="on SIGINT/SIGTERM, seconds in-flight requests get to finish before they are "
+                     "aborted (default: %(default)s)")
     return p
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+# Flags that only concern pyserve's own HTTP server (not the app another ASGI server runs).
+SERVER_FLAGS = ("host", "port", "max_header_size", "max_header_count", "header_timeout", "keep_alive_timeout",
+                "body_timeout", "write_timeout", "max_connections", "shutdown_timeout")
+
+
+def parse_args(argv: Sequence[str] | None = None, *, exit_on_error: bool = True) -> argparse.Namespace:
+    """The flags; a bad one exits with status 2 (or raises ArgumentError without exit_on_error)."""
     parser = build_parser()
+    parser.raise_errors = not exit_on_error  # type: ignore[attr-defined]
     args = parser.parse_args(argv)
     try:
         args.engine_config = engine_config_from_args(args)
@@ -127,6 +245,43 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return cfg
 
 
+def server_config_from_args(args: argparse.Namespace) -> Any:
+    """pyserve.http.ServerConfig from the flags."""
+    from pyserve.http.config import ServerConfig
+
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        max_body_bytes=args.max_body_size,
+        max_header_bytes=args.max_header_size,
+        max_header_count=args.max_header_count,
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        body_timeout=args.body_timeout,
+        write_timeout=args.write_timeout,
+        max_connections=args.max_connections,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+
+
+def app_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of pyserve.api.create_app (besides the engine) from the flags."""
+    from pyserve.api.cors import CORSConfig
+
+    return {
+        "served_model_name": args.served_model_name,
+        "max_body_bytes": args.max_body_size,
+        "api_key": args.api_key or None,
+        "cors": CORSConfig(
+            allow_origins=list(args.allow_origins),
+            allow_methods=list(args.allow_methods),
+            allow_headers=list(args.allow_headers),
+            allow_credentials=bool(args.allow_credentials),
+        ),
+        "max_waiting_requests": args.max_waiting_requests,
+    }
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -144,10 +299,17 @@ def _human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    _setup_logging(args.log_level)
+class BuildError(Exception):
+    """The model could not be loaded or the engine not configured; `exit_code` says how main()
+    should exit (1: the model, 2: the settings)."""
 
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_app(args: argparse.Namespace) -> Any:
+    """Load the model, resolve the engine config, start the engine, and return the ASGI app."""
     from pyserve.model.loader import ModelLoadError, default_model_path, load_model
 
     try:
@@ -155,8 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = load_model(path)
     except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise BuildError(str(e), 1) from e
     load_s = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %s on disk) from %s in %.2f s",
@@ -179,8 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             available_bytes=available_memory_bytes(args.device),
         )
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise BuildError(str(e), 2) from e
     log.info(
         "engine: mode=%s device=%s max_num_sequence=%d max_total_sequence_length=%d "
         "max_single_sequence_length=%d prefill_chunk_size=%d threads=%d",
@@ -195,7 +355,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from pyserve.api import create_app
     from pyserve.engine.async_engine import AsyncEngine
-    from pyserve.http.server import LifespanError, ServerConfig, run
 
     t0 = time.perf_counter()
     engine = AsyncEngine(model, engine_config)
@@ -206,21 +365,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine_config.num_threads,
         getattr(engine, "weight_bytes", 0) / 1e6,
     )
-    app = create_app(engine, served_model_name=args.served_model_name)
+    app = create_app(engine, **app_options_from_args(args))
     try:
         kv_tokens = engine.stats().get("kv_capacity_tokens", engine_config.kv_cache_tokens)
     except Exception:  # stats before the loop runs is best-effort
         kv_tokens = engine_config.kv_cache_tokens
     log.info(
-        "serving %r on http://%s:%d (OpenAI API under /v1); KV cache %s tokens, context %d",
+        "app for %r: KV cache %s tokens, context %d; API key %s; CORS origins %s",
         app.served_model_name,
-        args.host,
-        args.port,
         kv_tokens,
         engine.max_model_len,
+        "required" if args.api_key else "not required",
+        args.allow_origins or "off",
     )
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    _setup_logging(args.log_level)
     try:
-        run(app, ServerConfig(host=args.host, port=args.port))
+        app = build_app(args)
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+    from pyserve.http.server import LifespanError, run
+
+    log.info("serving %r on http://%s:%d (OpenAI API under /v1)", app.served_model_name, args.host, args.port)
+    try:
+        run(app, server_config_from_args(args))
     except (OSError, LifespanError) as e:  # address in use, engine failed to start, ...
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,59 +1,59 @@
 """Fakes for the API tests: a byte-level tokenizer, a chat template, a scripted AsyncEngine, and
 a tiny in-process ASGI client (scope/receive/send; no sockets).
 
-If the lead's pyserve.engine.sampling is not importable yet, a stub following the interface doc
-is installed so the API layer can build SamplingParams.
+The fake engine follows the engine's interface (pyserve/engine/sampling.py): one request per
+prompt with SamplingParams.n choices told apart by RequestOutput.index, logprobs aligned with the
+new tokens, prompt logprobs once in choice 0's first output.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import anyio
 
-try:
-    from pyserve.engine.sampling import RequestOutput, SamplingParams
-except ImportError:  # the lead's module is not there yet: stub it per the interface doc
-
-    @dataclass
-    class SamplingParams:  # type: ignore[no-redef]
-        max_tokens: int | None = None
-        temperature: float = 1.0
-        top_p: float = 1.0
-        top_k: int = 0
-        seed: int | None = None
-        stop_token_ids: list[int] = field(default_factory=list)
-        ignore_eos: bool = False
-
-    @dataclass
-    class RequestOutput:  # type: ignore[no-redef]
-        new_token_ids: list[int]
-        finished: bool
-        finish_reason: str | None
-        num_prompt_tokens: int
-
-    _stub = types.ModuleType("pyserve.engine.sampling")
-    _stub.SamplingParams = SamplingParams
-    _stub.RequestOutput = RequestOutput
-    sys.modules["pyserve.engine.sampling"] = _stub
-
+from pyserve.engine.sampling import RequestOutput, TokenLogprob
 
 BOS, EOS, IM_END = 256, 257, 258
 SPECIAL = {BOS: "<s>", EOS: "</s>", IM_END: "<|im_end|>"}
 
 
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+_BYTE_CHARS = _bytes_to_unicode()
+
+
+class _FakeBackend:
+    """The two `tokenizers.Tokenizer` methods TokenStrings looks at."""
+
+    def to_str(self) -> str:
+        return json.dumps({"decoder": {"type": "ByteLevel"}})
+
+    def get_added_tokens_decoder(self) -> dict[int, str]:
+        return dict(SPECIAL)
+
+
 class FakeTokenizer:
     """Byte-level: ids 0..255 are UTF-8 bytes (so multi-byte characters span tokens), plus three
-    special tokens that are recognized when written in the text."""
+    special tokens that are recognized when written in the text. Pieces are spelled in GPT-2's
+    byte alphabet, like a real byte-level BPE vocabulary."""
 
     vocab_size = 259
     bos_token, eos_token = "<s>", "</s>"
     bos_token_id, eos_token_ids = BOS, [EOS]
     all_special_ids = set(SPECIAL)
+    backend = _FakeBackend()
 
     def __init__(self, add_bos_token: bool = True) -> None:
         self.add_bos_token = add_bos_token
@@ -85,8 +85,8 @@ class FakeTokenizer:
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
-    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [SPECIAL.get(i, chr(i)) for i in ids]
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str | None]:
+        return [SPECIAL.get(i) or _BYTE_CHARS.get(i) for i in ids]
 
     def is_special(self, id: int) -> bool:
         return id in SPECIAL
@@ -126,13 +126,23 @@ class Call:
     finished: bool = False
 
 
+def fake_logprob(token_id: int, position: int, k: int) -> TokenLogprob:
+    """The fake engine's logprobs: the chosen token is the most likely (logprob -0.1 x (position +
+    1)), followed by the next ids, one nat apart each."""
+    lp = -0.1 * (position + 1)
+    top = [((token_id + j) % 256 if token_id < 256 else token_id, lp - j) for j in range(k)]
+    return TokenLogprob(token_id, lp, top)
+
+
 class FakeEngine:
-    """Scripted AsyncEngine: every request answers `reply` (as UTF-8 byte tokens), `chunk` tokens
-    per RequestOutput, then EOS with finish_reason "stop"; max_tokens cuts it with "length"."""
+    """Scripted AsyncEngine: every choice answers `reply` (or `reply[i]` for choice i, when a list)
+    as tokens (UTF-8 bytes; special tokens written in it are theirs), `chunk` tokens per RequestOutput, then EOS with finish_reason "stop";
+    max_tokens cuts it with "length". n choices interleave round-robin (`reverse_rounds`: the last
+    choice first in every round); prompt logprobs come once, with choice 0's first output."""
 
     def __init__(
         self,
-        reply: str = "Hello there!",
+        reply: str | list[str] = "Hello there!",
         *,
         chunk: int = 1,
         max_model_len: int = 64,
@@ -147,43 +157,65 @@ class FakeEngine:
         self.error: Exception | None = None  # raised at the start of generate
         self.error_after: int | None = None  # raise RuntimeError after this many outputs
         self.cached_tokens = 0
+        self.reverse_rounds = False
+        self.end_early_after: int | None = None  # end the stream unfinished after this many outputs
         self.running = False
         self.shut_down = False
 
-    def replies(self) -> list[int]:
-        return list(self.reply.encode("utf-8")) + [EOS]
+    def replies(self, choice: int = 0) -> list[int]:
+        reply = self.reply if isinstance(self.reply, str) else self.reply[choice % len(self.reply)]
+        return self.model.tokenizer.encode(reply, add_special_tokens=False) + [EOS]
 
     async def generate(self, prompt_ids: list[int], params: Any):
         call = Call(list(prompt_ids), params)
         self.calls.append(call)
+        n = getattr(params, "n", 1)
+        k = getattr(params, "logprobs", None)
+        pk = getattr(params, "prompt_logprobs", None)
         try:
             if self.error is not None:
                 raise self.error
-            tokens = self.replies()
-            limit = params.max_tokens if params.max_tokens is not None else len(tokens)
-            produced = 0
+            tokens = [self.replies(i) for i in range(n)]
+            limit = params.max_tokens if params.max_tokens is not None else max(map(len, tokens))
+            produced = [0] * n
+            done = [False] * n
             outputs = 0
-            while True:
+            while not all(done):
                 await anyio.sleep(0)
-                take = min(self.chunk, len(tokens) - produced, limit - produced)
-                new = tokens[produced : produced + take]
-                produced += take
-                stop_hit = bool(new) and new[-1] == EOS or any(t in params.stop_token_ids for t in new)
-                done = stop_hit or produced >= limit
-                reason = "stop" if stop_hit else ("length" if done else None)
-                out = RequestOutput(new, done, reason, len(prompt_ids))
-                if self.cached_tokens:
-                    out.num_cached_tokens = self.cached_tokens  # type: ignore[attr-defined]
-                if done:
-                    call.finished = True
-                yield out
-                outputs += 1
-                if done:
-                    return
-                if self.error_after is not None and outputs >= self.error_after:
-                    raise RuntimeError("engine exploded")
-                if self.gate is not None:
-                    await self.gate.wait()
+                order = range(n - 1, -1, -1) if self.reverse_rounds else range(n)
+                for i in order:
+                    if done[i]:
+                        continue
+                    take = min(self.chunk, len(tokens[i]) - produced[i], limit - produced[i])
+                    new = tokens[i][produced[i] : produced[i] + take]
+                    start = produced[i]
+                    produced[i] += take
+                    eos_hit = bool(new) and new[-1] == EOS and not params.ignore_eos
+                    stop_hit = eos_hit or any(t in params.stop_token_ids for t in new)
+                    done[i] = stop_hit or produced[i] >= min(limit, len(tokens[i]))
+                    reason = "stop" if stop_hit else ("length" if done[i] else None)
+                    extra: dict[str, Any] = {"index": i}
+                    if self.cached_tokens:
+                        extra["num_cached_tokens"] = self.cached_tokens
+                    if k is not None:
+                        extra["logprobs"] = [fake_logprob(t, start + j, k) for j, t in enumerate(new)]
+                    if pk is not None and i == 0 and start == 0:
+                        extra["prompt_logprobs"] = [None] + [
+                            fake_logprob(t, j, pk) for j, t in enumerate(prompt_ids[1:])
+                        ]
+                    if all(done):
+                        call.finished = True
+                    yield RequestOutput(new, done[i], reason, len(prompt_ids), **extra)
+                    outputs += 1
+                    if all(done):
+                        return
+                    if self.end_early_after is not None and outputs >= self.end_early_after:
+                        call.finished = True
+                        return
+                    if self.error_after is not None and outputs >= self.error_after:
+                        raise RuntimeError("engine exploded")
+                    if self.gate is not None:
+                        await self.gate.wait()
         finally:
             if not call.finished:
                 call.closed_early = True  # synchronous, like a real engine's abort

@@ -56,7 +56,8 @@ def test_router_matches_and_reports_404_405():
     assert e.value.status == 404
     with pytest.raises(ProtocolError) as e:
         r.match("DELETE", "/a")
-    assert e.value.status == 405 and e.value.headers == [("allow", "GET, POST")]
+    assert e.value.status == 405 and e.value.headers == [("allow", "GET, HEAD, POST")]
+    assert r.match("HEAD", "/a") == (h, {})  # HEAD is served by GET
 
 
 def test_unknown_path_404(app):
@@ -64,7 +65,7 @@ def test_unknown_path_404(app):
     assert "/v1/nope" in err["message"]
 
 
-@pytest.mark.parametrize("method, path, allow", [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET"), ("DELETE", "/health", "GET")])
+@pytest.mark.parametrize("method, path, allow", [("GET", "/v1/chat/completions", "POST"), ("POST", "/v1/models", "GET, HEAD"), ("DELETE", "/health", "GET, HEAD")])
 def test_wrong_method_405_with_allow(app, method, path, allow):
     resp = call(app, method, path)
     assert_error(resp, 405)
@@ -296,3 +297,322 @@ def test_engine_crash_after_start_makes_health_503(engine, app):
     assert results["health"].status == 503
     assert_error(results["chat"], 503)
     assert results["out"][-1]["type"] == "lifespan.shutdown.complete"
+
+
+# --- API key ---------------------------------------------------------------------------------------
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    "headers, ok",
+    [
+        ([], False),
+        ([("authorization", "Bearer wrong")], False),
+        ([("authorization", "Bearer sk-tes")], False),  # a prefix of the key
+        ([("authorization", "Bearer sk-test-extra")], False),
+        ([("authorization", "Basic sk-test")], False),
+        ([("authorization", "Bearer")], False),
+        ([("authorization", "sk-test")], False),
+        ([("authorization", "Bearer sk-test")], True),
+        ([("authorization", "bearer sk-test")], True),  # the scheme is case-insensitive
+    ],
+)
+def test_api_key_guards_v1(engine, headers, ok):
+    app = create_app(engine, api_key="sk-test")
+    for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/chat/completions", CHAT),
+                               ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                               ("GET", "/v1/no-such-route", None)]:
+        resp = call(app, method, path, body, headers=headers)
+        if ok:
+            assert resp.status in (200, 404), resp.body
+        else:
+            err = assert_error(resp, 401, code="invalid_api_key")
+            assert err["type"] == "invalid_request_error"
+            assert resp.headers["www-authenticate"] == "Bearer"
+    if not ok:
+        assert engine.calls == []  # nothing reached the engine
+
+
+def test_api_key_leaves_health_and_metrics_open(engine):
+    app = create_app(engine, api_key="sk-test")
+    assert call(app, "GET", "/health").status == 200
+    assert call(app, "GET", "/metrics").status == 200
+
+
+def test_api_key_compare_is_constant_time():
+    import inspect
+
+    from pyserve.api import auth
+
+    assert "hmac.compare_digest" in inspect.getsource(auth.APIKeyAuth.check)
+    with pytest.raises(ValueError):
+        auth.APIKeyAuth("")
+
+
+# --- CORS ---------------------------------------------------------------------------------------
+
+ORIGIN = ("origin", "https://app.example")
+
+
+def preflight(app, method="POST", headers="authorization, content-type", origin="https://app.example", path="/v1/chat/completions"):
+    hdrs = [("origin", origin), ("access-control-request-method", method)]
+    if headers:
+        hdrs.append(("access-control-request-headers", headers))
+    return call(app, "OPTIONS", path, headers=hdrs)
+
+
+def test_cors_defaults_are_permissive_like_mlc(engine):
+    app = create_app(engine, api_key="sk-test")  # a preflight never carries the key: still 204
+    resp = preflight(app)
+    assert resp.status == 204 and resp.body == b""
+    assert resp.headers["access-control-allow-origin"] == "*"
+    assert "POST" in resp.headers["access-control-allow-methods"]
+    assert resp.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert int(resp.headers["access-control-max-age"]) > 0
+    assert "access-control-allow-credentials" not in resp.headers
+    # Normal responses, errors included, carry the origin header so browser code can read them.
+    ok = call(app, "GET", "/v1/models", headers=[ORIGIN, ("authorization", "Bearer sk-test")])
+    assert ok.status == 200 and ok.headers["access-control-allow-origin"] == "*"
+    denied = call(app, "GET", "/v1/models", headers=[ORIGIN])
+    assert denied.status == 401 and denied.headers["access-control-allow-origin"] == "*"
+    streamed = call(app, "POST", "/v1/chat/completions", {**CHAT, "stream": True},
+                    headers=[ORIGIN, ("authorization", "Bearer sk-test")])
+    assert streamed.status == 200 and streamed.headers["access-control-allow-origin"] == "*"
+    # No Origin: no CORS headers at all.
+    assert "access-control-allow-origin" not in call(app, "GET", "/health").headers
+
+
+def test_cors_explicit_origins_methods_headers_credentials(engine):
+    from pyserve.api.cors import CORSConfig
+
+    cfg = CORSConfig(allow_origins=["https://app.example"], allow_methods=["GET", "POST"],
+                     allow_headers=["Authorization"], allow_credentials=True)
+    app = create_app(engine, cors=cfg)
+    resp = preflight(app, headers="authorization")
+    assert resp.status == 204
+    assert resp.headers["access-control-allow-origin"] == "https://app.example"
+    assert resp.headers["access-control-allow-credentials"] == "true"
+    assert resp.headers["vary"] == "Origin"
+    assert resp.headers["access-control-allow-methods"] == "GET, POST"
+    assert preflight(app, origin="https://evil.example").status == 400
+    assert preflight(app, method="DELETE").status == 400
+    assert preflight(app, headers="x-custom").status == 400
+    assert preflight(app, headers="content-type").status == 204  # safelisted
+    ok = call(app, "GET", "/v1/models", headers=[ORIGIN])
+    assert ok.headers["access-control-allow-origin"] == "https://app.example"
+    assert ok.headers["access-control-allow-credentials"] == "true"
+    other = call(app, "GET", "/v1/models", headers=[("origin", "https://evil.example")])
+    assert other.status == 200 and "access-control-allow-origin" not in other.headers
+
+
+def test_cors_wildcard_with_credentials_echoes_the_origin(engine):
+    from pyserve.api.cors import CORSConfig
+
+    app = create_app(engine, cors=CORSConfig(allow_credentials=True))
+    resp = call(app, "GET", "/v1/models", headers=[ORIGIN])
+    assert resp.headers["access-control-allow-origin"] == "https://app.example"  # never "*" here
+    assert resp.headers["vary"] == "Origin"
+
+
+def test_cors_off(engine):
+    from pyserve.api.cors import CORSConfig
+
+    app = create_app(engine, cors=CORSConfig(allow_origins=[]))
+    resp = preflight(app)
+    assert_error(resp, 405)  # a plain OPTIONS request: no such method on the route
+    assert "access-control-allow-origin" not in call(app, "GET", "/v1/models", headers=[ORIGIN]).headers
+
+
+# --- admission: max waiting requests -------------------------------------------------------------
+
+
+def test_overload_is_503_with_retry_after_and_recovers(engine):
+    app = create_app(engine, max_waiting_requests=2)  # FakeEngine has no batch slots: 2 in flight
+    engine.gate = anyio.Event()
+    results: dict = {}
+
+    async def main():
+        from api_fakes import request
+
+        async with anyio.create_task_group() as tg:
+            async def hold(i):
+                results[i] = await request(app, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
+
+            for i in range(2):
+                tg.start_soon(hold, i)
+            with anyio.fail_after(5):
+                while sum(1 for c in engine.calls) < 2:
+                    await anyio.sleep(0.001)
+            assert app.pending_requests == 2
+            results["over"] = await request(app, "POST", "/v1/completions", {"prompt": "hi"})
+            results["models"] = await request(app, "GET", "/v1/models")  # not a generation: served
+            engine.gate.set()
+        results["after"] = await request(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+
+    anyio.run(main)
+    err = assert_error(results["over"], 503)
+    assert err["type"] == "overloaded_error"
+    assert results["over"].headers["retry-after"] == "1"
+    assert results["models"].status == 200
+    assert results[0].status == results[1].status == 200
+    assert results["after"].status == 200 and app.pending_requests == 0
+    assert len(engine.calls) == 3  # the refused request never reached the engine
+    assert "pyserve:request_rejected_total" in call(app, "GET", "/metrics").body.decode()
+
+
+def test_overload_limit_counts_the_engine_batch_slots(engine):
+    import types
+
+    engine.config = types.SimpleNamespace(max_num_sequence=3)
+    app = create_app(engine, max_waiting_requests=0)
+    app._pending = 2
+    assert call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}).status == 200
+    app._pending = 3
+    assert_error(call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}), 503)
+
+
+# --- /metrics ------------------------------------------------------------------------------------
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def test_metrics_prometheus_text_with_engine_stats_and_request_histograms(engine):
+    engine.stats = lambda: {"num_running": 2, "num_waiting": 5, "kv_pages_used": 30, "kv_pages_total": 120,
+                            "prompt_tokens_computed": 77, "tokens_generated": 9, "preemptions": 1, "steps": 4}
+    app = create_app(engine, served_model_name="m")
+    assert call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 3}).status == 200
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    assert call(app, "POST", "/v1/chat/completions", chat).status == 200
+    resp = call(app, "GET", "/metrics")
+    assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = resp.body.decode()
+    for name, kind in [("pyserve:num_requests_running", "gauge"), ("pyserve:num_requests_waiting", "gauge"),
+                       ("pyserve:kv_cache_usage_perc", "gauge"), ("pyserve:kv_pages_used", "gauge"),
+                       ("pyserve:kv_pages_total", "gauge"), ("pyserve:prompt_tokens_total", "counter"),
+                       ("pyserve:generation_tokens_total", "counter"), ("pyserve:request_success_total", "counter"),
+                       ("pyserve:time_to_first_token_seconds", "histogram"),
+                       ("pyserve:e2e_request_latency_seconds", "histogram"),
+                       ("pyserve:inter_token_latency_seconds", "histogram")]:
+        assert f"# TYPE {name} {kind}\n" in text and f"# HELP {name} " in text
+    m = parse_metrics(text)
+    lbl = '{model_name="m"}'
+    assert m["pyserve:num_requests_running" + lbl] == 2 and m["pyserve:num_requests_waiting" + lbl] == 5
+    assert m["pyserve:kv_cache_usage_perc" + lbl] == 0.25
+    assert (m["pyserve:kv_pages_used" + lbl], m["pyserve:kv_pages_total" + lbl]) == (30, 120)
+    assert (m["pyserve:prompt_tokens_total" + lbl], m["pyserve:generation_tokens_total" + lbl]) == (77, 9)
+    assert m['pyserve:request_success_total{model_name="m",finished_reason="length"}'] == 1
+    assert m['pyserve:request_success_total{model_name="m",finished_reason="stop"}'] == 1
+    assert m["pyserve:time_to_first_token_seconds_count" + lbl] == 2
+    assert m['pyserve:time_to_first_token_seconds_bucket{model_name="m",le="+Inf"}'] == 2
+    assert m["pyserve:e2e_request_latency_seconds_count" + lbl] == 2
+    # "Hello there!" + EOS streamed one token per output: 13 tokens, 12 gaps; 3 tokens: 2 gaps.
+    assert m["pyserve:inter_token_latency_seconds_count" + lbl] == 12 + 2
+    assert m["pyserve:request_generation_tokens_sum" + lbl] == 13 + 3
+    buckets = [v for k, v in m.items() if k.startswith("pyserve:time_to_first_token_seconds_bucket")]
+    assert buckets == sorted(buckets)  # cumulative
+
+
+def test_metrics_count_aborts_and_survive_a_failing_stats(engine):
+    def broken():
+        raise RuntimeError("engine gone")
+
+    engine.stats = broken
+    app = create_app(engine)
+    resp = call(app, "POST", "/v1/chat/completions", {**CHAT, "stream": True}, disconnect_after=2)
+    assert engine.calls[0].closed_early
+    m = parse_metrics(call(app, "GET", "/metrics").body.decode())
+    assert m['pyserve:request_success_total{model_name="fake-model",finished_reason="abort"}'] == 1
+    assert not any(k.startswith("pyserve:num_requests_running") for k in m)  # unknown, not made up
+    assert resp.status == 200
+
+
+def test_requests_the_engine_refuses_are_not_counted_as_served(engine):
+    app = create_app(engine)
+    engine.error = ValueError("bad seed")
+    assert call(app, "POST", "/v1/completions", {"prompt": "hi"}).status == 400
+    text = call(app, "GET", "/metrics").body.decode()
+    assert "finished_reason" not in text and 'pyserve:e2e_request_latency_seconds_count{model_name="fake-model"} 0' in text
+
+
+def test_metric_text_escaping_and_buckets():
+    from pyserve.api.metrics import Counter, Histogram, token_buckets
+
+    c = Counter("x_total", "help", {"model_name": 'a"b\\c\nd'})
+    c.inc(2)
+    assert c.render()[-1] == 'pyserve:x_total{model_name="a\\"b\\\\c\\nd"} 2'
+    h = Histogram("h", "help", {}, (1.0, 2.0))
+    h.observe(0.5)
+    h.observe(1.5, count=2)
+    h.observe(9)
+    assert h.render()[2:] == ['pyserve:h_bucket{le="1"} 1', 'pyserve:h_bucket{le="2"} 3',
+                              'pyserve:h_bucket{le="+Inf"} 4', "pyserve:h_sum 12.5", "pyserve:h_count 4"]
+    assert token_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
+
+
+# --- access-log fields, mounting, engine loop without lifespan ----------------------------------
+
+
+def asgi_call(app, scope_extra: dict, method: str, path: str, body: bytes = b"") -> tuple[dict, list]:
+    sent: list = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "headers": [], **scope_extra}
+
+    async def main():
+        with anyio.fail_after(5):
+            await app(scope, receive, send)
+
+    anyio.run(main)
+    return scope, sent
+
+
+def test_access_log_fields_carry_token_counts(engine):
+    import json
+
+    app = create_app(engine)
+    scope, sent = asgi_call(app, {"extensions": {"pyserve.access_log": {}}}, "POST", "/v1/completions",
+                            json.dumps({"prompt": "hi", "max_tokens": 4}).encode())
+    assert sent[0]["status"] == 200
+    assert scope["extensions"]["pyserve.access_log"] == {"prompt_tokens": 3, "completion_tokens": 4}  # BOS+"hi"
+    scope, _ = asgi_call(app, {"extensions": {"pyserve.access_log": {}}}, "GET", "/v1/models")
+    assert scope["extensions"]["pyserve.access_log"] == {}  # no tokens to speak of
+    asgi_call(app, {}, "POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": 1}')  # no extension: fine
+
+
+def test_mounted_under_a_root_path(engine):
+    app = create_app(engine)
+    _, sent = asgi_call(app, {"root_path": "/llm"}, "GET", "/llm/v1/models")
+    assert sent[0]["status"] == 200
+    _, sent = asgi_call(app, {"root_path": "/llm"}, "GET", "/llm/health")
+    assert sent[0]["status"] == 200
+    _, sent = asgi_call(app, {"root_path": "/llm"}, "GET", "/llmx/health")
+    assert sent[0]["status"] == 404
+
+
+def test_engine_loop_starts_on_first_request_without_lifespan(engine):
+    app = create_app(engine)
+    seen: dict = {}
+    real_generate = engine.generate
+
+    async def generate(prompt_ids, params):
+        seen["running"] = engine.running  # the loop was started before the request reached it
+        async for out in real_generate(prompt_ids, params):
+            yield out
+
+    engine.generate = generate
+    resp = call(app, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert resp.status == 200 and seen["running"] is True

@@ -80,6 +80,79 @@ def test_bad_arguments_exit_2_with_a_clear_message(capsys, argv, needle):
     assert needle in capsys.readouterr().err
 
 
+def test_server_and_api_flags(monkeypatch):
+    monkeypatch.delenv("PYSERVE_API_KEY", raising=False)
+    args = cli.parse_args([])
+    assert args.api_key is None and args.allow_origins == ["*"] and args.allow_credentials is False
+    server = cli.server_config_from_args(args)
+    from pyserve.http import ServerConfig
+
+    assert server == ServerConfig(host="127.0.0.1", port=8000)  # the flags' defaults are the server's
+    args = cli.parse_args(
+        [
+            "--api-key", "sk-1",
+            "--allow-origins", '["https://a.example", "https://b.example"]',
+            "--allow-methods", "GET, POST",
+            "--allow-headers", "authorization",
+            "--allow-credentials",
+            "--max-body-size", "1MiB",
+            "--max-header-size", "8KiB",
+            "--max-header-count", "20",
+            "--header-timeout", "2.5",
+            "--keep-alive-timeout", "1",
+            "--body-timeout", "3",
+            "--write-timeout", "4",
+            "--max-connections", "50",
+            "--max-waiting-requests", "0",
+            "--shutdown-timeout", "7",
+        ]
+    )
+    server = cli.server_config_from_args(args)
+    assert (server.max_body_bytes, server.max_header_bytes, server.max_header_count) == (1 << 20, 8192, 20)
+    assert (server.header_timeout, server.keep_alive_timeout, server.body_timeout, server.write_timeout) == (2.5, 1, 3, 4)
+    assert (server.max_connections, server.shutdown_timeout) == (50, 7)
+    opts = cli.app_options_from_args(args)
+    assert opts["api_key"] == "sk-1" and opts["max_body_bytes"] == 1 << 20 and opts["max_waiting_requests"] == 0
+    cors = opts["cors"]
+    assert cors.allow_origins == ["https://a.example", "https://b.example"]
+    assert (cors.allow_methods, cors.allow_headers, cors.allow_credentials) == (["GET", "POST"], ["authorization"], True)
+    assert cli.parse_args(["--allow-origins", "[]"]).allow_origins == []  # CORS off
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("PYSERVE_API_KEY", "sk-env")
+    assert cli.parse_args([]).api_key == "sk-env"
+    assert cli.parse_args(["--api-key", "sk-flag"]).api_key == "sk-flag"
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--max-body-size", "lots"], "size in bytes"),
+        (["--max-body-size", "0"], ">= 1 byte"),
+        (["--header-timeout", "0"], "> 0"),
+        (["--header-timeout", "inf"], "> 0"),
+        (["--header-timeout", "soon"], "seconds"),
+        (["--max-waiting-requests", "-1"], ">= 0"),
+        (["--max-connections", "0"], ">= 1"),
+        (["--allow-origins", "[1, 2]"], "list of strings"),
+        (["--allow-origins", "[oops"], "invalid JSON"),
+    ],
+)
+def test_bad_limit_flags_exit_2(capsys, argv, needle):
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(argv)
+    assert info.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_parse_args_can_raise_instead_of_exiting():
+    with pytest.raises(cli.ArgumentError, match="--mode"):
+        cli.parse_args(["--mode", "turbo"], exit_on_error=False)
+    with pytest.raises(cli.ArgumentError, match="both"):
+        cli.parse_args(["--max-num-sequence", "4", "--overrides", "max_num_sequence=8"], exit_on_error=False)
+
+
 def test_overrides_parsing():
     assert parse_overrides("") == {}
     assert parse_overrides(" max_num_sequence = 8 ; max_total_seq_length=4096;; prefill_chunk_size=128 ;") == {
@@ -223,13 +296,17 @@ def test_main_wires_model_engine_app_and_server(monkeypatch, caplog):
     monkeypatch.setattr(server, "run", lambda app, config: served.update(app=app, config=config))
 
     caplog.set_level("INFO")
-    assert cli.main(["--port", "0", "--served-model-name", "smol", "--mode", "interactive"]) == 0
+    assert cli.main(["--port", "0", "--served-model-name", "smol", "--mode", "interactive", "--api-key", "k",
+                     "--shutdown-timeout", "3", "--max-body-size", "1000", "--allow-origins", "[]"]) == 0
     assert loaded == ["/models/tiny.gguf"]
     cfg = built["config"]
     assert dataclasses.is_dataclass(cfg) and cfg.resolved() and cfg.mode == "interactive"
     assert cfg.max_num_sequence == 1 and cfg.max_single_sequence_length == 2048
     assert served["app"].served_model_name == "smol" and served["app"].engine is built["engine"]
     assert (served["config"].host, served["config"].port) == ("127.0.0.1", 0)
+    assert served["config"].shutdown_timeout == 3 and served["config"].max_body_bytes == 1000
+    app = served["app"]
+    assert app.auth is not None and app.cors is None and app.ctx.max_body_bytes == 1000
     assert "KV cache 1024 tokens" in caplog.text and "gguf Q4_1" in caplog.text
 
 

@@ -121,11 +121,26 @@ def test_stop_string_cuts_and_aborts(engine):
 def test_stop_token_ids_finish(app, engine):
     body = chat(app, stop_token_ids=[ord("!")]).json()
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["choices"][0]["message"]["content"] == "Hello there!"
+    # The stopping token counts but its text is not part of the answer (as vLLM does).
+    assert body["choices"][0]["message"]["content"] == "Hello there"
+    assert body["usage"]["completion_tokens"] == len("Hello there!")
 
 
-def test_skip_special_tokens_false_shows_eos(app):
-    assert chat(app, skip_special_tokens=False).json()["choices"][0]["message"]["content"] == "Hello there!</s>"
+def test_ignore_eos_keeps_eos_text(app, engine):
+    engine.reply = "a</s>b"
+    body = chat(app, ignore_eos=True, skip_special_tokens=False).json()
+    # EOS did not stop anything, so it is text like any other token (the fake's reply then runs
+    # out: "length")
+    assert body["choices"][0]["message"]["content"] == "a</s>b</s>"
+    assert body["choices"][0]["finish_reason"] == "length"
+    body = chat(app, skip_special_tokens=False).json()
+    assert body["choices"][0]["message"]["content"] == "a"  # the EOS that stopped it is not shown
+
+
+def test_skip_special_tokens(app, engine):
+    engine.reply = "a<|im_end|>b"
+    assert chat(app, skip_special_tokens=False).json()["choices"][0]["message"]["content"] == "a<|im_end|>b"
+    assert chat(app).json()["choices"][0]["message"]["content"] == "ab"
 
 
 def test_multibyte_reply_byte_by_byte(engine):
@@ -134,19 +149,23 @@ def test_multibyte_reply_byte_by_byte(engine):
     assert body["choices"][0]["message"]["content"] == "café 東京 🎉!"
 
 
-def test_n_choices_get_distinct_seeds(app, engine):
+def test_n_choices_are_one_engine_request(app, engine):
+    engine.reply = ["Hello there!", "Bye!", "Hm"]
     body = chat(app, n=3, seed=10).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
-    assert all(c["message"]["content"] == "Hello there!" for c in body["choices"])
-    assert sorted(c.params.seed for c in engine.calls) == [10, 11, 12]
-    assert body["usage"]["prompt_tokens"] == len(engine.calls[0].prompt_ids)  # the prompt counts once
-    assert body["usage"]["completion_tokens"] == 3 * 13
+    assert [c["message"]["content"] for c in body["choices"]] == ["Hello there!", "Bye!", "Hm"]
+    # One request: the engine prefills the prompt once; choice i uses seed + i inside the engine.
+    [c] = engine.calls
+    assert c.params.n == 3 and c.params.seed == 10
+    assert body["usage"]["prompt_tokens"] == len(c.prompt_ids)  # the prompt counts once
+    assert body["usage"]["completion_tokens"] == 13 + 5 + 3
 
 
 def test_batched_prompts(app, engine):
     body = comp(app, ["a", "bb"], n=2).json()
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
-    assert sorted(len(c.prompt_ids) for c in engine.calls) == [2, 2, 3, 3]
+    assert sorted(len(c.prompt_ids) for c in engine.calls) == [2, 3]  # one request per prompt
+    assert all(c.params.n == 2 for c in engine.calls)
     assert body["usage"]["prompt_tokens"] == 2 + 3
 
 

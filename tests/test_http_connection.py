@@ -263,6 +263,27 @@ def test_oversized_headers_are_431() -> None:
     assert_json_error(link.server.error_response(event.status, event.message), 431)
 
 
+def test_oversized_head_that_arrives_whole_is_431() -> None:
+    link = Link(max_header_bytes=1024)
+    link.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n")  # complete at once
+    (event,) = link.server_events()
+    assert event == Rejected(431, "Request header fields too large")
+    link = Link(max_header_bytes=1024)
+    link.raw(b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 900 + b"\r\n\r\n")
+    assert isinstance(link.server_events()[0], RequestStarted)
+
+
+def test_too_many_header_fields_are_431() -> None:
+    link = Link(max_header_count=5)
+    link.client_send(get(headers=[(f"X-{i}", "v") for i in range(4)]), h11.EndOfMessage())  # 5 with Host
+    assert isinstance(link.server_events()[0], RequestStarted)
+    link = Link(max_header_count=5)
+    link.client_send(get(headers=[(f"X-{i}", "v") for i in range(5)]))
+    (event,) = link.server_events()
+    assert event == Rejected(431, "Too many request header fields: the limit is 5")
+    assert_json_error(link.server.error_response(event.status, event.message), 431)
+
+
 def test_oversized_body_by_content_length_is_413_before_the_app_sees_it() -> None:
     link = Link(max_body_bytes=10)
     link.client_send(get("/p", "POST", [("Content-Length", "11")]))

@@ -236,6 +236,24 @@ async def test_access_log_line(caplog: pytest.LogCaptureFixture) -> None:
     assert record.getMessage().endswith("ms")
 
 
+async def test_access_log_carries_the_apps_extra_fields(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        scope["extensions"]["pyserve.access_log"]["tokens"] = 42
+        scope["extensions"]["pyserve.access_log"]["note"] = 'two words\n"x"'
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    caplog.set_level(logging.INFO, logger="pyserve.access")
+    async with running(app) as port:
+        async with Client.connect(port) as client:
+            await client.get("/x")
+    (record,) = [r for r in caplog.records if r.name == "pyserve.access"]
+    assert '"GET /x HTTP/1.1" 201 ' in record.getMessage()
+    assert record.getMessage().endswith('ms tokens=42 note="two words\\n\\"x\\""')
+
+
 # ---- hostile and broken clients ------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw", [
@@ -256,6 +274,50 @@ async def test_oversized_headers_get_431() -> None:
     async with running(echo_app, max_header_bytes=1024) as port:
         reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 4096)
         parse_json_error(reply, 431)
+        await still_serves(port)
+
+
+async def test_too_many_headers_get_431() -> None:
+    async with running(echo_app, max_header_count=10) as port:
+        head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(20))
+        parse_json_error(await raw_exchange(port, head + b"\r\n"), 431)
+        await still_serves(port)
+
+
+async def test_client_that_stops_reading_blocks_the_app_and_is_dropped_at_write_timeout() -> None:
+    """Backpressure: send() waits while the client does not read; nothing piles up in the server
+    beyond the socket buffers, and the client is dropped once a write stalls for write_timeout."""
+    sent = 0
+    failed = anyio.Event()
+    chunk = b"x" * 16384
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        nonlocal sent
+        if scope["type"] != "http" or scope["path"] == "/after":
+            await echo_app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        try:
+            while True:  # an endless stream
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sent += len(chunk)
+        except ClientDisconnected:
+            failed.set()
+
+    async with running(app, write_timeout=0.5) as port:
+        import socket
+
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        try:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # ... and never read
+            with anyio.fail_after(8):
+                await failed.wait()
+        finally:
+            sock.close()
+        # Bounded by kernel and transport buffers (a few MB at most), not by how long it ran.
+        assert 0 < sent < 16 * 1024 * 1024
         await still_serves(port)
 
 
@@ -411,6 +473,26 @@ async def test_app_exception_after_start_closes_the_connection() -> None:
         reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 200 ") and b"partial" in reply
     assert not reply.endswith(b"0\r\n\r\n")  # no terminating chunk: the client sees truncation
+
+
+async def test_app_that_returns_once_the_client_left_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    done = anyio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] == "/after":
+            await echo_app(scope, receive, send)
+            return
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        done.set()  # and return without a response: nobody is there to read one
+
+    caplog.set_level(logging.DEBUG, logger="pyserve.http")
+    async with running(app) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await done.wait()
+        await still_serves(port)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_app_returning_without_response_is_500() -> None:

@@ -159,7 +159,8 @@ def test_bad_messages_name_the_param(data, param):
         ("seed", 2**70),
         ("stop", 5),
         ("stop", ["a", 1]),
-        ("stop", ["s"] * 17),
+        ("stop", ["s"] * 65),
+        ("stop", ["x" * 1025]),
         ("stop_token_ids", [1, -1]),
         ("stop_token_ids", "1"),
         ("ignore_eos", "yes"),
@@ -176,8 +177,19 @@ def test_bad_messages_name_the_param(data, param):
         ("logit_bias", []),
         ("response_format", {"type": "json_object"}),
         ("tools", [{"type": "function", "function": {"name": "f"}}]),
-        ("logprobs", True),
+        ("logprobs", 1),
+        ("logprobs", "yes"),
+        ("top_logprobs", 2),  # without logprobs=true
         ("best_of", 2),
+        ("tool_choice", "required"),
+        ("tool_choice", {"type": "function", "function": {"name": "f"}}),
+        ("tool_choice", 3),
+        ("function_call", {"name": "f"}),
+        ("response_format", {"type": 3}),
+        ("response_format", "text"),
+        ("min_tokens", -1),
+        ("min_tokens", "3"),
+        ("repetition_penalty", -1),
     ],
 )
 def test_bad_fields_are_400_naming_the_param(field, value):
@@ -233,7 +245,19 @@ def test_completion_defaults_to_16_tokens():
     assert comp(max_tokens=3).max_tokens == 3
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("logprobs", 2), ("suffix", "x"), ("max_tokens", 0)])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("echo", 1),
+        ("logprobs", 6),
+        ("logprobs", -1),
+        ("logprobs", True),  # chat's boolean form is the wrong type here
+        ("suffix", "x"),
+        ("suffix", 3),
+        ("max_tokens", 0),  # 0 only with echo
+        ("max_tokens", -1),
+    ],
+)
 def test_completion_unsupported_or_bad(field, value):
     assert error_of(comp, **{field: value}).param == field
 
@@ -277,3 +301,121 @@ def test_lone_surrogates_refused_pairs_accepted():
     assert parse_json_object(b'{"a": "\\ud83c\\udf89"}') == {"a": "\U0001f389"}
     error_of(parse_json_object, b'{"messages": [{"role": "user", "content": "\\ud800"}]}')
     error_of(parse_json_object, b'{"\\udfff": 1}')
+
+
+# --- issue 3: parameters ---------------------------------------------------------------------------
+
+
+def test_chat_logprobs_fields():
+    assert chat().logprobs is None
+    assert chat(logprobs=False).logprobs is None
+    assert chat(logprobs=True).logprobs == 0
+    assert chat(logprobs=True, top_logprobs=20).logprobs == 20
+    assert chat(logprobs=True, top_logprobs=None).logprobs == 0
+    assert chat(logprobs=False, top_logprobs=None).logprobs is None
+    assert error_of(chat, logprobs=True, top_logprobs=21).param == "top_logprobs"
+    assert error_of(chat, logprobs=True, top_logprobs=-1).param == "top_logprobs"
+    assert error_of(chat, logprobs=False, top_logprobs=0).param == "top_logprobs"
+
+
+def test_completion_logprobs_and_echo_fields():
+    req = comp(logprobs=0)
+    assert req.logprobs == 0 and req.echo is False
+    req = comp(logprobs=5, echo=True, max_tokens=0)
+    assert (req.logprobs, req.echo, req.max_tokens) == (5, True, 0)
+    assert comp(logprobs=None).logprobs is None
+
+
+def test_min_tokens():
+    assert chat(min_tokens=3, max_tokens=3).min_tokens == 3
+    assert chat(min_tokens=100).min_tokens == 100  # no max_tokens: checked against the context later
+    assert error_of(chat, min_tokens=4, max_completion_tokens=3).param == "min_tokens"
+    assert error_of(comp, min_tokens=17).param == "min_tokens"  # completions default to 16 tokens
+
+
+@pytest.mark.parametrize("key", ["a", "1.5", " 1", "1_0", "１", "", "99999999999999999999999"])
+def test_logit_bias_keys_must_be_plain_token_ids(key):
+    assert error_of(chat, logit_bias={key: 1}).param == "logit_bias"
+
+
+def test_logit_bias_accepted():
+    assert chat(logit_bias={"0": 100, "12": -100, "7": 0.5}).logit_bias == {0: 100.0, 12: -100.0, 7: 0.5}
+    assert error_of(chat, logit_bias={"-1": 1}).param == "logit_bias"
+    assert error_of(chat, logit_bias={"1": "5"}).param == "logit_bias"
+    assert error_of(chat, logit_bias={"1": True}).param == "logit_bias"
+
+
+def test_accepted_values_that_need_no_feature():
+    # None of these ask for something we cannot do.
+    req = chat(
+        best_of=3, n=3, tool_choice="none", function_call="auto", response_format={"type": "text"},
+        tools=[], repetition_penalty=5.0, stop=["s"] * 64, user="someone",
+    )
+    assert req.n == 3 and req.repetition_penalty == 5.0 and len(req.stop) == 64 and req.user == "someone"
+    assert comp(best_of=1).n == 1
+    assert comp(suffix="").echo is False
+
+
+def test_penalty_ranges():
+    req = chat(presence_penalty=2, frequency_penalty=-2, repetition_penalty=0.01)
+    assert (req.presence_penalty, req.frequency_penalty, req.repetition_penalty) == (2.0, -2.0, 0.01)
+    for name, bad in [("presence_penalty", 2.5), ("frequency_penalty", 2.01), ("repetition_penalty", 0)]:
+        assert error_of(chat, **{name: bad}).param == name
+
+
+def test_chat_ignores_completions_only_fields():
+    # Unknown to chat: ignored like any other extra field.
+    req = chat(echo=True, suffix="x", prompt="p")
+    assert req.echo is False
+
+
+# --- issue 3: logprob shapes --------------------------------------------------------------------------
+
+
+def _entry(text, lp, top=(), offset=0, raw=None):
+    tok = R.TokenInfo(text, raw if raw is not None else text.encode(), lp)
+    return R.LogprobEntry(tok, None if top is None else [R.TokenInfo(t, t.encode(), l) for t, l in top], offset)
+
+
+def test_chat_logprobs_shape():
+    entries = [_entry("Hi", -0.5, [("Hi", -0.5), ("Hello", -1.5)]), _entry(" \ufffd", -0.25, [], raw=b" \xe6")]
+    assert R.chat_logprobs(entries) == {
+        "content": [
+            {
+                "token": "Hi",
+                "logprob": -0.5,
+                "bytes": [72, 105],
+                "top_logprobs": [
+                    {"token": "Hi", "logprob": -0.5, "bytes": [72, 105]},
+                    {"token": "Hello", "logprob": -1.5, "bytes": list(b"Hello")},
+                ],
+            },
+            {"token": " \ufffd", "logprob": -0.25, "bytes": [32, 0xE6], "top_logprobs": []},
+        ],
+        "refusal": None,
+    }
+
+
+def test_completion_logprobs_shape():
+    entries = [
+        _entry("<s>", None, None, 0),  # first echoed prompt token: nothing predicts it
+        _entry("a", -1.0, [("b", -0.5), ("c", -2.0)], 0),
+        _entry("b", float("-inf"), [("b", -0.1)], 1),
+        _entry("c", -0.2, [], 2),
+    ]
+    out = R.completion_logprobs(entries)
+    assert out == {
+        "tokens": ["<s>", "a", "b", "c"],
+        "token_logprobs": [None, -1.0, R.MIN_LOGPROB, -0.2],
+        # top k plus the chosen token (k + 1 entries at most), most likely first
+        "top_logprobs": [None, {"b": -0.5, "a": -1.0, "c": -2.0}, {"b": -0.1}, {"c": -0.2}],
+        "text_offset": [0, 0, 1, 2],
+    }
+    assert list(out["top_logprobs"][1]) == ["b", "a", "c"]
+    json.loads(R.dumps(out))  # -inf became a finite number: valid JSON
+
+
+def test_logprobs_clamped():
+    assert R.clamp_logprob(float("-inf")) == R.MIN_LOGPROB
+    assert R.clamp_logprob(float("nan")) == R.MIN_LOGPROB
+    assert R.clamp_logprob(1e-9) == 0.0 and R.clamp_logprob(-3.5) == -3.5 and R.clamp_logprob(None) is None

@@ -1,12 +1,14 @@
 """OpenAI endpoints: /v1/models, /v1/completions, /v1/chat/completions.
 
 A generation request goes: body -> JSON object -> validated request -> prompt token ids (chat
-template for chat) -> length checks -> one job per choice -> engine -> text -> JSON or SSE.
+template for chat) -> length checks -> one engine request per prompt (its n choices share the
+prompt's KV pages) -> text and logprobs per choice -> JSON or SSE.
 """
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -21,11 +23,15 @@ from pyserve.api.asgi import (
 )
 from pyserve.api.generation import (
     ChoiceResult,
+    PromptResult,
+    Sink,
     build_sampling_params,
     check_prompt_length,
     check_token_ids,
-    run_choice,
+    prompt_entries,
+    run_prompt,
 )
+from pyserve.engine.detokenizer import TokenStrings
 from pyserve.protocol import responses as R
 from pyserve.protocol.errors import SERVER_ERROR, ProtocolError
 from pyserve.protocol.requests import (
@@ -71,6 +77,10 @@ class ServingContext:
         config = getattr(self.engine.model, "config", None)
         size = getattr(config, "vocab_size", None) or getattr(self.tokenizer, "vocab_size", None)
         return int(size) if size else None
+
+    @functools.cached_property
+    def token_strings(self) -> TokenStrings:
+        return TokenStrings(self.tokenizer)
 
     @property
     def generation_defaults(self) -> dict[str, Any]:
@@ -119,10 +129,14 @@ _STARTED = R.now()
 
 @dataclass
 class _Job:
-    index: int  # choice index in the response
+    """One prompt: one engine request whose n choices are response choices first..first+n-1."""
+
     prompt_index: int
     prompt_ids: list[int]
     params: Any
+    first: int  # response index of this prompt's choice 0 (OpenAI orders choices prompt-major)
+    echo_text: str | None = None  # completions with echo: the prompt as text
+    echo_skip: int = 0  # leading prompt tokens the echo text does not show (a tokenizer-added BOS)
 
 
 @dataclass
@@ -135,6 +149,7 @@ class _Format:
     model: str
     n_choices: int
     include_usage: bool
+    logprobs: bool
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.chat:
@@ -145,15 +160,21 @@ class _Format:
             obj["usage"] = usage  # OpenAI: null on every chunk but the last
         return obj
 
+    def _logprobs(self, entries: list[R.LogprobEntry] | None) -> dict[str, Any] | None:
+        if not self.logprobs or entries is None:
+            return None
+        return R.chat_logprobs(entries) if self.chat else R.completion_logprobs(entries)
+
     def start_events(self) -> list[dict[str, Any]]:
         if not self.chat:
             return []
         return [self._chunk([R.chat_chunk_choice(i, role="assistant", content="")]) for i in range(self.n_choices)]
 
-    def text_chunk(self, index: int, text: str) -> dict[str, Any]:
+    def text_chunk(self, index: int, text: str, entries: list[R.LogprobEntry] | None = None) -> dict[str, Any]:
+        lp = self._logprobs(entries)
         if self.chat:
-            return self._chunk([R.chat_chunk_choice(index, content=text)])
-        return self._chunk([R.completion_choice(index, text, None)])
+            return self._chunk([R.chat_chunk_choice(index, content=text, logprobs=lp)])
+        return self._chunk([R.completion_choice(index, text, None, lp)])
 
     def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
         if self.chat:
@@ -163,12 +184,12 @@ class _Format:
     def usage_chunk(self, usage: dict[str, Any]) -> dict[str, Any]:
         return self._chunk([], usage)
 
-    def response(self, results: list[ChoiceResult], usage: dict[str, Any]) -> dict[str, Any]:
+    def response(self, choices: list[tuple[str, str, list[R.LogprobEntry] | None]], usage: dict[str, Any]) -> dict[str, Any]:
         if self.chat:
-            choices = [R.chat_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-            return R.chat_completion(self.id, self.created, self.model, choices, usage)
-        choices = [R.completion_choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-        return R.completion(self.id, self.created, self.model, choices, usage)
+            objs = [R.chat_choice(i, text, reason, self._logprobs(lp)) for i, (text, reason, lp) in enumerate(choices)]
+            return R.chat_completion(self.id, self.created, self.model, objs, usage)
+        objs = [R.completion_choice(i, text, reason, self._logprobs(lp)) for i, (text, reason, lp) in enumerate(choices)]
+        return R.completion(self.id, self.created, self.model, objs, usage)
 
 
 async def chat_completions(ctx: ServingContext, request: Request) -> None:
@@ -178,33 +199,36 @@ async def chat_completions(ctx: ServingContext, request: Request) -> None:
     prompt_ids = _chat_prompt_ids(ctx, req.messages)
     check_prompt_length(len(prompt_ids), ctx.max_model_len, "messages")
     _check_request_token_ids(ctx, req)
-    jobs = [_job(ctx, req, i, 0, prompt_ids) for i in range(req.n)]
-    fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, len(jobs), req.include_usage)
-    await _serve(ctx, request, req, jobs, [prompt_ids], fmt)
+    jobs = [_Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)]
+    fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, req.n, req.include_usage, req.logprobs is not None)
+    await _serve(ctx, request, req, jobs, fmt)
 
 
 async def completions(ctx: ServingContext, request: Request) -> None:
     ctx.check_ready()
     req = CompletionRequest.from_json(parse_json_object(await request.body(ctx.max_body_bytes)))
     ctx.check_model(req.model)
-    prompts: list[list[int]] = []
-    for p in req.prompt:
+    jobs: list[_Job] = []
+    for p_i, p in enumerate(req.prompt):
+        skip = 0
         if isinstance(p, str):
             # Plain completions get the tokenizer's usual specials (BOS when the model wants one).
             ids = list(ctx.tokenizer.encode(p, add_special_tokens=True))
+            if req.echo:
+                skip = max(len(ids) - len(ctx.tokenizer.encode(p, add_special_tokens=False)), 0)
+            echo_text = p
         else:
             ids = p
             check_token_ids(ids, ctx.vocab_size, "prompt")
+            echo_text = ctx.tokenizer.decode(ids, skip_special_tokens=False) if req.echo else None
         check_prompt_length(len(ids), ctx.max_model_len, "prompt")
-        prompts.append(ids)
+        job = _Job(p_i, ids, None, p_i * req.n, echo_text if req.echo else None, skip)
+        jobs.append(job)
     _check_request_token_ids(ctx, req)
-    jobs = [
-        _job(ctx, req, p_i * req.n + j, p_i, ids)  # OpenAI orders choices prompt-major
-        for p_i, ids in enumerate(prompts)
-        for j in range(req.n)
-    ]
-    fmt = _Format(False, R.new_id("cmpl"), R.now(), ctx.model_name, len(jobs), req.include_usage)
-    await _serve(ctx, request, req, jobs, prompts, fmt)
+    for job in jobs:
+        job.params = _params(ctx, req, job.prompt_ids)
+    fmt = _Format(False, R.new_id("cmpl"), R.now(), ctx.model_name, len(jobs) * req.n, req.include_usage, req.logprobs is not None)
+    await _serve(ctx, request, req, jobs, fmt)
 
 
 def _chat_prompt_ids(ctx: ServingContext, messages: list[dict[str, Any]]) -> list[int]:
@@ -221,27 +245,27 @@ def _check_request_token_ids(ctx: ServingContext, req: GenerationRequest) -> Non
     check_token_ids(list(req.logit_bias), ctx.vocab_size, "logit_bias")
 
 
-def _job(ctx: ServingContext, req: GenerationRequest, index: int, prompt_index: int, ids: list[int]) -> _Job:
-    params = build_sampling_params(
-        req,
-        num_prompt_tokens=len(ids),
-        max_model_len=ctx.max_model_len,
-        defaults=ctx.generation_defaults,
-        choice_index=index,
+def _params(ctx: ServingContext, req: GenerationRequest, ids: list[int]) -> Any:
+    return build_sampling_params(
+        req, num_prompt_tokens=len(ids), max_model_len=ctx.max_model_len, defaults=ctx.generation_defaults
     )
-    return _Job(index, prompt_index, ids, params)
 
 
-def _usage(jobs: list[_Job], prompts: list[list[int]], results: list[ChoiceResult]) -> dict[str, Any]:
+def _usage(jobs: list[_Job], results: list[PromptResult]) -> dict[str, Any]:
     # Each prompt counts once, however many choices it fed (as vLLM counts n > 1).
-    cached = [0] * len(prompts)
-    for job, res in zip(jobs, results):
-        cached[job.prompt_index] = max(cached[job.prompt_index], min(res.cached_tokens, len(job.prompt_ids)))
     return R.usage(
-        prompt_tokens=sum(len(p) for p in prompts),
-        completion_tokens=sum(r.completion_tokens for r in results),
-        cached_tokens=sum(cached),
+        prompt_tokens=sum(len(j.prompt_ids) for j in jobs),
+        completion_tokens=sum(c.completion_tokens for r in results for c in r.choices),
+        cached_tokens=sum(min(r.cached_tokens, len(j.prompt_ids)) for j, r in zip(jobs, results)),
     )
+
+
+def _shift(entries: list[R.LogprobEntry] | None, by: int, limit: int) -> list[R.LogprobEntry] | None:
+    """Generated tokens' text offsets, moved behind the echoed prompt and clamped to the text (a
+    stop string cuts the text after the tokens that spelled it)."""
+    if entries is None:
+        return None
+    return [replace(e, text_offset=by + min(e.text_offset, limit)) for e in entries]
 
 
 async def _run_jobs(jobs: list[_Job], on_job: Any) -> None:
@@ -254,30 +278,61 @@ async def _run_jobs(jobs: list[_Job], on_job: Any) -> None:
             tg.start_soon(on_job, job)
 
 
+class _StreamSink(Sink):
+    """Streams one prompt's choices as SSE chunks."""
+
+    def __init__(self, stream: EventStream, fmt: _Format, ctx: ServingContext, job: _Job) -> None:
+        self.stream, self.fmt, self.ctx, self.job = stream, fmt, ctx, job
+        self.echo_len = len(job.echo_text) if job.echo_text is not None else 0
+
+    async def start(self, choice: int, prompt_logprobs: list[R.LogprobEntry] | None) -> None:
+        if self.job.echo_text is not None:
+            await self.stream.send(self.fmt.text_chunk(self.job.first + choice, self.job.echo_text, prompt_logprobs))
+
+    async def delta(self, choice: int, text: str, logprobs: list[R.LogprobEntry] | None) -> None:
+        if self.echo_len and logprobs:
+            logprobs = [replace(e, text_offset=e.text_offset + self.echo_len) for e in logprobs]
+        await self.stream.send(self.fmt.text_chunk(self.job.first + choice, text, logprobs))
+
+    async def finish(self, choice: int, result: ChoiceResult) -> None:
+        await self.stream.send(self.fmt.finish_chunk(self.job.first + choice, result.finish_reason))
+
+
 async def _serve(
     ctx: ServingContext,
     request: Request,
     req: GenerationRequest,
     jobs: list[_Job],
-    prompts: list[list[int]],
     fmt: _Format,
 ) -> None:
-    results: list[ChoiceResult | None] = [None] * len(jobs)
+    results: list[PromptResult | None] = [None] * len(jobs)
+    want_logprobs = req.logprobs is not None
+    echo_only = req.echo and req.max_tokens == 0
 
-    def run(job: _Job, on_text: Any = None) -> Any:
-        return run_choice(
+    def run(job: _Job, sink: Sink | None = None) -> Any:
+        entries = None
+        if job.echo_text is not None and want_logprobs:
+            entries = functools.partial(
+                prompt_entries, ctx.tokenizer, ctx.token_strings, job.prompt_ids, skip=job.echo_skip
+            )
+        return run_prompt(
             ctx.engine,
             job.prompt_ids,
             job.params,
+            n=req.n,
             stops=req.stop,
             skip_special_tokens=req.skip_special_tokens,
-            on_text=on_text,
+            logprobs=want_logprobs,
+            echo_only=echo_only,
+            strings=ctx.token_strings if want_logprobs else None,
+            prompt_logprob_entries=entries,
+            sink=sink,
         )
 
     if not req.stream:
 
         async def collect_one(job: _Job) -> None:
-            results[job.index] = await run(job)
+            results[job.prompt_index] = await run(job)
 
         async def collect() -> None:
             await _run_jobs(jobs, collect_one)
@@ -286,24 +341,28 @@ async def _serve(
         if disconnected:
             return  # nobody to answer; the engine requests were aborted on the way out
         done = [r for r in results if r is not None]
-        await send_json(request, 200, fmt.response(done, _usage(jobs, prompts, done)))
+        choices: list[tuple[str, str, list[R.LogprobEntry] | None]] = []
+        for job, res in zip(jobs, done):
+            for c in res.choices:
+                if job.echo_text is None:
+                    choices.append((c.text, c.finish_reason, c.logprobs))
+                    continue
+                gen = _shift(c.logprobs, len(job.echo_text), len(c.text))
+                lps = None if gen is None else (res.prompt_logprobs or []) + gen
+                choices.append((job.echo_text + c.text, c.finish_reason, lps))
+        await send_json(request, 200, fmt.response(choices, _usage(jobs, done)))
         return
 
     stream = EventStream(request, on_start=fmt.start_events)
 
     async def stream_one(job: _Job) -> None:
-        async def on_text(text: str) -> None:
-            await stream.send(fmt.text_chunk(job.index, text))
-
-        res = await run(job, on_text)
-        results[job.index] = res
-        await stream.send(fmt.finish_chunk(job.index, res.finish_reason))
+        results[job.prompt_index] = await run(job, _StreamSink(stream, fmt, ctx, job))
 
     async def produce() -> None:
         await _run_jobs(jobs, stream_one)
         if req.include_usage:
             done = [r for r in results if r is not None]
-            await stream.send(fmt.usage_chunk(_usage(jobs, prompts, done)))
+            await stream.send(fmt.usage_chunk(_usage(jobs, done)))
         await stream.close()
 
     try:

@@ -2,7 +2,8 @@
 
 Patterns are literal paths with `{name}` (one segment) or `{name:path}` (the rest of the path,
 slashes included — model ids like "org/model" need it). Unknown path -> 404; known path with the
-wrong method -> 405 carrying an Allow header.
+wrong method -> 405 carrying an Allow header. HEAD is served by the GET handler (the HTTP server
+sends the head without the body).
 """
 from __future__ import annotations
 
@@ -53,9 +54,13 @@ class Router:
             if m is None:
                 continue
             handler = route.handlers.get(method.upper())
+            if handler is None and method.upper() == "HEAD":
+                handler = route.handlers.get("GET")
             if handler is not None:
                 return handler, m.groupdict()
             allowed.update(route.handlers)
+            if "GET" in route.handlers:
+                allowed.add("HEAD")
         if allowed:
             allow = ", ".join(sorted(allowed))
             raise ProtocolError(

@@ -92,3 +92,99 @@ class IncrementalDetokenizer:
             # boundary (cleanup rules); nothing new to show yet.
             return ""
         return full_text[len(prefix_text) :]
+
+
+# ---------------------------------------------------------------------------------------------
+# One token's text, for logprobs
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's printable character -> byte table (the byte-level BPE alphabet, inverted)."""
+    from pyserve.model.vocab_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _decoder_kinds(tokenizer: object) -> set[str]:
+    """The `type`s in a `tokenizers` decoder pipeline ("ByteLevel", "ByteFallback", ...), or an
+    empty set when the tokenizer is not backed by `tokenizers`."""
+    backend = getattr(tokenizer, "backend", None)
+    to_str = getattr(backend, "to_str", None)
+    if to_str is None:
+        return set()
+    import json
+
+    try:
+        decoder = json.loads(to_str()).get("decoder") or {}
+    except (ValueError, TypeError):
+        return set()
+    kinds: set[str] = set()
+    stack = [decoder]
+    while stack:
+        d = stack.pop()
+        if isinstance(d, dict):
+            if isinstance(d.get("type"), str):
+                kinds.add(d["type"])
+            stack.extend(d.get("decoders") or [])
+    return kinds
+
+
+class TokenStrings:
+    """The text and raw bytes of single tokens, as logprobs report them.
+
+    A token's bytes are what it contributes to the output: byte-level BPE pieces ("Ġw", "Ã¶")
+    mapped back through GPT-2's byte alphabet, sentencepiece pieces with '▁' as a space and
+    "<0xAB>" as the byte 0xAB, special tokens as their written form. A token may hold part of a
+    UTF-8 character: its `bytes` say exactly which, and its text shows U+FFFD for the broken part
+    (vLLM prints the same). Tokenizers of another shape fall back to decoding the token alone.
+    """
+
+    def __init__(self, tokenizer: object) -> None:
+        self._tokenizer = tokenizer
+        kinds = _decoder_kinds(tokenizer)
+        self._byte_level = "ByteLevel" in kinds
+        self._sentencepiece = not self._byte_level and bool(kinds & {"ByteFallback", "Metaspace", "Replace"})
+        self._byte_of = _byte_decoder() if self._byte_level else {}
+        self._cache: dict[int, tuple[str, bytes]] = {}
+        is_special = getattr(tokenizer, "is_special", None)
+        self._is_special = is_special if callable(is_special) else (lambda _id: False)
+        backend = getattr(tokenizer, "backend", None)
+        get_added = getattr(backend, "get_added_tokens_decoder", None)
+        self._added = set(get_added()) if callable(get_added) else set()
+
+    def get(self, token_id: int) -> tuple[str, bytes]:
+        """(text, raw bytes) of one token."""
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = (raw.decode("utf-8", errors="replace"), raw)
+            if len(self._cache) < 1 << 17:
+                self._cache[token_id] = hit
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        convert = getattr(self._tokenizer, "convert_ids_to_tokens", None)
+        piece = convert([token_id])[0] if convert is not None else None
+        if piece is None:
+            return self._decode_alone(token_id)
+        if token_id in self._added or self._is_special(token_id):
+            return piece.encode("utf-8")  # added tokens are stored as written
+        if self._byte_level:
+            try:
+                return bytes(self._byte_of[c] for c in piece)
+            except KeyError:
+                return piece.encode("utf-8")
+        if self._sentencepiece:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            return piece.replace("\u2581", " ").encode("utf-8")
+        return self._decode_alone(token_id)
+
+    def _decode_alone(self, token_id: int) -> bytes:
+        try:
+            return self._tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")  # type: ignore[attr-defined]
+        except Exception:  # an id outside the vocabulary: nothing to show
+            return b""

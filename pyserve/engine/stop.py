@@ -7,17 +7,38 @@ piece decides it. When a stop string completes, the text before it is emitted an
 Which stop wins when several match: the one that *completes first* in the stream (earliest end),
 and on a tie the longest (earliest start). That is what a token-by-token generator would see, so the
 result does not depend on how the text was chunked.
+
+Each stop string runs a Knuth-Morris-Pratt automaton whose state (how much of the stop the text
+currently ends with) carries across pieces: every character costs O(1) amortized per stop, so
+long or self-similar stop strings cannot make a request expensive.
 """
 from __future__ import annotations
 
 from typing import Iterable
 
 
+def _failure(stop: str) -> list[int]:
+    """KMP failure function: fail[i] = length of the longest proper border of stop[: i + 1]."""
+    fail = [0] * len(stop)
+    k = 0
+    for i in range(1, len(stop)):
+        while k and stop[i] != stop[k]:
+            k = fail[k - 1]
+        if stop[i] == stop[k]:
+            k += 1
+        fail[i] = k
+    return fail
+
+
 class StopStringMatcher:
     def __init__(self, stops: Iterable[str]) -> None:
-        # Empty strings would match everywhere; duplicates add nothing.
+        # Empty strings would match everywhere; duplicates add nothing. Longest first, so the
+        # first stop found completing at a character is the longest one ending there.
         self.stops: list[str] = sorted({s for s in stops if s}, key=len, reverse=True)
-        self._buffer = ""
+        self._fail = [_failure(s) for s in self.stops]
+        self._state = [0] * len(self.stops)  # characters of each stop the text ends with
+        self._chars = frozenset("".join(self.stops))
+        self._buffer = ""  # held text: the longest partial match
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the stream, if any
 
@@ -27,20 +48,32 @@ class StopStringMatcher:
             return "", True
         if not self.stops:
             return text, False
+        if not self._buffer and self._chars.isdisjoint(text):
+            return text, False  # nothing here can start or continue a stop (states are all 0)
         buf = self._buffer + text
-        best_end = best_start = -1
-        for stop in self.stops:
-            start = buf.find(stop)
-            if start < 0:
-                continue
-            end = start + len(stop)
-            if best_end < 0 or end < best_end or (end == best_end and start < best_start):
-                best_start, best_end, self.matched = start, end, stop
-        if best_end >= 0:
-            self.stopped = True
-            self._buffer = ""
-            return buf[:best_start], True
-        hold = self._partial_match_len(buf)
+        base = len(self._buffer)
+        states = self._state
+        for pos, c in enumerate(text):
+            hit = -1
+            for i, stop in enumerate(self.stops):
+                m = states[i]
+                if m or stop[0] == c:
+                    fail = self._fail[i]
+                    while m and stop[m] != c:
+                        m = fail[m - 1]
+                    if stop[m] == c:
+                        m += 1
+                        if m == len(stop):
+                            if hit < 0:
+                                hit = i
+                            m = fail[m - 1]
+                    states[i] = m
+            if hit >= 0:
+                self.stopped = True
+                self.matched = self.stops[hit]
+                self._buffer = ""
+                return buf[: base + pos + 1 - len(self.matched)], True
+        hold = max(states)
         self._buffer = buf[len(buf) - hold :] if hold else ""
         return buf[: len(buf) - hold], False
 
@@ -49,14 +82,5 @@ class StopStringMatcher:
         if self.stopped:
             return ""
         out, self._buffer = self._buffer, ""
+        self._state = [0] * len(self.stops)
         return out
-
-    def _partial_match_len(self, buf: str) -> int:
-        """Length of the longest suffix of `buf` that is a proper prefix of some stop string."""
-        best = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), best, -1):
-                if buf.endswith(stop[:k]):
-                    best = k
-                    break
-        return best

@@ -12,6 +12,7 @@ class ServerConfig:
     # Request size limits.
     max_body_bytes: int = 16 * 1024 * 1024  # larger bodies -> 413
     max_header_bytes: int = 64 * 1024  # request line + headers; larger -> 431
+    max_header_count: int = 100  # header fields per request; more -> 431
     # Time limits (seconds). Each one drops a client that stalls a connection slot.
     header_timeout: float = 10.0  # to receive a complete request head (from accept, or from
     #                               the first byte of a keep-alive request)

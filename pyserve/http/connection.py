@@ -75,14 +75,16 @@ def error_body(message: str, type_: str = "invalid_request_error") -> bytes:
 class HTTPConnection:
     """One server-side HTTP/1.1 connection, possibly carrying many requests (keep-alive).
 
-    Limits: a request head larger than `max_header_bytes` -> 431; a body larger than
-    `max_body_bytes` -> 413 (from Content-Length up front, or counted while a chunked body
-    streams in).
+    Limits: a request head larger than `max_header_bytes` or with more than `max_header_count`
+    fields -> 431; a body larger than `max_body_bytes` -> 413 (from Content-Length up front, or
+    counted while a chunked body streams in).
     """
 
     def __init__(self, *, max_body_bytes: int = 16 * 1024 * 1024,
-                 max_header_bytes: int = 64 * 1024) -> None:
+                 max_header_bytes: int = 64 * 1024, max_header_count: int = 100) -> None:
         self.max_body_bytes = max_body_bytes
+        self.max_header_count = max_header_count
+        self._max_header_bytes = max_header_bytes
         # h11 raises "Receive buffer too long" (hint 431) once an incomplete event outgrows this.
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=max_header_bytes)
         self._pending_error: Rejected | None = None
@@ -161,6 +163,14 @@ class HTTPConnection:
 
     def _request_started(self, req: h11.Request) -> Event:
         headers = [(name, value) for name, value in req.headers]
+        # h11 only bounds an *incomplete* head; one that arrived whole in a single read is
+        # measured here (request line + "name: value\r\n" per field).
+        size = len(req.method) + len(req.target) + 12 + sum(len(k) + len(v) + 4 for k, v in headers)
+        if size > self._max_header_bytes:
+            return self._reject(431, "Request header fields too large")
+        if len(headers) > self.max_header_count:
+            return self._reject(431, f"Too many request header fields: the limit is "
+                                     f"{self.max_header_count}")
         names = {name for name, _ in headers}
         if b"content-length" in names and b"transfer-encoding" in names:
             # Legal to resolve in favour of chunked, but it is the classic request-smuggling

@@ -12,10 +12,17 @@ Disconnect contract (for apps):
   response is complete (as the ASGI spec asks).
 - send() after the client is gone raises ClientDisconnected (an OSError), the ASGI 2.4 behaviour:
   a streaming handler stops at its next send instead of generating into the void.
+- send() waits until the bytes are handed to the kernel (at most write_timeout): a client that
+  stops reading stops the app at its next send (backpressure), and is dropped at the timeout.
+
+Access log: one line per request on the "pyserve.access" logger. An app may add fields to it by
+filling the dict in scope["extensions"]["pyserve.access_log"] (key -> value, logged as key=value):
+the server stays ignorant of what they mean.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -34,6 +41,7 @@ ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Message]],
                     Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
 _DISCONNECT: Message = {"type": "http.disconnect"}
+ACCESS_LOG_EXTENSION = "pyserve.access_log"
 _BODY_QUEUE = 4  # request body chunks buffered ahead of the app; the reader waits beyond that
 
 
@@ -56,6 +64,7 @@ def build_scope(request: RequestStarted, transport: Transport, state: dict[str, 
         "client": transport.client,
         "server": transport.server,
         "state": dict(state),  # a shallow copy per request, as the lifespan "state" spec says
+        "extensions": {ACCESS_LOG_EXTENSION: {}},  # the app's extra access-log fields
     }
 
 
@@ -85,7 +94,11 @@ class RequestCycle:
                 except Exception as exc:
                     await self._app_failed(exc)
                 else:
-                    if not self._core.response_started:
+                    if self.client_gone and not self._core.response_complete:
+                        # Nobody to answer: an app may stop as soon as it sees the disconnect.
+                        logger.debug("ASGI app returned after the client disconnected")
+                        self.must_close = True
+                    elif not self._core.response_started:
                         logger.error("ASGI app returned without starting a response")
                         await self._send_error(500, "Internal Server Error", "internal_error")
                     elif not self._core.response_complete:
@@ -208,7 +221,17 @@ class RequestCycle:
             path += "?" + self.scope["query_string"].decode("latin-1")
         status = self._core.status if self._core.response_complete else "-"
         client = self.scope["client"]
-        access_logger.info('%s "%s %s HTTP/%s" %s %.1fms',
+        extra = (self.scope.get("extensions") or {}).get(ACCESS_LOG_EXTENSION)
+        fields = "".join(f" {k}={_field(v)}" for k, v in extra.items()) if isinstance(extra, dict) else ""
+        access_logger.info('%s "%s %s HTTP/%s" %s %.1fms%s',
                            f"{client[0]}:{client[1]}" if client else "-", self.scope["method"],
                            path, self.scope["http_version"], status,
-                           (time.perf_counter() - started) * 1000)
+                           (time.perf_counter() - started) * 1000, fields)
+
+
+def _field(value: Any) -> str:
+    """An access-log value on one line: quoted (JSON style) when it has spaces or quotes."""
+    text = str(value)
+    if not text or any(c.isspace() or c == '"' for c in text) or not text.isprintable():
+        return json.dumps(text)
+    return text

@@ -163,7 +163,8 @@ class _Server:
     async def _serve_connection(self, transport: Transport, live: _Live) -> None:
         cfg = self._config
         core = HTTPConnection(max_body_bytes=cfg.max_body_bytes,
-                              max_header_bytes=cfg.max_header_bytes)
+                              max_header_bytes=cfg.max_header_bytes,
+                              max_header_count=cfg.max_header_count)
         first = True
         while not self._stopping:
             live.idle = True

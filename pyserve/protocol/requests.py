@@ -2,8 +2,9 @@
 
 Validation follows OpenAI's documented ranges; every violation is a `ProtocolError` (HTTP 400) that
 names the offending parameter. Unknown fields are ignored, as OpenAI and vLLM do. Fields we know but
-cannot serve yet (tools, logprobs, echo, ...) are refused with "not supported yet" rather than
-silently ignored, so a client never gets output that quietly disregards what it asked for.
+cannot serve yet (tools, a forced tool_choice, JSON response formats, suffix, best_of > n) are
+refused with "not supported yet" rather than silently ignored, so a client never gets output that
+quietly disregards what it asked for.
 """
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from pyserve.protocol.errors import ProtocolError
 _MISSING: Any = object()
 
 MAX_N = 128
-MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM has no limit. A bound keeps matching cheap.
+MAX_STOP_STRINGS = 64  # OpenAI allows 4; vLLM has no limit. Matching costs O(1) per char per stop.
+MAX_STOP_LENGTH = 1024  # characters in one stop string (64 x 1024 builds its matcher in ~7 ms)
+MAX_CHAT_TOP_LOGPROBS = 20  # OpenAI's chat limit
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's legacy completions limit
 MAX_PROMPTS = 256  # prompts per completions request (a batch)
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
@@ -178,6 +182,10 @@ def _stop_list(data: dict) -> list[str]:
     for i, s in enumerate(value):
         if not isinstance(s, str):
             raise _type_error(f"stop[{i}]", "a string", s)
+        if len(s) > MAX_STOP_LENGTH:
+            raise ProtocolError(
+                f"'stop[{i}]' is {len(s)} characters long; the limit is {MAX_STOP_LENGTH}.", param=f"stop[{i}]"
+            )
     return [s for s in value if s]
 
 
@@ -195,6 +203,7 @@ class GenerationRequest:
 
     model: str | None = None
     max_tokens: int | None = None  # None: up to the context
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens (vLLM)
     temperature: float | None = None  # None: the model's generation defaults, else 1.0
     top_p: float | None = None
     top_k: int | None = None  # 0 or -1 disables
@@ -209,6 +218,10 @@ class GenerationRequest:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
+    # Log probabilities: None = none; k >= 0 = the chosen token's logprob plus the k most likely.
+    # (chat: logprobs=true + top_logprobs=k; completions: logprobs=k.)
+    logprobs: int | None = None
+    echo: bool = False  # completions: the prompt comes back in front of the text (and its logprobs)
     n: int = 1
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
@@ -225,23 +238,39 @@ class GenerationRequest:
         if data.get("stop_token_ids") is not None:
             self.stop_token_ids = _token_id_list(data["stop_token_ids"], "stop_token_ids")
         self.ignore_eos = _opt_bool(data, "ignore_eos", False)
+        self.min_tokens = _opt_int(data, "min_tokens", 0, lo=0)
         self.skip_special_tokens = _opt_bool(data, "skip_special_tokens", True)
         self.presence_penalty = _opt_float(data, "presence_penalty", lo=-2.0, hi=2.0)
         self.frequency_penalty = _opt_float(data, "frequency_penalty", lo=-2.0, hi=2.0)
-        self.repetition_penalty = _opt_float(data, "repetition_penalty", lo=0.0, hi=2.0, lo_open=True)
+        # HF/vLLM semantics: 1 is neutral, any positive factor is allowed.
+        self.repetition_penalty = _opt_float(data, "repetition_penalty", lo=0.0, lo_open=True)
         self.logit_bias = _logit_bias(data)
         self.n = _opt_int(data, "n", 1, lo=1, hi=MAX_N)
         self.stream = _opt_bool(data, "stream", False)
         self.include_usage = _stream_options(data, self.stream)
         self.user = _opt_str(data, "user")
-        if _opt_int(data, "best_of", 1, lo=1) != 1:
-            raise _not_supported("best_of", "'best_of' other than 1")
+        best_of = _opt_int(data, "best_of", lo=1)
+        if best_of is not None and best_of != self.n:
+            raise _not_supported("best_of", "'best_of' other than n")
         fmt = data.get("response_format")
         if fmt is not None:
             if not isinstance(fmt, dict):
                 raise _type_error("response_format", "an object", fmt)
-            if fmt.get("type", "text") != "text":
-                raise _not_supported("response_format", f"response_format type {fmt.get('type')!r}")
+            kind = fmt.get("type", "text")
+            if not isinstance(kind, str):
+                raise _type_error("response_format.type", "a string", kind)
+            if kind != "text":
+                raise _not_supported("response_format", f"response_format type {kind!r}")
+
+    def _check_min_tokens(self) -> None:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ProtocolError(
+                f"'min_tokens' ({self.min_tokens}) must not exceed the maximum number of tokens ({self.max_tokens}).",
+                param="min_tokens",
+            )
+
+
+_TOKEN_KEY = re.compile(r"-?[0-9]+")
 
 
 def _logit_bias(data: dict) -> dict[int, float]:
@@ -252,10 +281,9 @@ def _logit_bias(data: dict) -> dict[int, float]:
         raise _type_error("logit_bias", "an object mapping token ids to numbers", value)
     out: dict[int, float] = {}
     for key, bias in value.items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise ProtocolError(f"'logit_bias' keys must be token ids, got {key!r}.", param="logit_bias") from None
+        if not _TOKEN_KEY.fullmatch(key) or len(key) > 19:
+            raise ProtocolError(f"'logit_bias' keys must be token ids, got {key!r}.", param="logit_bias")
+        tok = int(key)
         if tok < 0:
             raise ProtocolError(f"'logit_bias' keys must be non-negative token ids, got {key!r}.", param="logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
@@ -295,16 +323,29 @@ class ChatCompletionRequest(GenerationRequest):
         legacy = _opt_int(data, "max_tokens", lo=1)
         # max_completion_tokens supersedes the deprecated max_tokens.
         req.max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else legacy
-        for name in ("logprobs",):
-            if data.get(name):
-                raise _not_supported(name)
-        if data.get("top_logprobs") is not None:
-            raise _not_supported("top_logprobs")
-        if data.get("tools"):
-            raise _not_supported("tools", "Tool calling ('tools')")
-        if data.get("functions"):
-            raise _not_supported("functions", "Function calling ('functions')")
+        req._check_min_tokens()
+        want = _opt_bool(data, "logprobs", False)
+        top = _opt_int(data, "top_logprobs", lo=0, hi=MAX_CHAT_TOP_LOGPROBS)
+        if top is not None and not want:
+            raise ProtocolError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
+        req.logprobs = (top or 0) if want else None
+        _refuse_tools(data)
         return req
+
+
+def _refuse_tools(data: dict) -> None:
+    """Tool calling is a later issue: refuse what would need it, allow what does not."""
+    if data.get("tools"):
+        raise _not_supported("tools", "Tool calling ('tools')")
+    if data.get("functions"):
+        raise _not_supported("functions", "Function calling ('functions')")
+    for name in ("tool_choice", "function_call"):
+        choice = data.get(name)
+        if choice is None or choice in ("none", "auto"):
+            continue  # nothing to call: both mean "answer in text"
+        if not isinstance(choice, (str, dict)):
+            raise _type_error(name, "a string or an object", choice)
+        raise _not_supported(name, f"{name} {choice!r}")
 
 
 def _messages(data: dict) -> list[dict[str, Any]]:
@@ -379,13 +420,15 @@ class CompletionRequest(GenerationRequest):
         req = cls()
         req.prompt = _prompts(data)
         req._parse_common(data)
-        # OpenAI's legacy completions default to 16 tokens (so does vLLM).
-        req.max_tokens = _opt_int(data, "max_tokens", 16, lo=1)
-        if data.get("echo"):
-            raise _not_supported("echo")
-        if data.get("logprobs") is not None:
-            raise _not_supported("logprobs")
-        if data.get("suffix"):
+        req.echo = _opt_bool(data, "echo", False)
+        # OpenAI's legacy completions default to 16 tokens (so does vLLM). 0 with echo scores the
+        # prompt without generating (as OpenAI and vLLM allow).
+        req.max_tokens = _opt_int(data, "max_tokens", 16, lo=0)
+        if req.max_tokens == 0 and not req.echo:
+            raise ProtocolError("'max_tokens' must be >= 1 (0 is only allowed with 'echo').", param="max_tokens")
+        req._check_min_tokens()
+        req.logprobs = _opt_int(data, "logprobs", lo=0, hi=MAX_COMPLETION_LOGPROBS)
+        if _opt_str(data, "suffix"):
             raise _not_supported("suffix")
         if len(req.prompt) * req.n > MAX_PROMPTS:
             raise ProtocolError(

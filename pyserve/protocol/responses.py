@@ -6,11 +6,17 @@ the model list, and usage with prompt_tokens_details.cached_tokens (prefix-cache
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 SYSTEM_FINGERPRINT = "fp_pyserve"
+
+# JSON has no -inf: a token the sampler ruled out (masked, or biased to -100) reports this instead,
+# as OpenAI and vLLM do.
+MIN_LOGPROB = -9999.0
 
 
 def new_id(prefix: str) -> str:
@@ -36,14 +42,83 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
     }
 
 
+# --- logprobs -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenInfo:
+    """One token as logprobs show it: its text, raw bytes (a token may hold part of a UTF-8
+    character) and log probability."""
+
+    text: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass
+class LogprobEntry:
+    """One position of a text: the token there, its alternatives, where its text starts.
+
+    `token.logprob` is None for the first prompt token (nothing predicts it) and then `top` is
+    None too."""
+
+    token: TokenInfo
+    top: list[TokenInfo] | None = field(default_factory=list)
+    text_offset: int = 0
+
+
+def clamp_logprob(value: float | None) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if math.isnan(value) or value < MIN_LOGPROB:
+        return MIN_LOGPROB
+    return min(value, 0.0)
+
+
+def _chat_token(t: TokenInfo) -> dict[str, Any]:
+    return {"token": t.text, "logprob": clamp_logprob(t.logprob), "bytes": list(t.bytes)}
+
+
+def chat_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    """A chat choice's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    content = []
+    for e in entries:
+        item = _chat_token(e.token)
+        item["top_logprobs"] = [_chat_token(t) for t in e.top or ()]
+        content.append(item)
+    return {"content": content, "refusal": None}
+
+
+def completion_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
+    """A completion choice's `logprobs`: parallel lists tokens / token_logprobs / top_logprobs /
+    text_offset. top_logprobs[i] maps token text -> logprob for the most likely tokens and the
+    chosen one (so up to k + 1 entries, as OpenAI documents); null where nothing predicts the
+    token (the first prompt token under echo)."""
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e.token.text)
+        out["token_logprobs"].append(clamp_logprob(e.token.logprob))
+        if e.top is None:
+            out["top_logprobs"].append(None)
+        else:
+            top = {t.text: clamp_logprob(t.logprob) for t in reversed(e.top)}  # the likelier wins a name clash
+            top.setdefault(e.token.text, clamp_logprob(e.token.logprob))
+            out["top_logprobs"].append(dict(sorted(top.items(), key=lambda kv: -kv[1])))
+        out["text_offset"].append(e.text_offset)
+    return out
+
+
 # --- chat ---------------------------------------------------------------------------------------
 
 
-def chat_choice(index: int, content: str, finish_reason: str | None) -> dict[str, Any]:
+def chat_choice(
+    index: int, content: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "index": index,
         "message": {"role": "assistant", "content": content},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
 
@@ -68,13 +143,14 @@ def chat_chunk_choice(
     content: str | None = None,
     role: str | None = None,
     finish_reason: str | None = None,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role is not None:
         delta["role"] = role
     if content is not None:
         delta["content"] = content
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_chunk(
@@ -100,8 +176,10 @@ def chat_chunk(
 # --- completions --------------------------------------------------------------------------------
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def completion(
