@@ -1,4 +1,7 @@
-"""Start `python -m pyserve` as a real subprocess on a free port, for end-to-end tests."""
+"""Start `python -m pyserve` as a real subprocess on a free port, for end-to-end tests and tools.
+
+Environment: PYSERVE_TEST_THREADS (kernel threads, default 2), PYSERVE_TEST_QUIET=1 (discard the
+server's log)."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ def running_server(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
     """Yields the base URL once /health answers 200; stops the server (SIGINT) afterwards and
     checks that it exited cleanly."""
     port = free_port()
-    cmd = [sys.executable, "-m", "pyserve", *args, "--port", str(port), "--num-threads", "2"]
+    cmd = [sys.executable, "-m", "pyserve", *args, "--port", str(port), "--num-threads", os.environ.get("PYSERVE_TEST_THREADS", "2")]
     log = open(os.devnull, "wb") if os.environ.get("PYSERVE_TEST_QUIET") else None
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
