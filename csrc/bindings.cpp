@@ -396,7 +396,8 @@ PYBIND11_MODULE(_C, m) {
              e.add_request(id, std::move(prompt), sampling_from(params));
            },
            py::arg("request_id"), py::arg("prompt"), py::arg("params"))
-      .def("abort", &Engine::abort, py::arg("request_id"))
+      .def("abort", &Engine::abort, py::arg("request_id"), py::arg("index") = -1,
+           "Aborts every choice of the request, or only choice `index`.")
       .def("fetch",
            [](Engine& e) {
              auto lp_list = [](const std::vector<TokenLogprob>& v) {

@@ -124,6 +124,7 @@ class Call:
     params: Any
     closed_early: bool = False  # the consumer left before the engine finished: an abort
     finished: bool = False
+    aborted_choices: list[int] = field(default_factory=list)  # abort_choice() calls
 
 
 def fake_logprob(token_id: int, position: int, k: int) -> TokenLogprob:
@@ -186,6 +187,13 @@ class FakeEngine:
                 for i in order:
                     if done[i]:
                         continue
+                    if i in call.aborted_choices:  # like the real engine: a final "abort" output
+                        done[i] = True
+                        call.finished = all(done)
+                        yield RequestOutput([], True, "abort", len(prompt_ids), index=i)
+                        if all(done):
+                            return
+                        continue
                     take = min(self.chunk, len(tokens[i]) - produced[i], limit - produced[i])
                     new = tokens[i][produced[i] : produced[i] + take]
                     start = produced[i]
@@ -219,6 +227,9 @@ class FakeEngine:
         finally:
             if not call.finished:
                 call.closed_early = True  # synchronous, like a real engine's abort
+
+    def abort_choice(self, request_id: int, index: int) -> None:
+        self.calls[-1].aborted_choices.append(index)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         self.running = True

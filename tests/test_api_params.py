@@ -149,6 +149,7 @@ def test_stop_string_ends_one_choice_the_others_go_on(app, engine):
     # choice 0's tokens after the stop string are not counted; choice 1 ran to EOS
     assert body["usage"]["completion_tokens"] == len("one,") + len("three four") + 1
     assert not engine.calls[0].closed_early
+    assert engine.calls[0].aborted_choices == [0]  # choice 0 stopped early: the engine stops it too
 
 
 def test_all_choices_stopped_aborts_the_request(app, engine):

@@ -171,3 +171,29 @@ def test_bad_parameters_are_value_errors(model_dir) -> None:
         await engine.shutdown()
 
     anyio.run(main)
+
+
+def test_one_choice_can_be_aborted_while_the_others_go_on(model_dir) -> None:
+    async def main():
+        engine = make_engine(model_dir)
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            # Long enough (400 steps) that the abort lands long before choice 1 could finish.
+            params = SamplingParams(max_tokens=400, temperature=0.8, seed=3, n=3, ignore_eos=True)
+            counts = {0: 0, 1: 0, 2: 0}
+            reasons = {}
+            aborted = False
+            async for out in engine.generate(prompt(20), params):
+                counts[out.index] += len(out.new_token_ids)
+                if out.index == 1 and counts[1] >= 2 and not aborted:
+                    engine.abort_choice(out.request_id, 1)
+                    aborted = True
+                if out.finished:
+                    reasons[out.index] = out.finish_reason
+            assert reasons == {0: "length", 1: "abort", 2: "length"}
+            assert counts[0] == counts[2] == 400 and 2 <= counts[1] < 400
+            assert engine.stats()["kv_pages_used"] == 0
+            tg.cancel_scope.cancel()
+        await engine.shutdown()
+
+    anyio.run(main)

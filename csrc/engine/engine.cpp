@@ -62,10 +62,10 @@ void Engine::add_request(int64_t id, std::vector<int32_t> prompt, SamplingParams
   in_cv_.notify_one();
 }
 
-void Engine::abort(int64_t id) {
+void Engine::abort(int64_t id, int index) {
   {
     std::lock_guard<std::mutex> lock(in_mu_);
-    aborts_.push_back(id);
+    aborts_.emplace_back(id, index);
   }
   in_cv_.notify_one();
 }
@@ -158,7 +158,7 @@ void Engine::loop() {
   const int vocab = model_->config().vocab_size;
   for (;;) {
     std::vector<Incoming> incoming;
-    std::vector<int64_t> aborts;
+    std::vector<std::pair<int64_t, int>> aborts;
     {
       std::unique_lock<std::mutex> lock(in_mu_);
       in_cv_.wait(lock, [&] { return stop_ || !inbox_.empty() || !aborts_.empty() || !scheduler_.idle(); });
@@ -190,11 +190,11 @@ void Engine::loop() {
       scheduler_.add(&r->seq);
       requests_[r->seq.id] = std::move(r);
     }
-    for (int64_t id : aborts) {
+    for (const auto& [id, index] : aborts) {
       for (auto it = requests_.lower_bound(key(id, 0)); it != requests_.end() && it->second->id == id;) {
         Request& r = *it->second;
         ++it;  // finish() erases r
-        finish(r, "abort");
+        if (index < 0 || r.index == index) finish(r, "abort");
       }
     }
     if (!scheduler_.idle()) {

@@ -63,7 +63,8 @@ class Engine {
   // With params.n > 1 the prompt is prefilled once; the other choices then share its full KV
   // pages and recompute only the last, partly filled page.
   void add_request(int64_t id, std::vector<int32_t> prompt, SamplingParams params);
-  void abort(int64_t id);  // every choice of the request; unknown or finished ids are ignored
+  // Every choice of the request (index < 0) or just one; unknown or finished ones are ignored.
+  void abort(int64_t id, int index = -1);
   std::vector<EngineOutput> fetch();
   EngineStats stats() const;
   void shutdown();  // aborts everything and joins the thread; idempotent
@@ -118,7 +119,7 @@ class Engine {
   mutable std::mutex in_mu_;
   std::condition_variable in_cv_;
   std::vector<Incoming> inbox_;
-  std::vector<int64_t> aborts_;
+  std::vector<std::pair<int64_t, int>> aborts_;  // (id, index or -1)
   bool stop_ = false;
 
   mutable std::mutex out_mu_;

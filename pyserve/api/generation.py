@@ -267,7 +267,7 @@ async def run_prompt(
             raise RuntimeError(f"the engine sent an output for choice {i} of {n}")
         st = choices[i]
         if st.done:
-            return  # a stop string already ended this choice; the engine runs on until all are done
+            return  # a stop string already ended this choice (its late outputs are dropped)
         if not st.started:
             st.started = True
             if sink is not None:
@@ -287,6 +287,11 @@ async def run_prompt(
             await sink.delta(i, text, entries if logprobs else None)
         if stopped:
             await finish(i, "stop")
+            if not out.finished and not all(c.done for c in choices):
+                # The other choices go on; this one need not (frees its KV pages now).
+                abort_choice = getattr(engine, "abort_choice", None)
+                if abort_choice is not None:
+                    abort_choice(getattr(out, "request_id", 0), i)
         elif out.finished:
             await show_tail(i, st.matcher.flush())
             await finish(i, out.finish_reason or "stop")

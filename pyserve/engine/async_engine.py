@@ -107,7 +107,7 @@ class AsyncEngine:
             stream = self._streams.get(rid)
             if stream is None:  # the consumer has gone (aborted); nothing to deliver
                 continue
-            out = RequestOutput(tokens, finished, reason, num_prompt, index=index)
+            out = RequestOutput(tokens, finished, reason, num_prompt, index=index, request_id=rid)
             if logprobs is not None:
                 out.logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in logprobs]
             if prompt_logprobs is not None:
@@ -139,6 +139,11 @@ class AsyncEngine:
             send.close()
             if unfinished:
                 self._engine.abort(rid)
+
+    def abort_choice(self, request_id: int, index: int) -> None:
+        """Stops one choice of an n > 1 request (say, a stop string ended it) and frees its pages;
+        its stream still receives the choice's final "abort" output."""
+        self._engine.abort(request_id, index)
 
     async def shutdown(self) -> None:
         if self._closed:

@@ -65,3 +65,4 @@ class RequestOutput:
     index: int = 0  # which of the request's n choices
     logprobs: list[TokenLogprob] | None = None  # aligned with new_token_ids, when asked for
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, first output of choice 0; [0] is None
+    request_id: int = 0  # the engine's id for the request (for AsyncEngine.abort_choice)
