@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstring>
 #include <numeric>
+#include <random>
 #include <thread>
 
 #include "backend/cpu/cpu_backend.h"
@@ -267,37 +268,62 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   return out;
 }
 
-// Streaming read bandwidth over `nbytes` with `threads` threads, best of `repeats` passes (GB/s):
-// the ceiling decode speed is measured against.
+// Seconds per matmul of x: [m, k] by a random packed W: [n, k] (packing excluded), best of
+// repeats. With cold = true the calls rotate through enough copies of W (>= 256 MiB) that each
+// reads its weights from memory, not from cache, as a decode step does.
+double bench_gemm(int n, int k, int m, const std::string& isa, int threads, int repeats, bool cold) {
+  cpu::CpuBackend be(threads, cpu::select_kernels(isa));
+  std::mt19937 rng(0);
+  std::normal_distribution<float> dist;
+  std::vector<float> w(static_cast<size_t>(n) * k), x(static_cast<size_t>(m) * k), y(static_cast<size_t>(m) * n);
+  for (float& v : w) v = dist(rng);
+  for (float& v : x) v = dist(rng);
+  TensorView tv;
+  tv.name = "w";
+  tv.data = w.data();
+  tv.shape = {n, k};
+  const size_t bytes = w.size() * sizeof(float);
+  const size_t copies = cold ? std::max<size_t>(1, (size_t{256} << 20) / bytes + 1) : 1;
+  std::vector<std::unique_ptr<Matrix>> packed;
+  for (size_t c = 0; c < copies; ++c) packed.push_back(be.pack({&tv}));
+  py::gil_scoped_release release;
+  double best = 1e30;
+  for (int r = 0; r < repeats; ++r) {
+    double total = 0;
+    for (size_t c = 0; c < copies; ++c) {
+      const auto t0 = std::chrono::steady_clock::now();
+      be.matmul(*packed[c], x.data(), k, m, y.data(), n, nullptr, false);
+      total += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    best = std::min(best, total / copies);
+  }
+  return best;
+}
+
+// Streaming read bandwidth over `nbytes` with `threads` threads, best of `repeats` passes (GB/s),
+// read with the widest vector loads this CPU has: the ceiling decode speed is measured against.
 double read_bandwidth_gbps(int64_t nbytes, int threads, int repeats) {
-  const int64_t n = nbytes / 8;
-  std::vector<uint64_t> buf(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<uint64_t>(i) * 2654435761u;
+  const int64_t n = nbytes / 4;
+  const cpu::KernelTable& kernels = cpu::select_kernels("auto");
+  cpu::AlignedFloats buf = cpu::allocate_floats(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i & 1023);
   cpu::ThreadPool pool(threads);
-  std::vector<uint64_t> sink(threads, 0);
+  std::vector<float> sink(threads, 0.f);
   double best = 0;
   py::gil_scoped_release release;
   for (int r = 0; r < repeats; ++r) {
     const auto t0 = std::chrono::steady_clock::now();
+    // One contiguous half per thread, like the GEMV's split of weight groups.
     pool.parallel_for(threads, [&](int64_t b, int64_t e, int) {
       for (int64_t t = b; t < e; ++t) {
         const int64_t lo = n * t / threads, hi = n * (t + 1) / threads;
-        uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-        int64_t i = lo;
-        for (; i + 4 <= hi; i += 4) {
-          a0 += buf[i];
-          a1 += buf[i + 1];
-          a2 += buf[i + 2];
-          a3 += buf[i + 3];
-        }
-        for (; i < hi; ++i) a0 += buf[i];
-        sink[t] += a0 + a1 + a2 + a3;
+        sink[t] += kernels.stream_sum(buf.get() + lo, hi - lo);
       }
     });
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(n * 8) / s / 1e9);
+    best = std::max(best, static_cast<double>(n * 4) / s / 1e9);
   }
-  volatile uint64_t keep = std::accumulate(sink.begin(), sink.end(), uint64_t{0});
+  volatile float keep = std::accumulate(sink.begin(), sink.end(), 0.f);
   (void)keep;
   return best;
 }
@@ -426,6 +452,9 @@ PYBIND11_MODULE(_C, m) {
   k.def("attention", &kernel_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("page_size"), py::arg("page_tables"), py::arg("positions"), py::arg("window") = 0,
         py::arg("isa") = "auto", py::arg("threads") = 1);
+  k.def("bench_gemm", &bench_gemm, py::arg("n"), py::arg("k"), py::arg("m"), py::arg("isa") = "auto",
+        py::arg("threads") = 1, py::arg("repeats") = 5, py::arg("cold") = false,
+        "seconds per matmul, packing excluded (best of repeats); cold: weights come from memory");
   k.def("read_bandwidth_gbps", &read_bandwidth_gbps, py::arg("nbytes"), py::arg("threads"),
         py::arg("repeats") = 5);
 

@@ -58,6 +58,7 @@ struct KernelTable {
   const char* name;
   void (*gemm)(const GemmArgs&);
   void (*attend)(const AttendArgs&);
+  float (*stream_sum)(const float* x, int64_t n);  // sum of x: the read-bandwidth yardstick
 };
 
 const KernelTable& kernels_scalar();

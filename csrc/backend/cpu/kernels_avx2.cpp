@@ -34,7 +34,7 @@ constexpr int kTileTokens = 2;
 }  // namespace
 
 const KernelTable& kernels_avx2() {
-  static const KernelTable table{"avx2", gemm_simd, attend_simd};
+  static const KernelTable table{"avx2", gemm_simd, attend_simd, stream_sum_simd};
   return table;
 }
 

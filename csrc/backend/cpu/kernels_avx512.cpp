@@ -29,7 +29,7 @@ constexpr int kTileTokens = 6;
 }  // namespace
 
 const KernelTable& kernels_avx512() {
-  static const KernelTable table{"avx512", gemm_simd, attend_simd};
+  static const KernelTable table{"avx512", gemm_simd, attend_simd, stream_sum_simd};
   return table;
 }
 

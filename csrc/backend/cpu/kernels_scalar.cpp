@@ -57,10 +57,16 @@ void attend_scalar(const AttendArgs& a) {
   }
 }
 
+float stream_sum_scalar(const float* x, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-  static const KernelTable table{"scalar", gemm_scalar, attend_scalar};
+  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar};
   return table;
 }
 
