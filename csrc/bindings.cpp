@@ -33,6 +33,7 @@ ModelConfig model_config_from(const py::dict& d) {
   c.intermediate_size = d["intermediate_size"].cast<int>();
   c.num_layers = d["num_hidden_layers"].cast<int>();
   c.num_heads = d["num_attention_heads"].cast<int>();
+  if (c.num_heads <= 0) throw std::invalid_argument("invalid model config: num_attention_heads must be positive");
   c.num_kv_heads = get_or<int>(d, "num_key_value_heads", c.num_heads);
   c.head_dim = get_or<int>(d, "head_dim", c.hidden_size / c.num_heads);
   c.rms_norm_eps = get_or<float>(d, "rms_norm_eps", 1e-5f);
@@ -110,6 +111,7 @@ class Session {
  public:
   Session(PyModel m, int max_tokens, int page_size)
       : model_(m.model),
+        checked_(max_tokens >= 1 && page_size >= 1 ? 0 : throw std::invalid_argument("Session: max_tokens and page_size must be >= 1")),
         cache_(model_->backend(), model_->config().num_layers, (max_tokens + page_size - 1) / page_size,
                page_size, model_->config().kv_dim()) {
     for (int p = cache_.num_pages() - 1; p >= 0; --p) pages_.push_back(p);
@@ -141,12 +143,24 @@ class Session {
 
  private:
   std::shared_ptr<LlamaModel> model_;
+  int checked_;  // arguments validated before the cache is sized from them
   KVCache cache_;
   std::vector<int32_t> pages_;
   int64_t length_ = 0;
 };
 
+SamplingParams sampling_fields(const py::dict& d);
+
+// A value of the wrong type or range is the caller's mistake: ValueError, not RuntimeError.
 SamplingParams sampling_from(const py::dict& d) {
+  try {
+    return sampling_fields(d);
+  } catch (const py::cast_error& e) {
+    throw std::invalid_argument(std::string("sampling parameter out of range or of the wrong type: ") + e.what());
+  }
+}
+
+SamplingParams sampling_fields(const py::dict& d) {
   SamplingParams p;
   p.temperature = get_or<float>(d, "temperature", 1.f);
   p.top_p = get_or<float>(d, "top_p", 1.f);

@@ -197,3 +197,62 @@ def test_one_choice_can_be_aborted_while_the_others_go_on(model_dir) -> None:
         await engine.shutdown()
 
     anyio.run(main)
+
+
+def test_n_choices_larger_than_the_cache_all_finish(model_dir) -> None:
+    # The local preset's shape: 4 sequences, a cache no larger than one context. Five choices that
+    # each want the whole context cannot all fit, so some are preempted and recomputed alone; the
+    # waiting ones must then give their share of the prompt's pages (40 tokens: 2 full pages) back
+    # rather than pin them while a recomputed choice needs the whole cache (this used to spin).
+    async def main():
+        engine = AsyncEngine(load_model(model_dir), EngineConfig(num_threads=2, kv_cache_tokens=256, max_num_sequence=4,
+                                                                 max_total_sequence_length=256))
+        async with anyio.create_task_group() as tg:
+            await tg.start(engine.run)
+            reasons = {}
+            with anyio.fail_after(60):
+                async for out in engine.generate(prompt(40), SamplingParams(temperature=0.8, seed=1, n=5, ignore_eos=True)):
+                    if out.finished:
+                        reasons[out.index] = out.finish_reason
+            assert reasons == {i: "length" for i in range(5)}
+            stats = engine.stats()
+            assert stats["kv_pages_used"] == 0 and stats["num_running"] == stats["num_waiting"] == 0
+            tg.cancel_scope.cancel()
+        await engine.shutdown()
+
+    anyio.run(main)
+
+
+def test_a_tiny_temperature_is_greedy(model_dir) -> None:
+    ids = prompt(10, seed=9)
+    (greedy,), _ = run_requests(model_dir, [(ids, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))])
+    (tiny,), _ = run_requests(model_dir, [(ids, SamplingParams(max_tokens=12, temperature=1e-39, ignore_eos=True, logprobs=2))])
+    assert tokens(tiny) == tokens(greedy)
+    assert all(np.isfinite(lp.logprob) for o in tiny for lp in o.logprobs)
+
+
+def test_a_huge_top_k_means_no_top_k(model_dir) -> None:
+    ids = prompt(10, seed=10)
+    (a,), _ = run_requests(model_dir, [(ids, SamplingParams(max_tokens=8, temperature=0.7, seed=4, top_k=3_000_000_000))])
+    (b,), _ = run_requests(model_dir, [(ids, SamplingParams(max_tokens=8, temperature=0.7, seed=4))])
+    assert tokens(a) == tokens(b)
+
+
+def test_aborting_choice_0_before_the_fork_reports_every_choice(model_dir) -> None:
+    import time
+
+    from pyserve import _C
+
+    cm = c_model(load_model(model_dir))
+    engine = _C.Engine(cm, {"max_num_seqs": 4, "kv_capacity_tokens": 1024, "max_model_len": 512})
+    engine.add_request(1, prompt(300, seed=11), {"n": 3, "max_tokens": 4, "ignore_eos": True})
+    engine.abort(1, 0)
+    ended: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(ended) < 3 and time.monotonic() < deadline:
+        for _id, index, _toks, finished, _reason, *_ in engine.fetch():
+            if finished:
+                ended.add(index)
+        time.sleep(0.005)  # polling the engine's outbox (no fd given); the deadline bounds it
+    engine.shutdown()
+    assert ended == {0, 1, 2}

@@ -419,3 +419,14 @@ def test_logprobs_clamped():
     assert R.clamp_logprob(float("-inf")) == R.MIN_LOGPROB
     assert R.clamp_logprob(float("nan")) == R.MIN_LOGPROB
     assert R.clamp_logprob(1e-9) == 0.0 and R.clamp_logprob(-3.5) == -3.5 and R.clamp_logprob(None) is None
+
+
+def test_deeply_nested_json_is_a_400_not_a_recursion_error() -> None:
+    from pyserve.protocol.errors import ProtocolError
+    from pyserve.protocol.requests import parse_json_object
+
+    body = b'{"messages": [{"role": "user", "content": "hi", "tool_calls": ' + b"[" * 500 + b"]" * 500 + b"}]}"
+    with pytest.raises(ProtocolError) as e:
+        parse_json_object(body)
+    assert e.value.status == 400 and "deeper" in str(e.value)
+    parse_json_object(b'{"a": ' + b"[" * 30 + b"]" * 30 + b"}")  # ordinary nesting is fine

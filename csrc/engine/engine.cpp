@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <stdexcept>
 
@@ -167,11 +168,11 @@ void Engine::loop() {
       aborts.swap(aborts_);
     }
     for (Incoming& in : incoming) {
-      if (requests_.count(key(in.id, 0))) {  // a duplicate id is the caller's bug; refuse the newcomer
-        Request dup;
-        dup.id = in.id;
-        dup.num_prompt = static_cast<int>(in.prompt.size());
-        emit(dup, true, "abort");
+      auto live = requests_.lower_bound(key(in.id, 0));
+      if (live != requests_.end() && live->second->id == in.id) {
+        // A duplicate of a live id is the caller's bug: refuse the newcomer (the live request's
+        // stream will see one extra "abort"; ids from AsyncEngine are never reused).
+        std::fprintf(stderr, "pyserve engine: request id %lld is already live; refused\n", static_cast<long long>(in.id));
         continue;
       }
       auto r = std::make_unique<Request>();
@@ -194,12 +195,25 @@ void Engine::loop() {
       for (auto it = requests_.lower_bound(key(id, 0)); it != requests_.end() && it->second->id == id;) {
         Request& r = *it->second;
         ++it;  // finish() erases r
-        if (index < 0 || r.index == index) finish(r, "abort");
+        if (index >= 0 && r.index != index) continue;
+        // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices:
+        // report every one of them, or a consumer waiting for n ends would wait forever.
+        if (r.index == 0 && !r.forked && r.params.n > 1)
+          for (int i = 1; i < r.params.n; ++i) {
+            EngineOutput& o = emit(r, true, "abort");
+            o.index = i;
+          }
+        finish(r, "abort");
       }
     }
     if (!scheduler_.idle()) {
       try {
-        step();
+        if (!step()) {
+          // Work queued but nothing schedulable: must not happen (the scheduler reclaims pages
+          // before it gives up), but never spin on it either.
+          std::unique_lock<std::mutex> lock(in_mu_);
+          in_cv_.wait_for(lock, std::chrono::milliseconds(5));
+        }
       } catch (const std::exception& e) {
         // A bug, not a client error: fail the requests rather than the process.
         std::fprintf(stderr, "pyserve engine: step failed: %s\n", e.what());
@@ -249,10 +263,11 @@ void Engine::fork(Request& parent) {
   parent.forked = true;
 }
 
-void Engine::step() {
+bool Engine::step() {
   std::vector<ScheduledChunk> plan = scheduler_.schedule();
-  for (Sequence* s : scheduler_.take_rejected()) finish(*requests_.at(s->id), "length");
-  if (plan.empty()) return;
+  const std::vector<Sequence*> rejected = scheduler_.take_rejected();
+  for (Sequence* s : rejected) finish(*requests_.at(s->id), "length");
+  if (plan.empty()) return !rejected.empty();
 
   batch_.clear();
   rows_.clear();
@@ -326,6 +341,7 @@ void Engine::step() {
   stats_.prompt_tokens_computed += prompt_tokens;
   stats_.tokens_generated += generated;
   stats_.preemptions = scheduler_.num_preemptions();
+  return true;
 }
 
 }  // namespace pyserve

@@ -86,6 +86,7 @@ class Engine {
     bool prompt_logprobs_done = false;
     std::vector<TokenLogprob> prompt_logprobs;
   };
+  // n <= 128 (SamplingParams::validate), so 256 keys per id never collide.
   static int64_t key(int64_t id, int index) { return id * 256 + index; }
   struct Incoming {
     int64_t id;
@@ -94,7 +95,7 @@ class Engine {
   };
 
   void loop();
-  void step();
+  bool step();  // false: nothing could be scheduled
   void fork(Request& parent);
   void seed_rng(Request& r);
   void finish(Request& r, const char* reason);  // emits the end, then releases

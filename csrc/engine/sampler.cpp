@@ -63,12 +63,22 @@ TokenLogprob token_logprob(const float* x, int n, int32_t token, int k) {
 }
 
 namespace {
+constexpr float kGreedyTemperature = 1e-5f;
 double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0); }
 }  // namespace
 
-int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& p, std::mt19937_64& rng,
+int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& params, std::mt19937_64& rng,
                         const TokenHistory* history, int num_generated, const std::vector<int32_t>& eos,
                         TokenLogprob* logprob) {
+  // Temperatures this small are greedy in effect, and dividing by them overflows to inf (NaN
+  // probabilities); vLLM draws the same line.
+  SamplingParams greedy_copy;
+  const bool tiny_t = params.temperature > 0.f && params.temperature < kGreedyTemperature;
+  if (tiny_t) {
+    greedy_copy = params;
+    greedy_copy.temperature = 0.f;
+  }
+  const SamplingParams& p = tiny_t ? greedy_copy : params;
   const bool masked = num_generated < p.min_tokens;
   const bool processed = !p.logit_bias.empty() || (p.penalised() && history) || masked ||
                          (p.temperature != 0.f && p.temperature != 1.f);

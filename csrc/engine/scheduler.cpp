@@ -33,6 +33,20 @@ bool Scheduler::grow(Sequence* s, int tokens) {
   return need <= 0 || pool_.allocate(need, s->pages);
 }
 
+bool Scheduler::reclaim_waiting(const Sequence* keep) {
+  // Forked choices wait holding their share of the prompt's pages. When pages run out, they give
+  // them back (and recompute later) before any running sequence is preempted: otherwise pages
+  // pinned by the queue could starve the sequences that must finish to free the rest.
+  for (auto it = waiting_.rbegin(); it != waiting_.rend(); ++it) {
+    Sequence* w = *it;
+    if (w == keep || w->pages.empty()) continue;
+    free_pages(w);
+    w->num_computed = 0;
+    return true;
+  }
+  return false;
+}
+
 void Scheduler::preempt(Sequence* s) {
   running_.erase(std::find(running_.begin(), running_.end(), s));
   free_pages(s);
@@ -65,6 +79,7 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
         n = std::min(n, can);
         continue;
       }
+      if (reclaim_waiting(nullptr)) continue;
       Sequence* victim = running_.back();  // newest, and not yet planned (we go oldest first)
       preempt(victim);
       if (victim == s) {
@@ -90,9 +105,12 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
       continue;
     }
     const int reserve = static_cast<int>(running_.size());
-    const int can = (pool_.num_free() - reserve) * ps;
+    const int can = (static_cast<int>(s->pages.size()) + pool_.num_free() - reserve) * ps - s->num_computed;
     const int n = std::min({s->num_tokens - s->num_computed, budget, can});
-    if (n <= 0) break;
+    if (n <= 0) {
+      if (reclaim_waiting(s)) continue;
+      break;
+    }
     if (!grow(s, s->num_computed + n)) throw std::logic_error("scheduler: page accounting is off");
     waiting_.pop_front();
     running_.push_back(s);

@@ -57,6 +57,7 @@ class Scheduler {
  private:
   bool grow(Sequence* s, int tokens);  // pages for the first `tokens` tokens; false if not free
   void preempt(Sequence* s);
+  bool reclaim_waiting(const Sequence* keep);  // frees one waiting sequence's pages, if any holds some
   void free_pages(Sequence* s);
   int pages_for(int tokens) const { return (tokens + config_.page_size - 1) / config_.page_size; }
 

@@ -16,6 +16,7 @@ void ModelConfig::validate() const {
   need(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
        "num_heads must be a positive multiple of num_kv_heads");
   need(head_dim > 0 && head_dim % 2 == 0, "head_dim must be positive and even");
+  need(num_heads / num_kv_heads <= 64, "at most 64 query heads per KV head are supported");
   need(rope_type == "default" || rope_type == "llama3" || rope_type == "linear",
        "rope type '" + rope_type + "' (supported: default, llama3, linear)");
   need(sliding_window >= 0, "sliding_window must be >= 0");

@@ -82,6 +82,12 @@ class ServingContext:
     def token_strings(self) -> TokenStrings:
         return TokenStrings(self.tokenizer)
 
+    @functools.cached_property
+    def encode_limiter(self) -> anyio.CapacityLimiter:
+        """One long tokenization at a time off the event loop (2 cores, shared with the engine).
+        Made on first use, inside the serving loop."""
+        return anyio.CapacityLimiter(1)
+
     @property
     def generation_defaults(self) -> dict[str, Any]:
         return dict(getattr(self.engine.model, "generation_defaults", None) or {})
@@ -196,7 +202,7 @@ async def chat_completions(ctx: ServingContext, request: Request) -> None:
     ctx.check_ready()
     req = ChatCompletionRequest.from_json(parse_json_object(await request.body(ctx.max_body_bytes)))
     ctx.check_model(req.model)
-    prompt_ids = _chat_prompt_ids(ctx, req.messages)
+    prompt_ids = await _chat_prompt_ids(ctx, req.messages)
     check_prompt_length(len(prompt_ids), ctx.max_model_len, "messages")
     _check_request_token_ids(ctx, req)
     jobs = [_Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)]
@@ -213,9 +219,9 @@ async def completions(ctx: ServingContext, request: Request) -> None:
         skip = 0
         if isinstance(p, str):
             # Plain completions get the tokenizer's usual specials (BOS when the model wants one).
-            ids = list(ctx.tokenizer.encode(p, add_special_tokens=True))
+            ids = await _encode(ctx, p, add_special_tokens=True)
             if req.echo:
-                skip = max(len(ids) - len(ctx.tokenizer.encode(p, add_special_tokens=False)), 0)
+                skip = max(len(ids) - len(await _encode(ctx, p, add_special_tokens=False)), 0)
             echo_text = p
         else:
             ids = p
@@ -231,13 +237,27 @@ async def completions(ctx: ServingContext, request: Request) -> None:
     await _serve(ctx, request, req, jobs, fmt)
 
 
-def _chat_prompt_ids(ctx: ServingContext, messages: list[dict[str, Any]]) -> list[int]:
+# Tokenizing a long text takes a while (a megabyte: over a second): off the event loop, so one big
+# prompt does not stall every other stream. Short texts are cheaper to do in place.
+_ENCODE_IN_THREAD_CHARS = 16_384
+
+
+async def _encode(ctx: ServingContext, text: str, *, add_special_tokens: bool) -> list[int]:
+    if len(text) < _ENCODE_IN_THREAD_CHARS:
+        return list(ctx.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    ids = await anyio.to_thread.run_sync(
+        functools.partial(ctx.tokenizer.encode, text, add_special_tokens=add_special_tokens), limiter=ctx.encode_limiter
+    )
+    return list(ids)
+
+
+async def _chat_prompt_ids(ctx: ServingContext, messages: list[dict[str, Any]]) -> list[int]:
     try:
         text = ctx.engine.model.chat_template.render(messages, add_generation_prompt=True)
     except (ValueError, jinja2.TemplateError) as e:  # ChatTemplateError is a ValueError
         raise ProtocolError(f"Could not apply the chat template: {e}", param="messages") from None
     # The template writes BOS itself when the model wants one; never add a second (as vLLM does).
-    return list(ctx.tokenizer.encode(text, add_special_tokens=False))
+    return await _encode(ctx, text, add_special_tokens=False)
 
 
 def _check_request_token_ids(ctx: ServingContext, req: GenerationRequest) -> None:

@@ -112,7 +112,12 @@ class AsyncEngine:
                 out.logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in logprobs]
             if prompt_logprobs is not None:
                 out.prompt_logprobs = [None] + [TokenLogprob(t, lp, list(top)) for t, lp, top in prompt_logprobs]
-            stream.send_nowait(out)
+            try:
+                stream.send_nowait(out)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                # The consumer closed its end without leaving generate() yet: its outputs are moot,
+                # and one such stream must not take the dispatch loop (everyone's) down with it.
+                self._streams.pop(rid, None)
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; with params.n > 1 the choices interleave (see

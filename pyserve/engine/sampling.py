@@ -31,7 +31,7 @@ class SamplingParams:
             "max_tokens": -1 if self.max_tokens is None else int(self.max_tokens),
             "temperature": float(self.temperature),
             "top_p": float(self.top_p),
-            "top_k": max(int(self.top_k), 0),
+            "top_k": min(max(int(self.top_k), 0), 2**31 - 1),  # beyond the vocabulary: off
             "min_p": float(self.min_p),
             # The engine's RNG takes 64 bits; OpenAI seeds may be negative.
             "seed": None if self.seed is None else int(self.seed) & 0x7FFF_FFFF_FFFF_FFFF,

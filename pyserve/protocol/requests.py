@@ -48,9 +48,30 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise ProtocolError(f"The request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ProtocolError(f"The request body must be a JSON object, not {_json_type(data)}.")
+    if _nesting_depth(data) > MAX_JSON_DEPTH:
+        raise ProtocolError(f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
     if _SURROGATE_ESCAPE.search(text):
         _reject_lone_surrogates(data)
     return data
+
+
+# Deeper structures serve no API field, and later recursive walks (surrogate check, chat template)
+# must not hit Python's recursion limit on a client's input.
+MAX_JSON_DEPTH = 64
+
+
+def _nesting_depth(value: Any) -> int:
+    """Depth of nested lists/objects, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((item, depth + 1) for item in v)
+    return deepest
 
 
 # JSON may spell a lone UTF-16 surrogate ("\\ud800"): not a character, it cannot be tokenized or
