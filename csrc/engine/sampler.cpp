@@ -31,8 +31,7 @@ void TokenHistory::add_prompt(const std::vector<int32_t>& prompt, int vocab) {
 
 void TokenHistory::add_generated(int32_t token, int vocab) {
   ++generated[token];
-  if (seen.size() != static_cast<size_t>(vocab)) seen.assign(vocab, 0);
-  seen[token] = 1;
+  seen[token] = 1;  // sized by add_prompt, which always comes first
 }
 
 int32_t argmax(const float* x, int n) {

@@ -51,7 +51,6 @@ void Scheduler::preempt(Sequence* s) {
   running_.erase(std::find(running_.begin(), running_.end(), s));
   free_pages(s);
   s->num_computed = 0;
-  ++s->num_preemptions;
   ++num_preemptions_;
   waiting_.push_front(s);
 }

@@ -15,7 +15,6 @@ struct Sequence {
   int num_tokens = 0;    // prompt + generated so far
   int num_computed = 0;  // tokens whose K/V are in the cache
   std::vector<int32_t> pages;  // page table: token t lives in pages[t / page_size]
-  int num_preemptions = 0;
 };
 
 struct ScheduledChunk {
