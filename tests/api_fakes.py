@@ -14,24 +14,12 @@ from typing import Any, Sequence
 import anyio
 
 from pyserve.engine.sampling import RequestOutput, TokenLogprob
+from pyserve.model.vocab_tokenizer import bytes_to_unicode
 
 BOS, EOS, IM_END = 256, 257, 258
 SPECIAL = {BOS: "<s>", EOS: "</s>", IM_END: "<|im_end|>"}
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-_BYTE_CHARS = _bytes_to_unicode()
+_BYTE_CHARS = bytes_to_unicode()
 
 
 class _FakeBackend:

@@ -70,36 +70,27 @@ def load_model(path: str, *, load_tensors: bool = True) -> LoadedModel:
     if os.path.isdir(path):
         from .hf import read_hf_dir
 
-        c = read_hf_dir(path, load_tensors=load_tensors)
-        name = os.path.basename(path.rstrip(os.sep))
-        return LoadedModel(
-            name=name,
-            path=path,
-            format=c.format,
-            config=c.config,
-            tensors=c.tensors,
-            tokenizer=c.tokenizer,
-            chat_template=_chat_template(c.chat_template, c.tokenizer, path),
-            generation_defaults=c.generation_defaults,
-            file_bytes=c.file_bytes,
-        )
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"{path} is neither a directory nor a GGUF file (magic {magic!r})")
-    from .gguf_file import read_gguf
+        parts = read_hf_dir(path, load_tensors=load_tensors)
+        name, file_bytes = os.path.basename(path.rstrip(os.sep)), parts.file_bytes
+    else:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic != b"GGUF":
+            raise ModelLoadError(f"{path} is neither a directory nor a GGUF file (magic {magic!r})")
+        from .gguf_file import read_gguf
 
-    g = read_gguf(path, load_tensors=load_tensors)
-    stem = os.path.basename(path)
-    stem = stem[: -len(".gguf")] if stem.lower().endswith(".gguf") else stem
+        parts = read_gguf(path, load_tensors=load_tensors)
+        name = os.path.basename(path)
+        name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
+        file_bytes = os.path.getsize(path)
     return LoadedModel(
-        name=stem,
+        name=name,
         path=path,
-        format=g.format,
-        config=g.config,
-        tensors=g.tensors,
-        tokenizer=g.tokenizer,
-        chat_template=_chat_template(g.chat_template, g.tokenizer, path),
-        generation_defaults=g.generation_defaults,
-        file_bytes=os.path.getsize(path),
+        format=parts.format,
+        config=parts.config,
+        tensors=parts.tensors,
+        tokenizer=parts.tokenizer,
+        chat_template=_chat_template(parts.chat_template, parts.tokenizer, path),
+        generation_defaults=parts.generation_defaults,
+        file_bytes=file_bytes,
     )
