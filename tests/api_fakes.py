@@ -234,6 +234,36 @@ class FakeEngine:
         return {"running": 0, "waiting": 0, "kv_capacity_tokens": 1024}
 
 
+class LifespanDriver:
+    """Plays the server's side of an app's ASGI lifespan: startup at once, shutdown when told."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict] = []
+        self._inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+        self._answered = anyio.Event()
+        self._stop = anyio.Event()
+
+    async def run(self, app: Any) -> None:
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, self._receive, self._send)
+
+    async def started(self) -> None:
+        """Waits for the app's answer to startup."""
+        with anyio.fail_after(5):
+            await self._answered.wait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _receive(self) -> dict:
+        if len(self._inbox) == 1:
+            await self._stop.wait()
+        return self._inbox.pop(0)
+
+    async def _send(self, message: dict) -> None:
+        self.sent.append(message)
+        self._answered.set()
+
+
 # --- a tiny ASGI client ----------------------------------------------------------------------------
 
 

@@ -21,6 +21,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(proc: subprocess.Popen, port: int, timeout: float, what: str = "server") -> str:
+    """Polls GET /health on a server subprocess until it answers 200; returns its base URL.
+    Raises if the process exits first or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            try:
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    return f"http://127.0.0.1:{port}"
+            finally:
+                conn.close()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} not ready after {timeout} s")
+        time.sleep(0.2)  # polling a real readiness condition, not standing in for one
+
+
 @contextmanager
 def running_server(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
     """Yields the base URL once /health answers 200; stops the server (SIGINT) afterwards and
@@ -30,23 +52,7 @@ def running_server(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
     log = open(os.devnull, "wb") if os.environ.get("PYSERVE_TEST_QUIET") else None
     proc = subprocess.Popen(cmd, stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode} before it was ready: {cmd}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    conn.close()
-                    break
-                conn.close()
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {startup_timeout} s: {cmd}")
-            time.sleep(0.2)  # polling a real readiness condition, not standing in for one
-        yield f"http://127.0.0.1:{port}"
+        yield wait_until_healthy(proc, port, startup_timeout, what=" ".join(cmd))
     finally:
         if proc.poll() is None:
             proc.send_signal(2)  # SIGINT: the Ctrl-C path

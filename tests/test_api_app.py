@@ -203,28 +203,19 @@ def test_engine_overload_error_keeps_status_and_headers(engine, app):
 
 
 def test_lifespan_runs_and_stops_the_engine(engine, app):
-    out: list = []
+    from api_fakes import LifespanDriver
+
+    lifespan = LifespanDriver()
     state: dict = {}
+    out: list = []
 
     async def main():
-        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-        go = anyio.Event()
-
-        async def receive():
-            if len(inbox) == 1:
-                await go.wait()
-            return inbox.pop(0)
-
-        async def send(message):
-            out.append(message)
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-            with anyio.fail_after(5):
-                while not out:
-                    await anyio.sleep(0.001)
+            tg.start_soon(lifespan.run, app)
+            await lifespan.started()
             state["running_after_startup"] = engine.running
-            go.set()
+            lifespan.stop()
+        out.extend(lifespan.sent)
 
     anyio.run(main)
     assert [m["type"] for m in out] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
@@ -265,33 +256,20 @@ def test_engine_crash_after_start_makes_health_503(engine, app):
     results: dict = {}
 
     async def main():
-        from api_fakes import request
+        from api_fakes import LifespanDriver, request
 
-        inbox = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
-        go = anyio.Event()
-        out: list = []
-
-        async def receive():
-            if len(inbox) == 1:
-                await go.wait()
-            return inbox.pop(0)
-
-        async def send(message):
-            out.append(message)
-
+        lifespan = LifespanDriver()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
-            with anyio.fail_after(5):
-                while not out:
-                    await anyio.sleep(0.001)
+            tg.start_soon(lifespan.run, app)
+            await lifespan.started()
             crash.set()
-            await anyio.sleep(0.01)
+            await anyio.wait_all_tasks_blocked()  # the engine task has died and the app noticed
             results["health"] = await request(app, "GET", "/health")
             results["chat"] = await request(
                 app, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
             )
-            go.set()
-        results["out"] = out
+            lifespan.stop()
+        results["out"] = lifespan.sent
 
     anyio.run(main)
     assert results["health"].status == 503
@@ -441,9 +419,8 @@ def test_overload_is_503_with_retry_after_and_recovers(engine):
 
             for i in range(2):
                 tg.start_soon(hold, i)
-            with anyio.fail_after(5):
-                while sum(1 for c in engine.calls) < 2:
-                    await anyio.sleep(0.001)
+            await anyio.wait_all_tasks_blocked()  # both holders are parked at the engine's gate
+            assert len(engine.calls) == 2
             assert app.pending_requests == 2
             results["over"] = await request(app, "POST", "/v1/completions", {"prompt": "hi"})
             results["models"] = await request(app, "GET", "/v1/models")  # not a generation: served

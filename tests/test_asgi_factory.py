@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -116,7 +115,7 @@ def test_mounted_inside_a_starlette_app(with_lifespan: bool) -> None:
 
 def test_uvicorn_factory_command_line(tmp_path) -> None:
     pytest.importorskip("uvicorn")
-    from server_process import free_port
+    from server_process import free_port, wait_until_healthy
 
     port = free_port()
     env = {**os.environ, "PYSERVE_ARGS": f"{default_model_path()} --mode server --num-threads 2 --max-num-sequence 4 --max-total-sequence-length 16384"}
@@ -124,18 +123,11 @@ def test_uvicorn_factory_command_line(tmp_path) -> None:
     log = open(tmp_path / "uvicorn.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "pyserve.asgi:create_app",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "uvicorn.log").read_text()
-            try:
-                if request(url, "GET", "/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "uvicorn did not come up"
-            time.sleep(0.2)  # polling a real readiness condition
+        try:
+            url = wait_until_healthy(proc, port, 120, what="uvicorn")
+        except RuntimeError as e:
+            raise AssertionError(f"{e}:\n{(tmp_path / 'uvicorn.log').read_text()}") from None
         from openai import OpenAI
 
         client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)

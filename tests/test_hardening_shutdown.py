@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from live_server import Reader, request, send_request
+from live_server import Reader, send_request
 from pyserve.model.loader import default_model_path
-from server_process import free_port
+from server_process import free_port, wait_until_healthy
 
 SHUTDOWN_TIMEOUT = 4.0
 
@@ -25,17 +25,11 @@ def start_server(tmp_path, *flags: str) -> tuple[subprocess.Popen, str, object]:
     log = open(tmp_path / "server.log", "w+b")
     proc = subprocess.Popen([sys.executable, "-m", "pyserve", default_model_path(), "--port", str(port),
                              "--num-threads", "2", *flags], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, (tmp_path / "server.log").read_text()
-        try:
-            if request(url, "GET", "/health", timeout=5)[0] == 200:
-                return proc, url, log
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "server did not come up"
-        time.sleep(0.2)  # polling a real readiness condition
+    try:
+        url = wait_until_healthy(proc, port, 120)
+    except RuntimeError as e:
+        raise AssertionError(f"{e}:\n{(tmp_path / 'server.log').read_text()}") from None
+    return proc, url, log
 
 
 def open_stream(url: str, max_tokens: int) -> tuple[socket.socket, Reader, dict]:
