@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pyserve.config import (
     DEVICES,
@@ -40,44 +40,25 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 _FLAG_FIELDS = ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size", "num_threads")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number(kind: type, check: Callable[[Any], bool], expected: str, bound: str) -> Callable[[str], Any]:
+    """An argparse type: `kind(text)` that must satisfy `check`; errors say what was expected."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{bound}, got {text}")
+        return value
+
+    return parse
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 0..65535, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+_positive_int = _number(int, lambda v: v >= 1, "an integer", "must be >= 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "an integer", "must be >= 0")
+_port = _number(int, lambda v: 0 <= v <= 65535, "a port number", "port must be in 0..65535")
+_positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds", "must be > 0")
 
 
 _SIZE_UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,

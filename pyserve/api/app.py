@@ -358,29 +358,13 @@ class _RecordingStatus:
         self._inner.started(value)
 
 
-def create_app(
-    engine: Any,
-    *,
-    served_model_name: str | None = None,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-    api_key: str | None = None,
-    cors: CORSConfig | None = None,
-    max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
-) -> App:
-    """The ASGI app serving `engine` under `served_model_name` (default: the model's name).
-
-    api_key: required as `Authorization: Bearer` on /v1/* (None: open). cors: CORS settings
-    (None: MLC-LLM's permissive defaults; `CORSConfig(allow_origins=[])`: off).
-    max_waiting_requests: generation requests allowed to wait beyond the engine's batch slots
-    (None: unbounded)."""
-    return App(
-        engine,
-        served_model_name=served_model_name,
-        max_body_bytes=max_body_bytes,
-        api_key=api_key,
-        cors=cors,
-        max_waiting_requests=max_waiting_requests,
-    )
+def create_app(engine: Any, **options: Any) -> App:
+    """The ASGI app serving `engine`; `options` are App's keyword arguments:
+    served_model_name (default: the model's name); max_body_bytes; api_key (required as
+    `Authorization: Bearer` on /v1/*, None: open); cors (None: MLC-LLM's permissive defaults,
+    `CORSConfig(allow_origins=[])`: off); max_waiting_requests (generation requests allowed to wait
+    beyond the engine's batch slots, None: unbounded)."""
+    return App(engine, **options)
 
 
 __all__ = ["App", "create_app", "route_path", "CORSConfig"]

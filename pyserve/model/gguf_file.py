@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +21,7 @@ from tokenizers import AddedToken
 
 from .config import ModelConfig, merge_ids
 from .errors import ModelLoadError
+from .parts import ModelParts
 from .tensor import TensorRecord
 from .tokenizer import Tokenizer
 from .vocab_tokenizer import CONTROL, byte_level_bpe, sentencepiece_bpe
@@ -128,17 +129,6 @@ def infer_llama3_rope_scaling(
         "GGUF rope_freqs.weight does not match llama3 rope scaling (low_freq_factor 1, high_freq_factor 4); "
         "other per-frequency rope factors are not supported"
     )
-
-
-@dataclass
-class GGUFContents:
-    config: ModelConfig
-    tensors: dict[str, TensorRecord]
-    tokenizer: Tokenizer
-    chat_template: str | None
-    generation_defaults: dict = field(default_factory=dict)
-    format: str = "gguf"
-    metadata: dict = field(default_factory=dict)  # scalar metadata (arrays left out)
 
 
 def _metadata(reader: Any) -> dict[str, Any]:
@@ -319,7 +309,7 @@ def _format_name(reader: Any, md: dict, gguf: Any) -> str:
     return counts.most_common(1)[0][0] if counts else "F32"
 
 
-def read_gguf(path: str, *, load_tensors: bool = True) -> GGUFContents:
+def read_gguf(path: str, *, load_tensors: bool = True) -> ModelParts:
     try:
         import gguf
     except ImportError as e:  # pragma: no cover - gguf is a dependency
@@ -359,12 +349,12 @@ def read_gguf(path: str, *, load_tensors: bool = True) -> GGUFContents:
     tokenizer = build_tokenizer(md, path, config.eos_token_ids)
     config.eos_token_ids = merge_ids(tokenizer.eos_token_ids, config.eos_token_ids)
     gen = {ours: _f32(md[k]) if isinstance(md[k], float) else md[k] for k, ours in _SAMPLING_KEYS.items() if k in md}
-    return GGUFContents(
+    return ModelParts(
         config=config,
         tensors=tensors,
         tokenizer=tokenizer,
         chat_template=md.get("tokenizer.chat_template"),
         generation_defaults=gen,
         format=f"gguf {_format_name(reader, md, gguf)}",
-        metadata={k: v for k, v in md.items() if not isinstance(v, list)},
+        file_bytes=os.path.getsize(path),
     )

@@ -6,31 +6,19 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
 
 from .config import ModelConfig, merge_ids, parse_hf_config
 from .errors import ModelLoadError
+from .parts import ModelParts
 from .hf_tokenizer import load_hf_tokenizer, read_json
 from .safetensors import load_safetensors_dir
 from .tensor import TensorRecord
-from .tokenizer import Tokenizer
 from .weights import check_tensors, expected_shapes
 
 log = logging.getLogger(__name__)
 
 # generation_config.json keys we pass on as sampling defaults (same names as the file)
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-@dataclass
-class HFContents:
-    config: ModelConfig
-    tensors: dict[str, TensorRecord]
-    tokenizer: Tokenizer
-    chat_template: str | None
-    generation_defaults: dict = field(default_factory=dict)
-    format: str = "safetensors"
-    file_bytes: int = 0
 
 
 def read_hf_config(model_dir: str) -> tuple[ModelConfig, dict]:
@@ -44,7 +32,7 @@ def read_hf_config(model_dir: str) -> tuple[ModelConfig, dict]:
     return parse_hf_config(cfg, gen, cfg_path), gen
 
 
-def read_hf_dir(model_dir: str, *, load_tensors: bool = True) -> HFContents:
+def read_hf_dir(model_dir: str, *, load_tensors: bool = True) -> ModelParts:
     config, gen = read_hf_config(model_dir)
     tensors: dict[str, TensorRecord] = {}
     files: list[str] = []
@@ -70,4 +58,4 @@ def read_hf_dir(model_dir: str, *, load_tensors: bool = True) -> HFContents:
     gen_defaults = {k: gen[k] for k in GENERATION_DEFAULT_KEYS if gen.get(k) is not None}
     files = files or [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
     size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in files)
-    return HFContents(config, tensors, tokenizer, template, gen_defaults, fmt, size)
+    return ModelParts(config, tensors, tokenizer, template, gen_defaults, fmt, size)

@@ -71,7 +71,7 @@ def load_model(path: str, *, load_tensors: bool = True) -> LoadedModel:
         from .hf import read_hf_dir
 
         parts = read_hf_dir(path, load_tensors=load_tensors)
-        name, file_bytes = os.path.basename(path.rstrip(os.sep)), parts.file_bytes
+        name = os.path.basename(path.rstrip(os.sep))
     else:
         with open(path, "rb") as f:
             magic = f.read(4)
@@ -82,7 +82,6 @@ def load_model(path: str, *, load_tensors: bool = True) -> LoadedModel:
         parts = read_gguf(path, load_tensors=load_tensors)
         name = os.path.basename(path)
         name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
-        file_bytes = os.path.getsize(path)
     return LoadedModel(
         name=name,
         path=path,
@@ -92,5 +91,5 @@ def load_model(path: str, *, load_tensors: bool = True) -> LoadedModel:
         tokenizer=parts.tokenizer,
         chat_template=_chat_template(parts.chat_template, parts.tokenizer, path),
         generation_defaults=parts.generation_defaults,
-        file_bytes=file_bytes,
+        file_bytes=parts.file_bytes,
     )

@@ -123,18 +123,27 @@ def chat_choice(
     }
 
 
-def chat_completion(
-    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, Any]
+def _generation_object(
+    object_type: str, id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None
 ) -> dict[str, Any]:
-    return {
+    """The envelope every completion object shares; `usage` is left out when None (stream chunks)."""
+    obj: dict[str, Any] = {
         "id": id,
-        "object": "chat.completion",
+        "object": object_type,
         "created": created,
         "model": model,
         "system_fingerprint": SYSTEM_FINGERPRINT,
         "choices": choices,
-        "usage": usage,
     }
+    if usage is not None:
+        obj["usage"] = usage
+    return obj
+
+
+def chat_completion(
+    id: str, created: int, model: str, choices: list[dict[str, Any]], usage: dict[str, Any]
+) -> dict[str, Any]:
+    return _generation_object("chat.completion", id, created, model, choices, usage)
 
 
 def chat_chunk_choice(
@@ -160,17 +169,7 @@ def chat_chunk(
     choices: list[dict[str, Any]],
     usage: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    chunk = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage
-    return chunk
+    return _generation_object("chat.completion.chunk", id, created, model, choices, usage)
 
 
 # --- completions --------------------------------------------------------------------------------
@@ -190,17 +189,7 @@ def completion(
     usage: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """A text_completion object; streamed chunks use the same shape (usage only on the last)."""
-    obj = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "choices": choices,
-    }
-    if usage is not None:
-        obj["usage"] = usage
-    return obj
+    return _generation_object("text_completion", id, created, model, choices, usage)
 
 
 # --- models -------------------------------------------------------------------------------------
