@@ -51,12 +51,27 @@ TokenLogprob token_logprob(const float* x, int n, int32_t token, int k) {
   out.token = token;
   out.logprob = x[token] - log_z;
   if (k > 0) {
-    std::vector<std::pair<float, int32_t>> c(n);
-    for (int i = 0; i < n; ++i) c[i] = {x[i], i};
+    // Top k in one pass with a k-sized min-heap: no vocabulary-sized buffer per scored token
+    // (echo with logprobs scores every prompt token).
     k = std::min(k, n);
-    auto more_likely = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
-    std::partial_sort(c.begin(), c.begin() + k, c.end(), more_likely);
-    for (int i = 0; i < k; ++i) out.top.emplace_back(c[i].second, c[i].first - log_z);
+    auto more_likely = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    std::vector<std::pair<float, int32_t>> heap;  // heap.front() is the least likely kept
+    heap.reserve(k);
+    for (int i = 0; i < n; ++i) {
+      const std::pair<float, int32_t> e{x[i], i};
+      if (static_cast<int>(heap.size()) < k) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), more_likely);
+      } else if (more_likely(e, heap.front())) {
+        std::pop_heap(heap.begin(), heap.end(), more_likely);
+        heap.back() = e;
+        std::push_heap(heap.begin(), heap.end(), more_likely);
+      }
+    }
+    std::sort(heap.begin(), heap.end(), more_likely);
+    for (const auto& [logit, id] : heap) out.top.emplace_back(id, logit - log_z);
   }
   return out;
 }
