@@ -157,6 +157,7 @@ class FakeEngine:
 
     async def generate(self, prompt_ids: list[int], params: Any):
         call = Call(list(prompt_ids), params)
+        request_id = len(self.calls)  # the index into self.calls, as abort_choice receives it
         self.calls.append(call)
         n = getattr(params, "n", 1)
         k = getattr(params, "logprobs", None)
@@ -178,7 +179,7 @@ class FakeEngine:
                     if i in call.aborted_choices:  # like the real engine: a final "abort" output
                         done[i] = True
                         call.finished = all(done)
-                        yield RequestOutput([], True, "abort", len(prompt_ids), index=i)
+                        yield RequestOutput([], True, "abort", len(prompt_ids), index=i, request_id=request_id)
                         if all(done):
                             return
                         continue
@@ -190,7 +191,7 @@ class FakeEngine:
                     stop_hit = eos_hit or any(t in params.stop_token_ids for t in new)
                     done[i] = stop_hit or produced[i] >= min(limit, len(tokens[i]))
                     reason = "stop" if stop_hit else ("length" if done[i] else None)
-                    extra: dict[str, Any] = {"index": i}
+                    extra: dict[str, Any] = {"index": i, "request_id": request_id}
                     if self.cached_tokens:
                         extra["num_cached_tokens"] = self.cached_tokens
                     if k is not None:
@@ -217,7 +218,7 @@ class FakeEngine:
                 call.closed_early = True  # synchronous, like a real engine's abort
 
     def abort_choice(self, request_id: int, index: int) -> None:
-        self.calls[-1].aborted_choices.append(index)
+        self.calls[request_id].aborted_choices.append(index)
 
     async def run(self, *, task_status=anyio.TASK_STATUS_IGNORED) -> None:
         self.running = True
