@@ -186,7 +186,7 @@ SamplingParams sampling_fields(const py::dict& d) {
   return p;
 }
 
-std::unique_ptr<Engine> make_engine(PyModel m, const py::dict& d) {
+EngineConfig engine_config_from(const py::dict& d) {
   EngineConfig c;
   c.max_num_seqs = get_or<int>(d, "max_num_seqs", c.max_num_seqs);
   c.max_batch_tokens = get_or<int>(d, "max_batch_tokens", c.max_batch_tokens);
@@ -195,9 +195,61 @@ std::unique_ptr<Engine> make_engine(PyModel m, const py::dict& d) {
   c.max_model_len = get_or<int>(d, "max_model_len", c.max_model_len);
   c.eos_token_ids = get_or<std::vector<int32_t>>(d, "eos_token_ids", {});
   c.notify_fd = get_or<int>(d, "notify_fd", -1);
-  py::gil_scoped_release release;
-  return std::make_unique<Engine>(m.model, c);
+  c.prompt_logit_rows = get_or<int>(d, "prompt_logit_rows", c.prompt_logit_rows);
+  return c;
 }
+
+// An Engine's destructor joins its thread: never with the GIL held (a step may take a while, and
+// nothing the engine thread does needs Python, but the event loop should not stall on it).
+struct GilFreeDelete {
+  void operator()(Engine* e) const {
+    if (PyGILState_Check()) {
+      py::gil_scoped_release release;
+      std::default_delete<Engine>()(e);
+    } else {
+      std::default_delete<Engine>()(e);
+    }
+  }
+};
+using EnginePtr = std::unique_ptr<Engine, GilFreeDelete>;
+
+EnginePtr make_engine(PyModel m, const py::dict& d) {
+  EngineConfig c = engine_config_from(d);
+  py::gil_scoped_release release;
+  return EnginePtr(new Engine(m.model, c));
+}
+
+std::unique_ptr<EngineCore> make_engine_core(PyModel m, const py::dict& d) {
+  EngineConfig c = engine_config_from(d);
+  c.notify_fd = -1;
+  py::gil_scoped_release release;
+  return std::make_unique<EngineCore>(m.model, c);
+}
+
+py::list lp_list(const std::vector<TokenLogprob>& v) {
+  py::list l;
+  for (const TokenLogprob& t : v) l.append(py::make_tuple(t.token, t.logprob, py::cast(t.top)));
+  return l;
+}
+
+// (request_id, index, new_token_ids, finished, finish_reason, num_prompt_tokens, logprobs,
+//  prompt_logprobs, error)
+py::list outputs_list(std::vector<EngineOutput> outputs) {
+  py::list out;
+  for (EngineOutput& o : outputs)
+    out.append(py::make_tuple(
+        o.id, o.index, py::cast(o.tokens), o.finished,
+        o.finished ? py::object(py::str(o.finish_reason)) : py::object(py::none()), o.num_prompt_tokens,
+        o.logprobs.empty() ? py::object(py::none()) : py::object(lp_list(o.logprobs)),
+        o.has_prompt_logprobs ? py::object(lp_list(o.prompt_logprobs)) : py::object(py::none()),
+        o.error.empty() ? py::object(py::none()) : py::object(py::str(o.error))));
+  return out;
+}
+
+const char* kOutputsDoc =
+    "[(request_id, index, new_token_ids, finished, finish_reason, num_prompt_tokens, logprobs, "
+    "prompt_logprobs, error)]; logprobs entries are (token, logprob, [(token, logprob), ...]); "
+    "finish_reason is stop | length | abort | error, and error says what went wrong";
 
 py::dict stats_dict(const EngineStats& s) {
   py::dict d;
@@ -211,6 +263,10 @@ py::dict stats_dict(const EngineStats& s) {
   d["prompt_tokens_computed"] = s.prompt_tokens_computed;
   d["tokens_generated"] = s.tokens_generated;
   d["preemptions"] = s.preemptions;
+  d["requests_failed"] = s.requests_failed;
+  d["step_failures"] = s.step_failures;
+  d["live_choices"] = s.live_choices;
+  d["step_index"] = s.step_index;
   return d;
 }
 
@@ -429,7 +485,7 @@ PYBIND11_MODULE(_C, m) {
       .def("reset", &Session::reset)
       .def_property_readonly("length", &Session::length);
 
-  py::class_<Engine>(m, "Engine")
+  py::class_<Engine, EnginePtr>(m, "Engine")
       .def(py::init(&make_engine), py::arg("model"), py::arg("config"))
       .def("add_request",
            [](Engine& e, int64_t id, std::vector<int32_t> prompt, const py::dict& params) {
@@ -438,26 +494,43 @@ PYBIND11_MODULE(_C, m) {
            py::arg("request_id"), py::arg("prompt"), py::arg("params"))
       .def("abort", &Engine::abort, py::arg("request_id"), py::arg("index") = -1,
            "Aborts every choice of the request, or only choice `index`.")
-      .def("fetch",
-           [](Engine& e) {
-             auto lp_list = [](const std::vector<TokenLogprob>& v) {
-               py::list l;
-               for (const TokenLogprob& t : v) l.append(py::make_tuple(t.token, t.logprob, py::cast(t.top)));
-               return l;
-             };
-             py::list out;
-             for (EngineOutput& o : e.fetch())
-               out.append(py::make_tuple(
-                   o.id, o.index, py::cast(o.tokens), o.finished,
-                   o.finished ? py::object(py::str(o.finish_reason)) : py::object(py::none()), o.num_prompt_tokens,
-                   o.logprobs.empty() ? py::object(py::none()) : py::object(lp_list(o.logprobs)),
-                   o.has_prompt_logprobs ? py::object(lp_list(o.prompt_logprobs)) : py::object(py::none())));
-             return out;
-           },
-           "[(request_id, index, new_token_ids, finished, finish_reason, num_prompt_tokens, logprobs, "
-           "prompt_logprobs)]; logprobs entries are (token, logprob, [(token, logprob), ...])")
+      .def("fetch", [](Engine& e) { return outputs_list(e.fetch()); }, kOutputsDoc)
       .def("stats", [](const Engine& e) { return stats_dict(e.stats()); })
+      .def_property_readonly("failure", &Engine::failure,
+                             "None while the engine works; why it stopped, once it has failed")
+      .def("inject_fault",
+           [](Engine& e, const std::string& phase, int64_t at_step, int64_t request, bool alloc, int times) {
+             e.inject_fault(parse_phase(phase), at_step, request, alloc, times);
+           },
+           py::arg("phase"), py::arg("at_step") = 0, py::arg("request_id") = -1, py::arg("alloc") = false,
+           py::arg("times") = 1, "Test-only: make a phase throw (see FaultSwitch).")
       .def("shutdown", &Engine::shutdown, py::call_guard<py::gil_scoped_release>());
+
+  // The synchronous core, for tests that step the engine one step at a time.
+  py::class_<EngineCore>(m, "EngineCore")
+      .def(py::init(&make_engine_core), py::arg("model"), py::arg("config"))
+      .def("add_request",
+           [](EngineCore& e, int64_t id, std::vector<int32_t> prompt, const py::dict& params) {
+             e.add_request(id, std::move(prompt), sampling_from(params));
+           },
+           py::arg("request_id"), py::arg("prompt"), py::arg("params"))
+      .def("abort", &EngineCore::abort, py::arg("request_id"), py::arg("index") = -1)
+      .def("step", &EngineCore::step, py::call_guard<py::gil_scoped_release>(),
+           "Runs one step; False when nothing could run.")
+      .def("take_outputs", [](EngineCore& e) { return outputs_list(e.take_outputs()); }, kOutputsDoc)
+      .def("end_all", [](EngineCore& e, const std::string& reason, const std::string& message) {
+             if (reason != "abort" && reason != "error") throw std::invalid_argument("reason: abort or error");
+             e.end_all(reason == "abort" ? "abort" : "error", message);
+           }, py::arg("reason") = "abort", py::arg("message") = "")
+      .def_property_readonly("idle", &EngineCore::idle)
+      .def_property_readonly("step_index", &EngineCore::step_index)
+      .def("stats", [](const EngineCore& e) { return stats_dict(e.stats()); })
+      .def("inject_fault",
+           [](EngineCore& e, const std::string& phase, int64_t at_step, int64_t request, bool alloc, int times) {
+             e.faults().arm(parse_phase(phase), at_step, request, alloc, times);
+           },
+           py::arg("phase"), py::arg("at_step") = 0, py::arg("request_id") = -1, py::arg("alloc") = false,
+           py::arg("times") = 1, "Test-only: make a phase throw (see FaultSwitch).");
 
   py::module_ k = m.def_submodule("kernels", "CPU kernels, exposed for tests and benchmarks");
   k.def("gemm", &kernel_gemm, py::arg("w"), py::arg("x"), py::arg("bias") = py::none(),

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from pyserve import _C
+from pyserve.engine.native import native_model
 from pyserve.model.loader import LoadedModel
 
 
 def c_model(model: LoadedModel, threads: int = 2, isa: str = "auto") -> "_C.Model":
-    tensors = [(name, r.format, r.data, tuple(r.shape)) for name, r in model.tensors.items()]
-    return _C.Model(dataclasses.asdict(model.config), tensors, threads, isa)
+    return native_model(model, threads, isa)
 
 
 def our_logits(cm: "_C.Model", prompt: list[int], continuation: list[int], max_tokens: int = 512) -> np.ndarray:

@@ -9,7 +9,6 @@ per token x tokens/s) against a read ceiling measured here (a streaming read ove
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import sys
@@ -18,15 +17,13 @@ import time
 import numpy as np
 
 from pyserve import _C
+from pyserve.engine.native import native_model
 from pyserve.model.loader import default_model_path, load_model
 
 
 def bench_pyserve(path: str, threads: int, prompt: list[int], n_decode: int, repeats: int) -> dict:
     model = load_model(path)
-    tensors = [(n, r.format, r.data, tuple(r.shape)) for n, r in model.tensors.items()]
-    cm = _C.Model(dataclasses.asdict(model.config), tensors, threads)
-    del tensors
-    model.tensors = {}
+    cm = native_model(model, threads, release_tensors=True)
     prefill, decode = [], []
     for _ in range(repeats):
         s = _C.Session(cm, len(prompt) + n_decode + 1)

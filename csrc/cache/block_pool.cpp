@@ -1,5 +1,6 @@
 #include "cache/block_pool.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -8,7 +9,13 @@ namespace pyserve {
 BlockPool::BlockPool(int num_pages) : refs_(num_pages > 0 ? num_pages : 0, 0) {
   if (num_pages <= 0) throw std::invalid_argument("BlockPool needs at least one page");
   free_.reserve(num_pages);
-  for (int i = num_pages - 1; i >= 0; --i) free_.push_back(i);
+  reset();
+}
+
+void BlockPool::reset() {
+  free_.clear();
+  for (int i = num_pages() - 1; i >= 0; --i) free_.push_back(i);
+  std::fill(refs_.begin(), refs_.end(), 0);
 }
 
 void BlockPool::check(int32_t page) const {

@@ -19,6 +19,7 @@ class BlockPool {
   void retain(int32_t page);   // one more holder (prefix sharing)
   void release(int32_t page);  // one holder fewer; the page is free again at zero
   int refcount(int32_t page) const;
+  void reset();  // every page free again
 
  private:
   void check(int32_t page) const;

@@ -28,6 +28,12 @@ void Scheduler::remove(Sequence* s) {
   free_pages(s);
 }
 
+void Scheduler::reset() {
+  waiting_.clear();
+  running_.clear();
+  rejected_.clear();
+}
+
 bool Scheduler::grow(Sequence* s, int tokens) {
   const int need = pages_for(tokens) - static_cast<int>(s->pages.size());
   return need <= 0 || pool_.allocate(need, s->pages);

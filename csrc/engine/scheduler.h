@@ -41,6 +41,9 @@ class Scheduler {
   void add(Sequence* s);        // to the back of the waiting queue
   void add_front(Sequence* s);  // to the front (forked choices: next in line, pages already held)
   void remove(Sequence* s);  // finished or aborted: frees its pages; a no-op if unknown
+  // Forgets every sequence without touching the pool (the engine resets both after a fault that
+  // left the bookkeeping in doubt).
+  void reset();
 
   // Plans the next step and allocates the pages it writes. Sequences that can never fit the
   // cache are moved to rejected() instead.

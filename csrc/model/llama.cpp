@@ -69,10 +69,21 @@ void LlamaModel::reserve(int n) {
 }
 
 void LlamaModel::forward(const ForwardBatch& batch, KVCache& cache, float* logits) {
+  std::lock_guard<std::mutex> lock(forward_mu_);
+  const float* hidden = forward_hidden(batch, cache);
+  lm_head(hidden, static_cast<int>(batch.logit_rows.size()), logits);
+}
+
+void LlamaModel::lm_head(const float* hidden, int rows, float* logits) {
+  if (rows <= 0) return;
+  const Matrix& head = lm_head_ ? *lm_head_ : *embed_;
+  backend_->matmul(head, hidden, config_.hidden_size, rows, logits, config_.vocab_size, nullptr, false);
+}
+
+const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cache) {
   const ModelConfig& c = config_;
   const int n = static_cast<int>(batch.tokens.size());
-  if (n == 0) return;
-  std::lock_guard<std::mutex> lock(forward_mu_);
+  if (n == 0) return ws_.final_x.data();
   if (batch.positions.size() != batch.tokens.size() || batch.page_tables.size() != batch.tokens.size())
     throw std::invalid_argument("forward: tokens, positions and page_tables differ in length");
   reserve(n);
@@ -140,8 +151,7 @@ void LlamaModel::forward(const ForwardBatch& batch, KVCache& cache, float* logit
     be.rmsnorm(ws_.h.data() + static_cast<int64_t>(row) * H, H, final_norm_.data(), 1, H,
                c.rms_norm_eps, ws_.final_x.data() + static_cast<int64_t>(j) * H, H);
   }
-  const Matrix& head = lm_head_ ? *lm_head_ : *embed_;
-  be.matmul(head, ws_.final_x.data(), H, r, logits, c.vocab_size, nullptr, false);
+  return ws_.final_x.data();
 }
 
 }  // namespace pyserve

@@ -31,7 +31,18 @@ class LlamaModel {
   // Bytes of weights one decode step reads (every matrix once, the LM head included).
   size_t weight_bytes() const { return weight_bytes_; }
 
-  // logits: [batch.logit_rows.size(), vocab_size]
+  // Sizes the workspace for batches of up to n_tokens tokens up front (the engine's step budget),
+  // so serving allocates nothing per step and memory never grows with the largest request.
+  void reserve(int n_tokens);
+
+  // forward_hidden and lm_head share the workspace: a caller using them holds lock() across both.
+  std::unique_lock<std::mutex> lock() { return std::unique_lock<std::mutex>(forward_mu_); }
+  // The transformer body: writes the batch's K/V into the cache and returns the final-normed
+  // hidden states of batch.logit_rows: [logit_rows.size(), hidden_size], valid until the next call.
+  const float* forward_hidden(const ForwardBatch& batch, KVCache& cache);
+  // The LM head over `rows` hidden rows: logits [rows, vocab_size].
+  void lm_head(const float* hidden, int rows, float* logits);
+  // Both: logits [batch.logit_rows.size(), vocab_size]. For tests and tools.
   void forward(const ForwardBatch& batch, KVCache& cache, float* logits);
 
  private:
@@ -44,7 +55,6 @@ class LlamaModel {
     std::vector<float> h, xn, qkv, attn, gate_up, act, cos, sin, final_x;
     std::vector<int64_t> slots;
   };
-  void reserve(int n_tokens);
 
   ModelConfig config_;
   std::shared_ptr<Backend> backend_;

@@ -210,7 +210,8 @@ class App:
 
     async def _health(self, request: Request) -> None:
         if self.ctx.engine_failed is not None:
-            await send_json(request, 503, {"status": "error", "message": "engine stopped"})
+            reason = str(self.ctx.engine_failed) or type(self.ctx.engine_failed).__name__
+            await send_json(request, 503, {"status": "error", "message": f"engine stopped: {reason}"})
         else:
             await send_json(request, 200, {"status": "ok"})
 

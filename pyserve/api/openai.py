@@ -32,6 +32,7 @@ from pyserve.api.generation import (
     run_prompt,
 )
 from pyserve.engine.detokenizer import TokenStrings
+from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.protocol import responses as R
 from pyserve.protocol.errors import SERVER_ERROR, ProtocolError
 from pyserve.protocol.requests import (
@@ -51,6 +52,11 @@ def as_protocol_error(exc: BaseException) -> ProtocolError:
         return exc
     if isinstance(exc, ValueError):
         return ProtocolError(str(exc) or "Invalid request.")
+    if isinstance(exc, EngineFailed):
+        return ProtocolError(f"The engine has stopped after an internal error: {exc}", status=503, type=SERVER_ERROR)
+    if isinstance(exc, EngineError):  # the engine logged the fault; the other requests go on
+        return ProtocolError(f"Internal error in the engine while serving this request: {exc}", status=500,
+                             type=SERVER_ERROR)
     log.error("internal error while serving a request", exc_info=exc)
     return ProtocolError(
         f"Internal server error ({type(exc).__name__}); see the server log.", status=500, type=SERVER_ERROR

@@ -3,7 +3,17 @@
 The C++ engine runs on its own thread. Requests go in through `add_request` (cheap, locked
 queue); results come back in batches that the engine announces by writing a byte to one end of a
 socket pair. `run()` waits for that socket with anyio, so the event loop never blocks on the engine
-and never polls; it then fans the batch out to one memory stream per request.
+and never polls; it then hands each output to its request's mailbox.
+
+Every choice of every request ends exactly once, whatever happens: the engine ends it (stop,
+length, abort, or "error" for a fault of ours, which `generate()` raises as EngineError); and if
+the engine fails as a whole or shuts down, this side ends whatever it had not ended yet.
+
+Output memory per request is bounded: a mailbox holds at most one pending output per choice, and
+merges later ones into it while the consumer is not reading. A client that stops reading holds up
+only its own HTTP response; the server drops it after --write-timeout, and leaving generate()
+aborts the request (freeing its KV pages). So the backlog is at most the tokens generated in that
+time, and never more than the request's max_tokens.
 """
 
 from __future__ import annotations
@@ -11,19 +21,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
-from anyio.streams.memory import MemoryObjectSendStream
 
 from pyserve.config import EngineConfig, available_memory_bytes, kv_bytes_per_token, resolve_engine_config
+from pyserve.engine.errors import EngineError, EngineFailed
+from pyserve.engine.native import engine_options, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineError", "EngineFailed"]
 
 
 def resolve_for(model: LoadedModel, config: EngineConfig) -> EngineConfig:
@@ -39,6 +51,41 @@ def resolve_for(model: LoadedModel, config: EngineConfig) -> EngineConfig:
     )
 
 
+class _Mailbox:
+    """One request's outputs on their way to generate(): at most one pending output per choice."""
+
+    __slots__ = ("pending", "open", "_ready")
+
+    def __init__(self, n: int) -> None:
+        self.pending: dict[int, RequestOutput] = {}
+        self.open = set(range(n))  # choices not ended yet
+        self._ready = anyio.Event()
+
+    def put(self, out: RequestOutput) -> None:
+        if out.index not in self.open:
+            return  # a second end of one choice is dropped: consumers see exactly one
+        if out.finished:
+            self.open.discard(out.index)
+        held = self.pending.get(out.index)
+        if held is None:
+            self.pending[out.index] = out
+        else:
+            held.merge(out)
+        self._ready.set()
+
+    def end_open(self, reason: str, error: str | None) -> None:
+        for index in sorted(self.open):
+            self.put(RequestOutput([], True, reason, 0, index=index, error=error))
+
+    async def take(self) -> list[RequestOutput]:
+        while not self.pending:
+            await self._ready.wait()
+            self._ready = anyio.Event()
+        outs = list(self.pending.values())
+        self.pending.clear()
+        return outs
+
+
 class AsyncEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None, *, isa: str = "auto") -> None:
         from pyserve import _C
@@ -49,32 +96,19 @@ class AsyncEngine:
             raise ValueError(f"device {config.device!r} is not supported by this build (supported: cpu)")
         self.config = resolve_for(model, config)
         self.model = model
-        tensors = [(name, r.format, r.data, tuple(r.shape)) for name, r in model.tensors.items()]
-        self._c_model = _C.Model(dataclasses.asdict(model.config), tensors, self.config.num_threads, isa)
-        # The engine holds its own (packed) copy now; drop ours, which may be 4x the file (GGUF
-        # dequantised to float32).
-        del tensors
-        model.tensors = {}
+        self._c_model = native_model(model, self.config.num_threads, isa, release_tensors=True)
         self.max_model_len: int = int(self.config.max_single_sequence_length)
         self._notify_r, self._notify_w = socket.socketpair()
         self._notify_r.setblocking(False)
         self._notify_w.setblocking(False)
-        eos = sorted(set(model.config.eos_token_ids) | set(model.tokenizer.eos_token_ids))
-        self._engine = _C.Engine(
-            self._c_model,
-            {
-                "max_num_seqs": self.config.max_num_sequence,
-                "max_batch_tokens": self.config.prefill_chunk_size,
-                "page_size": self.config.page_size,
-                "kv_capacity_tokens": self.config.kv_cache_tokens,
-                "max_model_len": self.max_model_len,
-                "eos_token_ids": eos,
-                "notify_fd": self._notify_w.fileno(),
-            },
-        )
-        self._streams: dict[int, MemoryObjectSendStream[RequestOutput]] = {}
+        options = engine_options(model, self.config, self.max_model_len)
+        options["notify_fd"] = self._notify_w.fileno()  # the engine keeps its own dup
+        self._engine = _C.Engine(self._c_model, options)
+        self._live: dict[int, _Mailbox] = {}
         self._ids = itertools.count(1)
         self._closed = False
+        self._running = False
+        self.failure: str | None = None  # why the engine stopped working, once it has
 
     @property
     def backend(self) -> str:
@@ -87,62 +121,85 @@ class AsyncEngine:
     def stats(self) -> dict[str, Any]:
         return dict(self._engine.stats())
 
+    def inject_fault(self, phase: str, at_step: int = 0, request_id: int = -1, alloc: bool = False,
+                     times: int = 1) -> None:
+        """Test-only: makes an engine phase throw (see csrc/engine/fault_switch.h)."""
+        self._engine.inject_fault(phase, at_step, request_id, alloc, times)
+
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Dispatch loop: start it in a task group; cancel it to stop."""
+        """Dispatch loop: start it in a task group; it returns after shutdown() and raises
+        EngineFailed if the engine fails (every live request has then ended with an error)."""
+        self._running = True
         task_status.started()
-        while True:
-            await anyio.wait_readable(self._notify_r)
-            self._drain_notifications()
-            self._dispatch(self._engine.fetch())
+        try:
+            while not self._closed:
+                await anyio.wait_readable(self._notify_r)
+                self._drain_notifications()
+                self._dispatch(self._engine.fetch())
+                failure = self._engine.failure
+                if failure is not None:
+                    self._fail(failure)
+                    raise EngineFailed(failure)
+        finally:
+            self._running = False
+            if self._closed:
+                self._close_notify()
 
     def _drain_notifications(self) -> None:
         try:
             while self._notify_r.recv(4096):
                 pass
-        except BlockingIOError:
+        except (BlockingIOError, OSError):
             pass
 
     def _dispatch(self, outputs: list[tuple]) -> None:
-        for rid, index, tokens, finished, reason, num_prompt, logprobs, prompt_logprobs in outputs:
-            stream = self._streams.get(rid)
-            if stream is None:  # the consumer has gone (aborted); nothing to deliver
+        for rid, index, tokens, finished, reason, num_prompt, logprobs, prompt_logprobs, error in outputs:
+            box = self._live.get(rid)
+            if box is None:  # the consumer has gone (aborted); nothing to deliver
                 continue
-            out = RequestOutput(tokens, finished, reason, num_prompt, index=index, request_id=rid)
+            out = RequestOutput(tokens, finished, reason, num_prompt, index=index, request_id=rid, error=error)
             if logprobs is not None:
                 out.logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in logprobs]
             if prompt_logprobs is not None:
                 out.prompt_logprobs = [None] + [TokenLogprob(t, lp, list(top)) for t, lp, top in prompt_logprobs]
-            try:
-                stream.send_nowait(out)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                # The consumer closed its end without leaving generate() yet: its outputs are moot,
-                # and one such stream must not take the dispatch loop (everyone's) down with it.
-                self._streams.pop(rid, None)
+            box.put(out)
+
+    def _fail(self, failure: str) -> None:
+        if self.failure is None:
+            self.failure = failure
+            log.critical("the engine has failed: %s; ending %d live request(s) with an error",
+                         failure, len(self._live))
+        for box in self._live.values():
+            box.end_open("error", f"the engine failed: {failure}")
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Streams the request's outputs; with params.n > 1 the choices interleave (see
         RequestOutput.index) and the stream ends when all have finished. Leaving early (break,
         cancellation, aclose) aborts the request, and the engine frees its KV pages. Bad input
-        raises ValueError before anything is queued."""
+        raises ValueError before anything is queued; a fault of ours raises EngineError (and
+        EngineFailed once the engine cannot go on)."""
+        if self.failure is not None:
+            raise EngineFailed(self.failure)
         if self._closed:
             raise RuntimeError("the engine is shut down")
         rid = next(self._ids)
-        send, receive = anyio.create_memory_object_stream[RequestOutput](math.inf)
-        self._engine.add_request(rid, list(prompt_ids), params.to_engine())
-        self._streams[rid] = send
-        unfinished = max(int(params.n), 1)
+        box = _Mailbox(max(int(params.n), 1))
         try:
-            async with receive:
-                async for out in receive:
-                    if out.finished:
-                        unfinished -= 1
+            self._engine.add_request(rid, list(prompt_ids), params.to_engine())
+        except RuntimeError as e:  # failed or shut down between our check and the engine's
+            raise EngineFailed(str(e)) if self._engine.failure is not None else e
+        self._live[rid] = box
+        try:
+            while box.open or box.pending:
+                for out in await box.take():
+                    if out.finish_reason == "error":
+                        if out.new_token_ids:  # what came before the fault is still delivered
+                            yield dataclasses.replace(out, finished=False, finish_reason=None, error=None)
+                        raise EngineError(out.error or "the engine failed on this request")
                     yield out
-                    if unfinished == 0:
-                        return
         finally:
-            self._streams.pop(rid, None)
-            send.close()
-            if unfinished:
+            self._live.pop(rid, None)
+            if box.open and not self._closed:
                 self._engine.abort(rid)
 
     def abort_choice(self, request_id: int, index: int) -> None:
@@ -151,10 +208,23 @@ class AsyncEngine:
         self._engine.abort(request_id, index)
 
     async def shutdown(self) -> None:
+        """Stops intake, ends every request (the engine ends what it holds; this side ends the
+        rest), joins the engine thread without blocking the event loop, then stops run()."""
         if self._closed:
             return
         self._closed = True
         await anyio.to_thread.run_sync(self._engine.shutdown)
         self._dispatch(self._engine.fetch())
+        for box in self._live.values():
+            box.end_open("abort", None)
+        if self._running:
+            try:  # wake run(): it sees _closed, returns and closes the socket pair
+                self._notify_w.send(b"\0")
+            except OSError:
+                pass
+        else:
+            self._close_notify()
+
+    def _close_notify(self) -> None:
         self._notify_r.close()
         self._notify_w.close()

@@ -59,10 +59,20 @@ class TokenLogprob:
 class RequestOutput:
     new_token_ids: list[int]
     finished: bool
-    finish_reason: str | None  # "stop" (EOS / stop token) | "length" | "abort"
+    finish_reason: str | None  # "stop" (EOS / stop token) | "length" | "abort" | "error"
     num_prompt_tokens: int
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     index: int = 0  # which of the request's n choices
     logprobs: list[TokenLogprob] | None = None  # aligned with new_token_ids, when asked for
     prompt_logprobs: list[TokenLogprob | None] | None = None  # once, first output of choice 0; [0] is None
     request_id: int = 0  # the engine's id for the request (for AsyncEngine.abort_choice)
+    error: str | None = None  # what went wrong, with finish_reason "error" (a fault of ours)
+
+    def merge(self, later: "RequestOutput") -> None:
+        """Appends a later output of the same choice (a slow reader gets one merged output)."""
+        self.new_token_ids.extend(later.new_token_ids)
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = later.prompt_logprobs
+        self.finished, self.finish_reason, self.error = later.finished, later.finish_reason, later.error

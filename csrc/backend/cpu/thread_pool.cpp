@@ -28,11 +28,17 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::work_on(Job& job, int thread_index) {
-  for (;;) {
-    const int64_t c = job.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= job.chunks) return;
-    const int64_t b = job.n * c / job.chunks, e = job.n * (c + 1) / job.chunks;
-    job.fn(job.ctx, b, e, thread_index);
+  try {
+    for (;;) {
+      const int64_t c = job.next.fetch_add(1, std::memory_order_relaxed);
+      if (c >= job.chunks) return;
+      const int64_t b = job.n * c / job.chunks, e = job.n * (c + 1) / job.chunks;
+      job.fn(job.ctx, b, e, thread_index);
+    }
+  } catch (...) {
+    // Never let an exception end a worker thread (std::terminate): hand it to the caller.
+    if (!job.failed.exchange(true)) job.error = std::current_exception();
+    job.next.store(job.chunks);  // the others stop claiming work
   }
 }
 
@@ -44,13 +50,14 @@ void ThreadPool::run(Job& job) {
     std::lock_guard<std::mutex> lock(mutex_);  // no lost wake-up for a worker about to sleep
   }
   wake_.notify_all();
-  work_on(job, 0);
+  work_on(job, 0);  // never throws: a failure is recorded in the job
   job_.store(nullptr);
   // Workers that entered the job may still run a chunk; the job lives on this stack frame.
   int spins = 0;
   while (active_.load() != 0) {
     if (++spins < kSpinBeforeYield) PYSERVE_PAUSE(); else std::this_thread::yield();
   }
+  if (job.failed.load()) std::rethrow_exception(job.error);
 }
 
 void ThreadPool::worker_loop(int index) {

@@ -3,6 +3,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -28,6 +29,8 @@ class ThreadPool {
   int size() const { return num_threads_; }
 
   // Calls f(begin, end, thread_index) on disjoint slices covering [0, n). One caller at a time.
+  // If f throws (on any thread), the first exception is rethrown here once every thread has left
+  // the job; the slices not yet claimed are skipped.
   template <class F>
   void parallel_for(int64_t n, F&& f) {
     if (n <= 0) return;
@@ -52,6 +55,8 @@ class ThreadPool {
     int64_t chunks = 0;
     std::atomic<int64_t> next{0};
     uint64_t epoch = 0;
+    std::atomic<bool> failed{false};
+    std::exception_ptr error;  // written by the thread that set `failed` first
   };
   void run(Job& job);
   static void work_on(Job& job, int thread_index);

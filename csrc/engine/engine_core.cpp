@@ -1,0 +1,529 @@
+#include "engine/engine_core.h"
+
+#include <algorithm>
+#include <cassert>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+namespace pyserve {
+
+namespace {
+int pages_for(int64_t tokens, int page_size) { return static_cast<int>((tokens + page_size - 1) / page_size); }
+int at_least_one(int v) { return std::max(v, 1); }
+}  // namespace
+
+EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
+    : model_(std::move(model)),
+      config_(std::move(config)),
+      cache_(model_->backend(), model_->config().num_layers,
+             pages_for(at_least_one(config_.kv_capacity_tokens), at_least_one(config_.page_size)),
+             at_least_one(config_.page_size), model_->config().kv_dim()),
+      pool_(cache_.num_pages()),
+      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size}, pool_) {
+  if (config_.page_size < 1) throw std::invalid_argument("page_size must be >= 1");
+  if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
+  config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
+  // Everything a step needs is sized here, from the configured limits: serving allocates no
+  // buffer that grows with the largest request ever seen.
+  const int step_tokens = scheduler_.config().max_batch_tokens;
+  const size_t H = static_cast<size_t>(model_->config().hidden_size);
+  const size_t V = static_cast<size_t>(model_->config().vocab_size);
+  const size_t seqs = static_cast<size_t>(config_.max_num_seqs);
+  model_->reserve(step_tokens);
+  batch_.tokens.reserve(step_tokens);
+  batch_.positions.reserve(step_tokens);
+  batch_.page_tables.reserve(step_tokens);
+  batch_.logit_rows.reserve(step_tokens);
+  sample_hidden_.reserve(seqs * H);
+  sample_logits_.reserve(seqs * V);
+  prompt_logits_.reserve(static_cast<size_t>(config_.prompt_logit_rows) * V);
+  counters_.kv_pages_total = pool_.num_pages();
+  counters_.page_size = config_.page_size;
+  counters_.kv_capacity_tokens = cache_.capacity_tokens();
+}
+
+int64_t EngineCore::context_limit() const {
+  return std::min<int64_t>(config_.max_model_len, cache_.capacity_tokens());
+}
+
+// ---- intake ------------------------------------------------------------------------------------
+
+void EngineCore::check_request(int64_t id, const std::vector<int32_t>& prompt, const SamplingParams& params) const {
+  const int vocab = model_->config().vocab_size;
+  params.validate(vocab);
+  if (id < 0 || id >= (int64_t{1} << 54)) throw std::invalid_argument("request id out of range");
+  if (prompt.empty()) throw std::invalid_argument("the prompt has no tokens");
+  for (int32_t t : prompt)
+    if (t < 0 || t >= vocab)
+      throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
+                                  std::to_string(vocab) + ")");
+  const int64_t limit = context_limit();
+  if (static_cast<int64_t>(prompt.size()) >= limit)
+    throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
+                                " tokens, but the context holds " + std::to_string(limit) +
+                                " (prompt and output together)");
+}
+
+void EngineCore::add_request(int64_t id, std::vector<int32_t> prompt, SamplingParams params) {
+  check_request(id, prompt, params);
+  faults_.check(Phase::intake, step_index_, id);
+  auto live = open_choices_.lower_bound(request_key(id, 0));
+  if (live != open_choices_.end() && *live < request_key(id + 1, 0))
+    throw std::invalid_argument("request id " + std::to_string(id) + " is already live");
+  const int vocab = model_->config().vocab_size;
+  auto r = std::make_unique<Request>();
+  r->id = id;
+  r->seq.id = request_key(id, 0);
+  r->seq.num_tokens = static_cast<int>(prompt.size());
+  r->num_prompt = r->seq.num_tokens;
+  r->tokens = std::move(prompt);
+  r->params = std::move(params);
+  r->prompt_logprobs_done = r->params.prompt_logprobs < 0;
+  if (r->params.penalised()) {
+    r->history = std::make_unique<TokenHistory>();
+    r->history->add_prompt(r->tokens, vocab);
+  }
+  seed_rng(*r);
+  Request* raw = r.get();
+  const int n = std::max(r->params.n, 1);
+  // All or nothing: a request that cannot be registered whole leaves no trace.
+  try {
+    requests_[raw->seq.id] = std::move(r);
+    for (int i = 0; i < n; ++i) open_choices_.insert(request_key(id, i));
+    scheduler_.add(&raw->seq);
+  } catch (...) {
+    scheduler_.remove(&raw->seq);
+    for (int i = 0; i < n; ++i) open_choices_.erase(request_key(id, i));
+    requests_.erase(request_key(id, 0));
+    throw;
+  }
+}
+
+void EngineCore::seed_rng(Request& r) {
+  if (r.params.has_seed)
+    r.rng.seed(r.params.seed + static_cast<uint64_t>(r.index));
+  else
+    r.rng.seed((static_cast<uint64_t>(seed_source_()) << 32) ^ seed_source_());
+}
+
+// ---- endings -----------------------------------------------------------------------------------
+
+EngineOutput& EngineCore::emit(const Request& r) {
+  EngineOutput o;
+  o.id = r.id;
+  o.index = r.index;
+  o.num_prompt_tokens = r.num_prompt;
+  outputs_.push_back(std::move(o));
+  return outputs_.back();
+}
+
+void EngineCore::end_choice(int64_t id, int index, int num_prompt, const char* reason, const std::string& message,
+                            EngineOutput* carrier) {
+  auto it = open_choices_.find(request_key(id, index));
+  if (it == open_choices_.end()) {
+    // A second end for one choice is an engine bug: a consumer would see its stream end twice.
+    assert(false && "a request choice was ended twice");
+    std::fprintf(stderr, "pyserve engine: request %lld choice %d ended twice (%s); dropped\n",
+                 static_cast<long long>(id), index, reason);
+    return;
+  }
+  if (carrier == nullptr) {
+    EngineOutput o;
+    o.id = id;
+    o.index = index;
+    o.num_prompt_tokens = num_prompt;
+    outputs_.push_back(std::move(o));
+    carrier = &outputs_.back();
+  }
+  carrier->finished = true;
+  carrier->finish_reason = reason;
+  carrier->error = message;
+  open_choices_.erase(it);
+  if (std::strcmp(reason, "error") == 0) ++counters_.requests_failed;
+}
+
+void EngineCore::reject(int64_t id, int n, int num_prompt, const std::string& message) {
+  auto live = open_choices_.lower_bound(request_key(id, 0));
+  if (live != open_choices_.end() && *live < request_key(id + 1, 0)) {
+    std::fprintf(stderr, "pyserve engine: request id %lld is already live; the newcomer is refused\n",
+                 static_cast<long long>(id));
+    return;
+  }
+  if (!message.empty())
+    std::fprintf(stderr, "pyserve engine: request %lld not taken in: %s\n", static_cast<long long>(id), message.c_str());
+  for (int i = 0; i < n; ++i) {
+    open_choices_.insert(request_key(id, i));
+    end_choice(id, i, num_prompt, message.empty() ? "abort" : "error", message);
+  }
+}
+
+void EngineCore::emit_replacement_end(int64_t id, int index, const std::string& message) {
+  if (open_choices_.count(request_key(id, index))) {
+    fail(id, index, message);
+    return;
+  }
+  // Its end was already made, and lost on the way out: make it again, as an error.
+  EngineOutput o;
+  o.id = id;
+  o.index = index;
+  o.finished = true;
+  o.finish_reason = "error";
+  o.error = message;
+  outputs_.push_back(std::move(o));
+  ++counters_.requests_failed;
+}
+
+void EngineCore::release(Request& r) {
+  const int64_t k = r.seq.id;
+  try {
+    scheduler_.remove(&r.seq);
+  } catch (...) {
+    requests_.erase(k);  // forget it anyway; the broken bookkeeping surfaces in the next plan
+    throw;
+  }
+  requests_.erase(k);  // r is gone after this line
+}
+
+void EngineCore::finish(Request& r, const char* reason, const std::string& message) {
+  // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices: end every
+  // one still open, or a consumer waiting for n ends would wait forever.
+  const int n = r.choices_represented();
+  for (int i = 0; i < n; ++i) {
+    const int index = n > 1 ? i : r.index;
+    if (index != r.index && !open_choices_.count(request_key(r.id, index))) continue;
+    end_choice(r.id, index, r.num_prompt, reason, message);
+  }
+  release(r);
+}
+
+void EngineCore::fail_request(Request& r, const std::string& message) {
+  std::fprintf(stderr, "pyserve engine: request %lld failed: %s\n", static_cast<long long>(r.id), message.c_str());
+  const int n = r.choices_represented();
+  for (int i = 0; i < n; ++i) {
+    const int index = n > 1 ? i : r.index;
+    if (open_choices_.count(request_key(r.id, index))) end_choice(r.id, index, r.num_prompt, "error", message);
+  }
+  release(r);
+}
+
+void EngineCore::abort(int64_t id, int index) {
+  for (auto it = requests_.lower_bound(request_key(id, 0)); it != requests_.end() && it->second->id == id;) {
+    Request& r = *it->second;
+    ++it;  // finish() erases r
+    if (index < 0 || r.index == index) {
+      finish(r, "abort");
+    } else if (r.index == 0 && !r.forked && index < r.params.n && open_choices_.count(request_key(id, index))) {
+      // A choice that does not exist yet: end it now; the fork will skip it.
+      end_choice(id, index, r.num_prompt, "abort", {});
+    }
+  }
+}
+
+void EngineCore::fail(int64_t id, int index, const std::string& message) {
+  for (auto it = requests_.lower_bound(request_key(id, 0)); it != requests_.end() && it->second->id == id;) {
+    Request& r = *it->second;
+    ++it;
+    if (index < 0 || r.index == index) {
+      fail_request(r, message);
+    } else if (r.index == 0 && !r.forked && index < r.params.n && open_choices_.count(request_key(id, index))) {
+      end_choice(id, index, r.num_prompt, "error", message);
+    }
+  }
+}
+
+void EngineCore::end_all(const char* reason, const std::string& message) {
+  bool bookkeeping_broken = false;
+  while (!requests_.empty()) {
+    Request& r = *requests_.begin()->second;
+    try {
+      finish(r, reason, message);
+    } catch (const std::exception&) {
+      bookkeeping_broken = true;  // finish() ended its choices and forgot it before rethrowing
+    }
+  }
+  // Ends for choices without a request object (none in a consistent state; belt and braces).
+  const std::vector<int64_t> left(open_choices_.begin(), open_choices_.end());
+  for (int64_t k : left) end_choice(k / 256, static_cast<int>(k % 256), 0, reason, message);
+  if (bookkeeping_broken) {
+    scheduler_.reset();
+    pool_.reset();
+  }
+}
+
+void EngineCore::recover_from_plan_failure(const std::string& message) {
+  std::fprintf(stderr, "pyserve engine: %s; ending every request and resetting the cache bookkeeping\n",
+               message.c_str());
+  ++counters_.step_failures;
+  const std::vector<int64_t> left(open_choices_.begin(), open_choices_.end());
+  for (int64_t k : left) {
+    const int64_t id = k / 256;
+    auto owner = requests_.find(request_key(id, 0));
+    const int num_prompt = owner == requests_.end() ? 0 : owner->second->num_prompt;
+    end_choice(id, static_cast<int>(k % 256), num_prompt, "error", message);
+  }
+  requests_.clear();
+  scheduler_.reset();
+  pool_.reset();
+}
+
+std::vector<EngineOutput> EngineCore::take_outputs() {
+  std::vector<EngineOutput> out;
+  out.swap(outputs_);
+  return out;
+}
+
+// ---- the step ----------------------------------------------------------------------------------
+
+bool EngineCore::step() {
+  if (requests_.empty()) return false;
+  ++step_index_;
+  std::vector<ScheduledChunk> chunks;
+  const int64_t failed_before = counters_.requests_failed;
+  try {
+    chunks = plan();
+  } catch (const std::exception& e) {
+    recover_from_plan_failure(std::string("engine fault while planning a step: ") + e.what());
+    return true;
+  }
+  if (chunks.empty()) return counters_.requests_failed != failed_before || rejected_last_plan_ > 0;
+
+  {
+    // run and accept read the model's workspace (the hidden states): hold it across both.
+    auto model_lock = model_->lock();
+    build(chunks);
+    if (rows_.empty()) return true;  // every request of the step failed in build
+    try {
+      run();
+    } catch (const std::exception& e) {
+      const std::string message = std::string("engine fault while running the model: ") + e.what();
+      ++counters_.step_failures;
+      for (const RowUse& u : rows_) fail_request(*u.req, message);
+      rows_.clear();
+      return true;
+    }
+    accept();
+  }
+  commit();
+  counters_.steps += 1;
+  return true;
+}
+
+std::vector<ScheduledChunk> EngineCore::plan() {
+  faults_.check(Phase::plan, step_index_);
+  std::vector<ScheduledChunk> chunks = scheduler_.schedule();
+  const std::vector<Sequence*> rejected = scheduler_.take_rejected();
+  rejected_last_plan_ = static_cast<int>(rejected.size());
+  for (Sequence* s : rejected) finish(*requests_.at(s->id), "length");
+  return chunks;
+}
+
+void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
+  batch_.clear();
+  rows_.clear();
+  sample_rows_.clear();
+  int64_t prompt_tokens = 0;
+  for (const ScheduledChunk& c : chunks) {
+    Request& r = *requests_.at(c.seq->id);
+    const size_t base = batch_.tokens.size(), logit_base = batch_.logit_rows.size(), sample_base = sample_rows_.size();
+    try {
+      faults_.check(Phase::build, step_index_, r.id);
+      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, -1, -1, 0};
+      for (int i = 0; i < c.count; ++i) {
+        batch_.tokens.push_back(r.tokens[c.start + i]);
+        batch_.positions.push_back(c.start + i);
+        batch_.page_tables.push_back(r.seq.pages.data());
+      }
+      // Logit rows: each prompt position whose next token is scored (prompt logprobs, in slices
+      // through the LM head in accept), then the last position if this chunk samples.
+      const int scored = r.prompt_logprobs_done ? 0 : std::min(c.count, r.num_prompt - 1 - c.start);
+      if (scored > 0) {
+        u.prompt_row = static_cast<int>(batch_.logit_rows.size());
+        u.prompt_rows = scored;
+        for (int i = 0; i < scored; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
+      }
+      if (c.sample) {
+        u.sample_row = static_cast<int>(sample_rows_.size());
+        sample_rows_.push_back(static_cast<int32_t>(batch_.logit_rows.size()));
+        batch_.logit_rows.push_back(static_cast<int32_t>(base) + c.count - 1);
+      }
+      rows_.push_back(u);
+      if (c.count > 1 || c.start < r.num_prompt) prompt_tokens += c.count;
+    } catch (const std::exception& e) {
+      batch_.tokens.resize(base);
+      batch_.positions.resize(base);
+      batch_.page_tables.resize(base);
+      batch_.logit_rows.resize(logit_base);
+      sample_rows_.resize(sample_base);
+      ++counters_.step_failures;
+      fail_request(r, std::string("engine fault while building the batch: ") + e.what());
+    }
+  }
+  counters_.prompt_tokens_computed += prompt_tokens;
+}
+
+void EngineCore::run() {
+  faults_.check(Phase::run, step_index_);
+  hidden_ = model_->forward_hidden(batch_, cache_);
+  // The sampling rows go through the LM head together: [sample rows, hidden] -> [sample rows, vocab].
+  const size_t H = static_cast<size_t>(model_->config().hidden_size);
+  const size_t V = static_cast<size_t>(model_->config().vocab_size);
+  const size_t S = sample_rows_.size();
+  sample_hidden_.resize(S * H);
+  for (size_t s = 0; s < S; ++s)
+    std::memcpy(sample_hidden_.data() + s * H, hidden_ + static_cast<size_t>(sample_rows_[s]) * H, H * sizeof(float));
+  sample_logits_.resize(S * V);
+  model_->lm_head(sample_hidden_.data(), static_cast<int>(S), sample_logits_.data());
+}
+
+void EngineCore::score_prompt_rows(const RowUse& u, const float* hidden) {
+  Request& r = *u.req;
+  const int V = model_->config().vocab_size;
+  const size_t H = static_cast<size_t>(model_->config().hidden_size);
+  const int slice = config_.prompt_logit_rows;
+  for (int j0 = 0; j0 < u.prompt_rows; j0 += slice) {
+    const int m = std::min(slice, u.prompt_rows - j0);
+    // After a preemption the prompt is recomputed: rows already scored are skipped.
+    const int first_pos = u.start + j0;
+    if (first_pos + m <= static_cast<int>(r.prompt_logprobs.size())) continue;
+    prompt_logits_.resize(static_cast<size_t>(m) * V);
+    model_->lm_head(hidden + static_cast<size_t>(u.prompt_row + j0) * H, m, prompt_logits_.data());
+    for (int j = 0; j < m; ++j) {
+      const int pos = first_pos + j;
+      if (pos != static_cast<int>(r.prompt_logprobs.size())) continue;
+      r.prompt_logprobs.push_back(token_logprob(prompt_logits_.data() + static_cast<size_t>(j) * V, V,
+                                                r.tokens[pos + 1], r.params.prompt_logprobs));
+    }
+  }
+}
+
+void EngineCore::accept() {
+  accepted_.clear();
+  const int V = model_->config().vocab_size;
+  const auto& eos = config_.eos_token_ids;
+  for (const RowUse& u : rows_) {
+    Request& r = *u.req;
+    try {
+      faults_.check(Phase::accept, step_index_, r.id);
+      if (u.prompt_rows > 0) score_prompt_rows(u, hidden_);
+      Accepted a;
+      a.req = &r;
+      a.count = u.count;
+      if (u.sample) {
+        TokenLogprob lp;
+        const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row) * V;
+        const int32_t tok = sampler_.sample(lg, V, r.params, r.rng, r.history.get(), r.num_generated, eos, &lp);
+        a.tokens.push_back(tok);
+        if (r.params.logprobs >= 0) a.logprobs.push_back(std::move(lp));
+        const auto& stops = r.params.stop_token_ids;
+        if (std::find(stops.begin(), stops.end(), tok) != stops.end() ||
+            (!r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end()))
+          a.reason = "stop";
+        else if ((r.params.max_tokens >= 0 && r.num_generated + 1 >= r.params.max_tokens) ||
+                 r.seq.num_tokens + 1 >= context_limit())
+          a.reason = "length";
+      }
+      accepted_.push_back(std::move(a));
+    } catch (const std::exception& e) {
+      ++counters_.step_failures;
+      fail_request(r, std::string("engine fault while sampling: ") + e.what());
+    }
+  }
+}
+
+void EngineCore::commit() {
+  const int vocab = model_->config().vocab_size;
+  for (Accepted& a : accepted_) {
+    Request& r = *a.req;
+    try {
+      faults_.check(Phase::commit, step_index_, r.id);
+      r.seq.num_computed += a.count;
+      if (!r.prompt_logprobs_done && r.seq.num_computed >= r.num_prompt) r.prompt_logprobs_done = true;
+      if (a.tokens.empty()) continue;
+      if (r.params.n > 1 && !r.forked) fork(r);
+      for (int32_t tok : a.tokens) {
+        r.tokens.push_back(tok);
+        r.seq.num_tokens += 1;
+        r.num_generated += 1;
+        if (r.history) r.history->add_generated(tok, vocab);
+      }
+      counters_.tokens_generated += static_cast<int64_t>(a.tokens.size());
+      EngineOutput& o = emit(r);
+      o.tokens = std::move(a.tokens);
+      o.logprobs = std::move(a.logprobs);
+      if (r.params.prompt_logprobs >= 0 && r.index == 0 && !r.prompt_logprobs_sent) {
+        o.has_prompt_logprobs = true;
+        o.prompt_logprobs = std::move(r.prompt_logprobs);
+        r.prompt_logprobs_sent = true;
+      }
+      if (a.reason) {
+        end_choice(r.id, r.index, r.num_prompt, a.reason, {}, &o);
+        release(r);
+      }
+    } catch (const std::exception& e) {
+      ++counters_.step_failures;
+      if (requests_.count(request_key(r.id, r.index)))
+        fail_request(r, std::string("engine fault while committing a step: ") + e.what());
+    }
+  }
+  accepted_.clear();
+}
+
+void EngineCore::fork(Request& parent) {
+  // The other choices share every page that lies wholly before the one holding the last prompt
+  // token, and recompute the rest themselves (< one page): no page is written by two sequences,
+  // and their logits come out bit-identical to the parent's (the kernels are batch-invariant).
+  const int ps = config_.page_size;
+  const int shared_pages = (parent.num_prompt - 1) / ps;
+  std::vector<Request*> children;
+  try {
+    for (int i = 1; i < parent.params.n; ++i) {
+      if (!open_choices_.count(request_key(parent.id, i))) continue;  // aborted before it existed
+      auto c = std::make_unique<Request>();
+      c->id = parent.id;
+      c->index = i;
+      c->seq.id = request_key(parent.id, i);
+      c->tokens.assign(parent.tokens.begin(), parent.tokens.begin() + parent.num_prompt);
+      c->num_prompt = parent.num_prompt;
+      c->seq.num_tokens = parent.num_prompt;
+      c->params = parent.params;
+      c->prompt_logprobs_done = true;
+      c->prompt_logprobs_sent = true;
+      c->forked = true;  // only choice 0 forks
+      if (parent.history) {
+        c->history = std::make_unique<TokenHistory>();
+        c->history->add_prompt(c->tokens, model_->config().vocab_size);
+      }
+      seed_rng(*c);
+      Request* raw = c.get();
+      requests_[raw->seq.id] = std::move(c);
+      children.push_back(raw);
+      raw->seq.pages.reserve(static_cast<size_t>(shared_pages));  // no throw between retain and push
+      for (int p = 0; p < shared_pages && p < static_cast<int>(parent.seq.pages.size()); ++p) {
+        pool_.retain(parent.seq.pages[p]);
+        raw->seq.pages.push_back(parent.seq.pages[p]);
+      }
+      raw->seq.num_computed = static_cast<int>(raw->seq.pages.size()) * ps;
+    }
+    // Front of the queue in index order.
+    for (auto it = children.rbegin(); it != children.rend(); ++it) scheduler_.add_front(&(*it)->seq);
+  } catch (...) {
+    // Half a fork is no fork: the parent still stands for every choice.
+    for (Request* c : children) release(*c);
+    throw;
+  }
+  parent.forked = true;
+}
+
+EngineStats EngineCore::stats() const {
+  EngineStats s = counters_;
+  s.num_running = static_cast<int>(scheduler_.running().size());
+  s.num_waiting = static_cast<int>(scheduler_.waiting().size());
+  s.kv_pages_used = pool_.num_used();
+  s.preemptions = scheduler_.num_preemptions();
+  s.live_choices = static_cast<int>(open_choices_.size());
+  s.step_index = step_index_;
+  return s;
+}
+
+}  // namespace pyserve

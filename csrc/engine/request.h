@@ -1,0 +1,35 @@
+#pragma once
+// One choice of a request, as the engine core keeps it.
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "engine/scheduler.h"
+
+namespace pyserve {
+
+struct Request {
+  Sequence seq;
+  int64_t id = 0;
+  int index = 0;
+  std::vector<int32_t> tokens;  // prompt then generated
+  int num_prompt = 0;
+  int num_generated = 0;
+  SamplingParams params;
+  std::mt19937_64 rng;
+  std::unique_ptr<TokenHistory> history;  // only when a penalty is asked for
+  bool forked = false;                     // choice 0 of n > 1: the others exist
+  bool prompt_logprobs_done = false;
+  bool prompt_logprobs_sent = false;
+  std::vector<TokenLogprob> prompt_logprobs;
+
+  // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices.
+  int choices_represented() const { return (index == 0 && !forked) ? params.n : 1; }
+};
+
+// n <= 128 (SamplingParams::validate), so 256 keys per id never collide.
+inline int64_t request_key(int64_t id, int index) { return id * 256 + index; }
+
+}  // namespace pyserve

@@ -1,0 +1,35 @@
+"""The one place a LoadedModel becomes the C++ engine's model (`pyserve._C.Model`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pyserve.model.loader import LoadedModel
+
+
+def native_model(model: LoadedModel, num_threads: int = 0, isa: str = "auto", *,
+                 release_tensors: bool = False) -> Any:
+    """Packs the model's weights for the C++ backend (`num_threads` 0: all cores; `isa` "auto":
+    the best the CPU and OS allow). With release_tensors the loader's own tensors are dropped
+    afterwards: the engine holds its packed copy, and ours may be 4x the file (GGUF dequantised)."""
+    from pyserve import _C
+
+    tensors = [(name, r.format, r.data, tuple(r.shape)) for name, r in model.tensors.items()]
+    c_model = _C.Model(dataclasses.asdict(model.config), tensors, num_threads, isa)
+    if release_tensors:
+        del tensors
+        model.tensors = {}
+    return c_model
+
+
+def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[str, Any]:
+    """The C++ engine's configuration dict (csrc/bindings.cpp: engine_config_from)."""
+    return {
+        "max_num_seqs": config.max_num_sequence,
+        "max_batch_tokens": config.prefill_chunk_size,
+        "page_size": config.page_size,
+        "kv_capacity_tokens": config.kv_cache_tokens,
+        "max_model_len": max_model_len,
+        "eos_token_ids": model.eos_token_ids,
+    }
