@@ -347,7 +347,7 @@ def test_response_builders():
     assert u == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 4}}
     obj = R.chat_completion("chatcmpl-1", 1, "m", [R.chat_choice(0, "hi", "stop")], u)
     assert obj["object"] == "chat.completion" and obj["system_fingerprint"]
-    assert obj["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert obj["choices"][0]["message"] == {"role": "assistant", "content": "hi", "refusal": None}
     chunk = R.chat_chunk("chatcmpl-1", 1, "m", [R.chat_chunk_choice(0, role="assistant", content="")])
     assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "usage" not in chunk
