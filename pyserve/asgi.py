@@ -8,7 +8,8 @@ From Python, pass them as keyword arguments instead (names as the flags', with u
 mount the result wherever an ASGI app goes:
 
     from pyserve.asgi import create_app
-    llm = create_app("path/to/model.gguf", mode="server", api_key="sk-x", allow_origins=[])
+    llm = create_app("path/to/model.gguf", mode="server", api_key="sk-x", allow_origins=[],
+                     max_tokens_limit=512)
     host = Starlette(routes=[Mount("/llm", app=llm)], lifespan=llm.lifespan)
 
 The model is loaded and the engine built when create_app returns; the engine loop runs with the
@@ -66,9 +67,7 @@ def create_app(model: str | None = None, argv: Sequence[str] | str | None = None
     With no arguments the flags come from $PYSERVE_ARGS (what `uvicorn --factory` needs).
     Raises cli.ArgumentError for bad flags, cli.BuildError when the model cannot be loaded."""
     args = args_from(model, argv, **options)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    cli.setup_logging(args.log_level)  # a no-op where the host (uvicorn) configured logging
     ignored = [f"--{n.replace('_', '-')}" for n in cli.SERVER_FLAGS
                if getattr(args, n) != cli.build_parser().get_default(n)]
     if ignored:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from pyserve.config import (
@@ -26,10 +27,8 @@ from pyserve.config import (
     ConfigError,
     EngineConfig,
     apply_overrides,
-    available_memory_bytes,
-    kv_bytes_per_token,
     parse_overrides,
-    resolve_engine_config,
+    resolve_for_model,
     validate,
 )
 
@@ -59,6 +58,8 @@ _positive_int = _number(int, lambda v: v >= 1, "an integer", "must be >= 1")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer", "must be >= 0")
 _port = _number(int, lambda v: 0 <= v <= 65535, "a port number", "port must be in 0..65535")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds", "must be > 0")
+# A token count, or -1 for "none" (llama.cpp's spelling of unlimited for -n).
+_token_count = _number(int, lambda v: v >= 1 or v == -1, "an integer", "must be >= 1 (or -1: no limit)")
 
 
 _SIZE_UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -120,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--device", choices=DEVICES, default="cpu", help="where the model runs (default: %(default)s)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="where the model runs; a device this build of the engine cannot serve is refused "
+                   "before the model loads (today's builds serve cpu only) (default: %(default)s)")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -141,10 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
         help='engine settings as "key=value;key=value" (e.g. "max_num_sequence=8;max_total_seq_length=4096")',
     )
     p.add_argument("--num-threads", type=_positive_int, help="CPU threads (default: all CPUs available to us)")
-    p.add_argument("--prefix-cache-mode", choices=PREFIX_CACHE_MODES, default="radix", help="prompt prefix caching (default: %(default)s)")
-    p.add_argument("--prefill-mode", choices=PREFILL_MODES, default="hybrid", help="how prefill mixes with decode (default: %(default)s)")
+    p.add_argument("--prefix-cache-mode", choices=PREFIX_CACHE_MODES, default="radix",
+                   help="prompt prefix caching, as MLC's flag. NOT IMPLEMENTED YET: 'radix' is accepted and "
+                   "currently behaves like 'disable' (every prompt is prefilled in full) (default: %(default)s)")
+    p.add_argument("--prefill-mode", choices=PREFILL_MODES, default="hybrid",
+                   help="how prompts are prefilled, as MLC's flag. Every engine step is hybrid today: prompt "
+                   "chunks (up to --prefill-chunk-size tokens per step) run in the same batch as the other "
+                   "sequences' decodes; 'chunked' is accepted and currently behaves like 'hybrid' "
+                   "(default: %(default)s)")
     p.add_argument("--served-model-name", help="model id in the API (default: directory name or GGUF file stem)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging verbosity (default: %(default)s)")
+
+    out = p.add_argument_group("generated tokens (per choice)")
+    out.add_argument("-n", "--n-predict", "--max-tokens-limit", dest="max_tokens_limit", type=_token_count,
+                     default=None, metavar="N",
+                     help="the most tokens one choice may generate (llama.cpp's -n); a request asking for more "
+                     "is capped and ends with finish_reason 'length' (default: none, up to the context; -1: none)")
+    out.add_argument("--max-tokens-default", type=_token_count, default=None, metavar="N",
+                     help="tokens for a request that gives no max_tokens / max_completion_tokens (default: none, "
+                     "i.e. chat: up to the context, completions: 16, as OpenAI's; -1: none); "
+                     "never more than -n")
 
     api = p.add_argument_group("API access")
     api.add_argument(
@@ -197,9 +216,13 @@ def parse_args(argv: Sequence[str] | None = None, *, exit_on_error: bool = True)
     parser = build_parser()
     parser.raise_errors = not exit_on_error  # type: ignore[attr-defined]
     args = parser.parse_args(argv)
+    for name in ("max_tokens_limit", "max_tokens_default"):
+        if getattr(args, name) == -1:
+            setattr(args, name, None)
     try:
         args.engine_config = engine_config_from_args(args)
-    except ConfigError as e:
+        output_limits_from_args(args)
+    except (ConfigError, ValueError) as e:
         parser.error(str(e))  # exits with status 2 and the usage line
     return args
 
@@ -224,6 +247,17 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
+
+
+def output_limits_from_args(args: argparse.Namespace) -> Any:
+    """pyserve.protocol.requests.OutputLimits from -n / --max-tokens-default (ValueError if the
+    default exceeds the limit: a contradiction, not a precedence rule)."""
+    from pyserve.protocol.requests import OutputLimits
+
+    limit, default = args.max_tokens_limit, args.max_tokens_default
+    if limit is not None and default is not None and default > limit:
+        raise ValueError(f"--max-tokens-default ({default}) exceeds the limit -n/--max-tokens-limit ({limit})")
+    return OutputLimits(default_max_tokens=default, max_tokens_limit=limit)
 
 
 def server_config_from_args(args: argparse.Namespace) -> Any:
@@ -263,12 +297,14 @@ def app_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(level: str) -> None:
+    """pyserve's one logging setup (`python -m pyserve` and pyserve.asgi.create_app): a stderr
+    handler on the root logger at `level`. A no-op when logging is already configured, so under
+    another ASGI server (uvicorn) or in a host app their setup stays as it is."""
+    logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, datefmt="%H:%M:%S")
 
 
 def _human_bytes(n: int) -> str:
@@ -281,16 +317,54 @@ def _human_bytes(n: int) -> str:
 
 
 class BuildError(Exception):
-    """The model could not be loaded or the engine not configured; `exit_code` says how main()
-    should exit (1: the model, 2: the settings)."""
+    """The engine extension is missing, the model could not be loaded or the engine not
+    configured; `exit_code` says how main() should exit (1: the installation or the model, 2: the
+    settings)."""
 
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
 
 
+def available_devices(c_module: Any) -> tuple[str, ...]:
+    """The devices this build of pyserve._C can serve: what its `devices()` reports; a build that
+    reports nothing has only the CPU backend."""
+    devices = getattr(c_module, "devices", None)
+    if devices is None:
+        return ("cpu",)
+    return tuple(str(d) for d in (devices() if callable(devices) else devices))
+
+
+def _missing_extension(exc: ImportError) -> str:
+    import pyserve
+
+    pkg = Path(pyserve.__file__).resolve().parent
+    root = pkg.parent
+    if (root / "setup.py").is_file() and not any(pkg.glob("_C.*")):
+        # Running from a source checkout without a built extension (e.g. `pip install .` and then
+        # `python -m pyserve` in the clone: the checkout shadows the installed copy).
+        return (f"pyserve's C++ engine (pyserve._C) is not built in the source tree {root}, which Python imports "
+                f"pyserve from: run `pip install -e .` in {root} to build it there")
+    return (f"cannot import pyserve's C++ engine (pyserve._C) from {pkg}: {exc}; rebuild it: "
+            f"`pip install -e .` in pyserve's source tree")
+
+
+def check_build(device: str) -> None:
+    """Fails fast, before a model is loaded, when the engine extension cannot be imported (exit 1)
+    or cannot serve `device` (exit 2)."""
+    try:
+        from pyserve import _C
+    except ImportError as e:
+        raise BuildError(_missing_extension(e), 1) from e
+    devices = available_devices(_C)
+    if device not in devices:
+        raise BuildError(f"--device {device} is not available in this build of pyserve (it serves: {', '.join(devices)})", 2)
+
+
 def build_app(args: argparse.Namespace) -> Any:
-    """Load the model, resolve the engine config, start the engine, and return the ASGI app."""
+    """Check the build, load the model, resolve the engine config, start the engine, and return
+    the ASGI app."""
+    check_build(args.device)
     from pyserve.model.loader import ModelLoadError, default_model_path, load_model
 
     try:
@@ -309,17 +383,8 @@ def build_app(args: argparse.Namespace) -> Any:
         load_s,
     )
 
-    mc = model.config
     try:
-        engine_config = resolve_engine_config(
-            args.engine_config,
-            context_length=mc.max_position_embeddings,
-            # Sizing assumption: f32 KV on the CPU, f16 on CUDA (the engine may store it smaller).
-            kv_bytes_per_token=kv_bytes_per_token(
-                mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, 4 if args.device == "cpu" else 2
-            ),
-            available_bytes=available_memory_bytes(args.device),
-        )
+        engine_config = resolve_for_model(args.engine_config, model.config)
     except ConfigError as e:
         raise BuildError(str(e), 2) from e
     log.info(
@@ -333,6 +398,12 @@ def build_app(args: argparse.Namespace) -> Any:
         engine_config.prefill_chunk_size,
         engine_config.num_threads,
     )
+    log.info("prefill: hybrid (prompt chunks batched with decodes)%s",
+             "; --prefill-mode chunked is not implemented and behaves like hybrid"
+             if engine_config.prefill_mode == "chunked" else "")
+    log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
+             else "radix requested, but not implemented yet: behaves like disable (every prompt is prefilled in full)")
+    limits = output_limits_from_args(args)
 
     from pyserve.api import create_app
     from pyserve.engine.async_engine import AsyncEngine
@@ -347,15 +418,18 @@ def build_app(args: argparse.Namespace) -> Any:
         getattr(engine, "weight_bytes", 0) / 1e6,
     )
     app = create_app(engine, **app_options_from_args(args))
+    app.ctx.limits = limits  # App takes no such argument (yet): its serving context holds them
     try:
         kv_tokens = engine.stats().get("kv_capacity_tokens", engine_config.kv_cache_tokens)
     except Exception:  # stats before the loop runs is best-effort
         kv_tokens = engine_config.kv_cache_tokens
     log.info(
-        "app for %r: KV cache %s tokens, context %d; API key %s; CORS origins %s",
+        "app for %r: KV cache %s tokens, context %d; max_tokens default %s, limit %s; API key %s; CORS origins %s",
         app.served_model_name,
         kv_tokens,
         engine.max_model_len,
+        limits.default_max_tokens or "chat: up to the context, completions: 16",
+        limits.max_tokens_limit or "none",
         "required" if args.api_key else "not required",
         args.allow_origins or "off",
     )
@@ -364,7 +438,7 @@ def build_app(args: argparse.Namespace) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    _setup_logging(args.log_level)
+    setup_logging(args.log_level)
     try:
         app = build_app(args)
     except BuildError as e:

@@ -3,8 +3,10 @@
 Two steps, so every choice stays visible and testable without a model:
 
 1. What the user said: `EngineConfig` with `None` for "not given" (flags, then `--overrides`).
-2. `resolve_engine_config(...)`: fills every `None` from the mode preset, the model's context
-   length and the memory available for the KV cache, then checks the result.
+2. `resolve_for_model(config, model_config)`: fills every `None` from the mode preset, the model's
+   context length and the memory available for the KV cache, then checks the result. It is the one
+   place that knows the model-dependent sizing (KV bytes per token on each device);
+   `resolve_engine_config` below is its pure core, with every input explicit.
 
 Mode presets (as MLC-LLM defines them):
     local        max_num_sequence = min(4, max_batch); max_total_sequence_length =
@@ -31,6 +33,9 @@ LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
 DEFAULT_PREFILL_CHUNK = {"cpu": 512, "cuda": 2048}
 DEFAULT_MEMORY_UTILIZATION = {"cpu": 0.5, "cuda": 0.85}  # share of free memory the KV cache may take
 FALLBACK_KV_BUDGET_BYTES = 2 << 30  # when free memory is unknown
+# Bytes per KV element assumed when sizing the cache from memory: f32 on the CPU, f16 on CUDA.
+# (The engine may store it smaller; then the cache simply uses less than its budget.)
+KV_DTYPE_BYTES = {"cpu": 4, "cuda": 2}
 
 
 class ConfigError(ValueError):
@@ -205,6 +210,25 @@ def resolve_engine_config(
     )
     validate(cfg)
     return cfg
+
+
+def resolve_for_model(config: EngineConfig, model_config: Any) -> EngineConfig:
+    """`config` with every unset field filled for this model: its context length, its KV bytes per
+    token on `config.device`, and the memory free there. A config that is already resolved is
+    returned unchanged. `model_config` needs max_position_embeddings, num_hidden_layers,
+    num_key_value_heads and head_dim (pyserve.model's ModelConfig has them)."""
+    if config.resolved():
+        validate(config)
+        return config
+    mc = model_config
+    return resolve_engine_config(
+        config,
+        context_length=int(mc.max_position_embeddings),
+        kv_bytes_per_token=kv_bytes_per_token(
+            int(mc.num_hidden_layers), int(mc.num_key_value_heads), int(mc.head_dim), KV_DTYPE_BYTES.get(config.device, 4)
+        ),
+        available_bytes=available_memory_bytes(config.device),
+    )
 
 
 def validate(cfg: EngineConfig) -> None:

@@ -15,7 +15,9 @@ from pyserve.config import (
     kv_bytes_per_token,
     parse_overrides,
     resolve_engine_config,
+    resolve_for_model,
 )
+from pyserve.protocol.requests import OutputLimits
 
 GiB = 1 << 30
 
@@ -50,12 +52,24 @@ def test_all_flags():
             "--log-level", "debug",
             "--prefix-cache-mode", "disable",
             "--prefill-mode", "chunked",
+            "-n", "64",
+            "--max-tokens-default", "32",
         ]
     )
     assert (args.model, args.host, args.port, args.served_model_name, args.log_level) == ("model.gguf", "0.0.0.0", 9000, "smol", "debug")
     cfg = args.engine_config
     assert (cfg.mode, cfg.max_num_sequence, cfg.max_total_sequence_length, cfg.prefill_chunk_size, cfg.num_threads) == ("server", 8, 4096, 256, 2)
     assert (cfg.prefix_cache_mode, cfg.prefill_mode) == ("disable", "chunked")
+    assert cli.output_limits_from_args(args) == OutputLimits(default_max_tokens=32, max_tokens_limit=64)
+
+
+def test_max_tokens_flags():
+    assert cli.output_limits_from_args(cli.parse_args([])) == OutputLimits()  # no bounds by default
+    for flag in ("-n", "--n-predict", "--max-tokens-limit"):
+        assert cli.parse_args([flag, "100"]).max_tokens_limit == 100
+    args = cli.parse_args(["-n", "-1", "--max-tokens-default", "-1"])  # llama.cpp's "no limit"
+    assert (args.max_tokens_limit, args.max_tokens_default) == (None, None)
+    assert cli.output_limits_from_args(cli.parse_args(["--max-tokens-default", "500"])) == OutputLimits(500, None)
 
 
 @pytest.mark.parametrize(
@@ -71,6 +85,10 @@ def test_all_flags():
         (["--overrides", "max_num_sequence"], "key=value"),
         (["--overrides", "max_num_sequence=0"], ">= 1"),
         (["--max-num-sequence", "4", "--overrides", "max_num_sequence=8"], "both"),
+        (["-n", "0"], ">= 1"),
+        (["--max-tokens-limit", "-2"], ">= 1"),
+        (["--max-tokens-default", "many"], "integer"),
+        (["-n", "8", "--max-tokens-default", "9"], "--max-tokens-default (9) exceeds"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(capsys, argv, needle):
@@ -186,6 +204,119 @@ def test_help_is_instant_and_imports_nothing_heavy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60).stdout
     assert "usage: python -m pyserve" in out and "HEAVY []" in out
+    # The help tells the truth about the MLC flags that do nothing yet.
+    flat = " ".join(out.split())
+    assert "NOT IMPLEMENTED YET: 'radix' is accepted and currently behaves like 'disable'" in flat
+    assert "'chunked' is accepted and currently behaves like 'hybrid'" in flat
+
+
+# --- the build: engine extension and device, checked before any model loads ------------------------
+
+
+def _no_model_load(monkeypatch):
+    import pyserve.model.loader as loader
+
+    def refuse(*a, **k):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(loader, "load_model", refuse)
+    monkeypatch.setattr(loader, "default_model_path", refuse)
+
+
+def test_unavailable_device_is_one_line_and_exit_2(monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    assert cli.main(["--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: --device cuda is not available in this build of pyserve (it serves: cpu)\n"
+
+
+def test_unavailable_device_from_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "pyserve", "--device", "cuda"], capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: --device cuda is not available in this build of pyserve (it serves: cpu)"]
+
+
+def test_devices_come_from_what_the_extension_reports():
+    assert cli.available_devices(types.SimpleNamespace()) == ("cpu",)  # reports nothing: CPU only
+    assert cli.available_devices(types.SimpleNamespace(devices=lambda: ["cpu", "cuda"])) == ("cpu", "cuda")
+    assert cli.available_devices(types.SimpleNamespace(devices=("cpu",))) == ("cpu",)
+
+
+def test_cuda_build_accepts_cuda(monkeypatch):
+    import pyserve
+
+    monkeypatch.setattr(pyserve, "_C", types.SimpleNamespace(devices=lambda: ["cpu", "cuda"]), raising=False)
+    cli.check_build("cuda")  # no error
+    with pytest.raises(cli.BuildError) as info:
+        cli.check_build("rocm")
+    assert info.value.exit_code == 2 and "it serves: cpu, cuda" in str(info.value)
+
+
+def test_missing_extension_is_one_line_before_the_model_loads(monkeypatch, capsys):
+    import pyserve
+
+    _no_model_load(monkeypatch)
+    monkeypatch.delattr(pyserve, "_C", raising=False)
+    monkeypatch.setitem(sys.modules, "pyserve._C", None)  # makes `from pyserve import _C` fail
+    assert cli.main([]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: cannot import pyserve's C++ engine (pyserve._C)")
+    assert "pip install -e ." in err
+
+
+def test_source_tree_without_the_extension(tmp_path):
+    """The newcomer's case: `python -m pyserve` at the root of a checkout whose pyserve/ has no
+    built _C (e.g. after `pip install .`): Python imports the checkout, not the installed copy."""
+    import shutil
+    from pathlib import Path
+
+    import pyserve
+
+    src = Path(pyserve.__file__).resolve().parent
+    shutil.copytree(src, tmp_path / "pyserve", ignore=shutil.ignore_patterns("_C.*", "__pycache__"))
+    (tmp_path / "setup.py").write_text("# the checkout's setup.py\n")
+    # As `python -m pyserve`, with any editable-install finder of this machine's pyserve removed (it
+    # would map pyserve._C to that checkout's build): the situation of a plain `pip install .`.
+    code = ("import runpy, sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+            "sys.argv[0] = 'pyserve'\n"
+            "runpy.run_module('pyserve', run_name='__main__', alter_sys=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: pyserve's C++ engine (pyserve._C) is not built in the source tree ")
+    assert f"run `pip install -e .` in {tmp_path.resolve()}" in line
+
+
+# --- logging: one setup -----------------------------------------------------------------------------
+
+
+def test_logging_is_set_up_in_one_place():
+    from pathlib import Path
+
+    import pyserve
+
+    root = Path(pyserve.__file__).resolve().parent
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "cli.py"
+                 and any(needle in p.read_text() for needle in ("basicConfig(", "addHandler(", "dictConfig("))]
+    assert offenders == []
+
+
+def test_setup_logging_leaves_a_configured_host_alone(monkeypatch):
+    import logging
+
+    root = logging.getLogger()
+    handler = logging.NullHandler()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.WARNING)
+    cli.setup_logging("debug")
+    assert root.handlers == [handler] and root.level == logging.WARNING
+    monkeypatch.setattr(root, "handlers", [])
+    cli.setup_logging("debug")
+    assert len(root.handlers) == 1 and root.level == logging.DEBUG
+    assert root.handlers[0].formatter._fmt == cli.LOG_FORMAT
 
 
 # --- presets ---------------------------------------------------------------------------------------
@@ -262,6 +393,32 @@ def test_kv_bytes_per_token():
     assert kv_bytes_per_token(30, 3, 64, 4) == 46080
 
 
+SMOLLM2 = types.SimpleNamespace(max_position_embeddings=8192, num_hidden_layers=30, num_key_value_heads=3, head_dim=64)
+
+
+def test_resolve_for_model_is_the_one_sizing(monkeypatch):
+    import pyserve.config as config
+
+    seen: list = []
+    monkeypatch.setattr(config, "available_memory_bytes", lambda device: seen.append(device) or 46080 * 2000)
+    cfg = resolve_for_model(EngineConfig(mode="server"), SMOLLM2)
+    # 50% of the CPU's free memory at 46080 f32 KV bytes per token: 1000 tokens.
+    assert seen == ["cpu"] and cfg.resolved() and cfg.max_total_sequence_length == 1000
+    assert cfg == resolve(EngineConfig(mode="server"), context=8192, bytes_per_token=46080, available=46080 * 2000)
+    # CUDA sizes with f16 KV, and 85% of free memory.
+    cuda = resolve_for_model(EngineConfig(mode="server", device="cuda"), SMOLLM2)
+    assert seen[-1] == "cuda" and cuda.max_total_sequence_length == int(46080 * 2000 * 0.85) // 23040
+    # The context caps the local preset; a resolved config comes back as it is.
+    local = resolve_for_model(EngineConfig(), types.SimpleNamespace(**{**vars(SMOLLM2), "max_position_embeddings": 512}))
+    assert local.max_single_sequence_length == 512
+    assert resolve_for_model(local, SMOLLM2) is local
+
+
+def test_resolve_for_model_rejects_bad_values():
+    with pytest.raises(ConfigError, match="page_size"):
+        resolve_for_model(EngineConfig(page_size=12), SMOLLM2)
+
+
 # --- main() wiring with fakes ----------------------------------------------------------------------
 
 
@@ -308,6 +465,47 @@ def test_main_wires_model_engine_app_and_server(monkeypatch, caplog):
     app = served["app"]
     assert app.auth is not None and app.cors is None and app.ctx.max_body_bytes == 1000
     assert "KV cache 1024 tokens" in caplog.text and "gguf Q4_1" in caplog.text
+    # What the MLC flags do today, said at startup.
+    assert "prefix cache: radix requested, but not implemented yet: behaves like disable" in caplog.text
+    assert "prefill: hybrid" in caplog.text and "max_tokens default chat: up to the context" in caplog.text
+    assert app.ctx.limits == OutputLimits()
+
+
+def test_main_passes_the_max_tokens_bounds_to_the_app(monkeypatch, caplog):
+    served = _run_main_with_fakes(monkeypatch, ["-n", "300", "--max-tokens-default", "200", "--prefix-cache-mode", "disable",
+                                                "--prefill-mode", "chunked"], caplog)
+    assert served["app"].ctx.limits == OutputLimits(default_max_tokens=200, max_tokens_limit=300)
+    assert "max_tokens default 200, limit 300" in caplog.text
+    assert "prefix cache: disabled" in caplog.text
+    assert "--prefill-mode chunked is not implemented and behaves like hybrid" in caplog.text
+
+
+def _run_main_with_fakes(monkeypatch, argv, caplog) -> dict:
+    from api_fakes import FakeEngine, FakeModel
+
+    import pyserve.model.loader as loader
+
+    model = FakeModel(name="tiny")
+    model.format, model.file_bytes = "gguf Q4_1", 123456
+    model.config = SMOLLM2
+    monkeypatch.setattr(loader, "default_model_path", lambda: "/models/tiny.gguf")
+    monkeypatch.setattr(loader, "load_model", lambda path: model)
+
+    class AsyncEngine(FakeEngine):
+        def __init__(self, m, config):
+            super().__init__(model=m, max_model_len=config.max_single_sequence_length)
+
+    fake_async_engine = types.ModuleType("pyserve.engine.async_engine")
+    fake_async_engine.AsyncEngine = AsyncEngine
+    monkeypatch.setitem(sys.modules, "pyserve.engine.async_engine", fake_async_engine)
+
+    import pyserve.http.server as server
+
+    served: dict = {}
+    monkeypatch.setattr(server, "run", lambda app, config: served.update(app=app, config=config))
+    caplog.set_level("INFO")
+    assert cli.main(["--port", "0", *argv]) == 0
+    return served
 
 
 def test_main_reports_a_missing_model(capsys):

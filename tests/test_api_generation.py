@@ -45,7 +45,7 @@ def test_chat_completion(app, engine):
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["model"] == "fake-model" and body["system_fingerprint"]
     [choice] = body["choices"]
-    assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hello there!"}, "logprobs": None, "finish_reason": "stop"}
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": "Hello there!", "refusal": None}, "logprobs": None, "finish_reason": "stop"}
     [c] = engine.calls
     # The template wrote BOS; the server must not add another.
     assert c.prompt_ids[0] == BOS and c.prompt_ids[1] != BOS and c.prompt_ids.count(BOS) == 1

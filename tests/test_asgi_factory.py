@@ -48,6 +48,31 @@ def test_keyword_arguments_are_the_flags(monkeypatch) -> None:
     assert args_from(argv=["--mode", "server"], num_threads=2).engine_config.num_threads == 2
 
 
+def test_max_tokens_bounds_from_pyserve_args_and_keywords(monkeypatch) -> None:
+    monkeypatch.setenv("PYSERVE_ARGS", "-n 300 --max-tokens-default 100")
+    args = args_from()
+    assert (args.max_tokens_limit, args.max_tokens_default) == (300, 100)
+    args = args_from(max_tokens_limit=50)
+    assert (args.max_tokens_limit, args.max_tokens_default) == (50, None)
+    with pytest.raises(cli.ArgumentError, match="exceeds"):
+        args_from(max_tokens_limit=5, max_tokens_default=6)
+
+
+def test_max_tokens_bounds_reach_the_served_app() -> None:
+    """create_app's keywords bound generation on the real model: a request asking more is capped
+    (finish_reason "length"), one asking nothing gets the default."""
+    llm = create_app(num_threads=2, max_tokens_limit=5, max_tokens_default=3)
+    with pyserve_server(llm) as srv:
+        base = {"messages": [{"role": "user", "content": "Count from one to a hundred."}], "temperature": 0,
+                "ignore_eos": True}  # the budget, never EOS, ends the answer
+        for extra, tokens in (({"max_tokens": 50}, 5), ({}, 3), ({"max_tokens": 2}, 2)):
+            status, _, body = request(srv.url, "POST", "/v1/chat/completions", {**base, **extra})
+            assert status == 200, body
+            reply = json.loads(body)
+            assert reply["usage"]["completion_tokens"] == tokens, (extra, reply)
+            assert reply["choices"][0]["finish_reason"] == "length"
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"mode": "turbo"}, "--mode"), ({"bogus": 1}, "unknown option 'bogus'"), ({"port": 70000}, "port"),
@@ -62,6 +87,9 @@ def test_missing_model_raises_build_error() -> None:
     with pytest.raises(cli.BuildError) as info:
         create_app("/nonexistent/model.gguf")
     assert info.value.exit_code == 1
+    with pytest.raises(cli.BuildError, match="--device cuda is not available") as info:
+        create_app("/nonexistent/model.gguf", device="cuda")  # checked before the model
+    assert info.value.exit_code == 2
 
 
 # --- mounted in a host app --------------------------------------------------------------------------

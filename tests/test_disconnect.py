@@ -96,7 +96,7 @@ def test_close_mid_prefill(server) -> None:
     prompt0, gen0 = counters(server.url)
     prompt = [(7 * i) % 5000 + 100 for i in range(3000)]  # ~6 prefill chunks of 512 tokens
     sock = connect(server.url)
-    send_request(sock, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 50, "stream": True})
+    send_request(sock, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 50, "temperature": 0, "stream": True})
     # Prefill under way: pages are being filled, no token generated yet.
     started = wait_until(server.url, lambda m: busy_pages(m) > 0, what="prefill started")
     hang_up(sock)

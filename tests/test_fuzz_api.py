@@ -114,6 +114,7 @@ def bodies(draw: st.DrawFn, chat: bool) -> bytes:
         body["max_tokens"] = 3  # null would mean "up to the context"
     if "max_completion_tokens" in body and body["max_completion_tokens"] is None:
         del body["max_completion_tokens"]
+    body.setdefault("seed", 0)  # unseeded sampling draws from random_device: a failure would not replay
     return json.dumps(body, allow_nan=True).encode()
 
 

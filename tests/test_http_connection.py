@@ -394,3 +394,18 @@ def test_fuzz_any_split_gives_the_same_request(cuts: list[int]) -> None:
     assert b"".join(e.data for e in events[1:]) == b"abcde"
     assert [e.more_body for e in events[1:]][-1] is False
     assert all(e.more_body for e in events[1:-1])
+
+
+@pytest.mark.parametrize("head", [
+    b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n",
+    b"POST / HTTP/1.0\r\nContent-Length: 2\r\n\r\n",
+])
+def test_request_is_complete_after_its_body_even_when_the_client_asked_to_close(head: bytes) -> None:
+    """Regression (408 stall): h11 moves a client that sent `Connection: close` (or HTTP/1.0)
+    from DONE to MUST_CLOSE at the end of its request. The body is complete all the same: the
+    server must not keep waiting for body bytes (and time out with 408) while the app works."""
+    link = Link()
+    link.raw(head + b"hi")
+    events = link.server_events()
+    assert events[-1] == Body(b"hi", more_body=False)
+    assert link.server.request_complete

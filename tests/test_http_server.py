@@ -384,6 +384,34 @@ async def test_slow_body_is_dropped_at_body_timeout() -> None:
         await still_serves(port)
 
 
+@pytest.mark.parametrize("head", [
+    b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 5\r\n\r\n",
+    b"POST / HTTP/1.0\r\nContent-Length: 5\r\n\r\n",
+])
+async def test_slow_app_after_a_complete_body_is_not_a_body_timeout(head: bytes) -> None:
+    """Regression (the 408 stall): with `Connection: close` (urllib, HTTP/1.0 clients) the body
+    deadline stayed armed after the whole body had arrived, so any request whose app took longer
+    than body_timeout was answered 408 (or, once streaming, cut off as a disconnect)."""
+    body_timeout = 0.05
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await echo_app(scope, receive, send)
+            return
+        assert await receive() == {"type": "http.request", "body": b"hello", "more_body": False}
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        # The engine is slow: far beyond body_timeout, with the body long since read. (The
+        # wait is the subject of the test, not a synchronisation.)
+        await anyio.sleep(body_timeout * 10)
+        await send({"type": "http.response.body", "body": b"b"})
+
+    async with running(app, body_timeout=body_timeout) as port:
+        reply = await raw_exchange(port, head + b"hello")
+    assert reply.split(b"\r\n", 1)[0].split(b" ")[1] == b"200", reply
+    assert reply.endswith(b"ab") or reply.endswith(b"1\r\nb\r\n0\r\n\r\n"), reply
+
+
 async def test_pipelined_requests_are_answered_in_order() -> None:
     async with running(echo_app) as port:
         reply = await raw_exchange(port, b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,10 @@ ISAS = ["scalar"] + [isa for isa in ("avx2", "avx512") if _C.cpu_features()[isa]
 
 
 @pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng()
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """Fresh inputs per test case, the same on every run: seeded from the test's id (crc32, not
+    hash(), which changes with PYTHONHASHSEED)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -42,39 +46,113 @@ def test_gemm_bias_and_accumulate(isa: str, rng: np.random.Generator) -> None:
     np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
 
 
+# --- paged attention ----------------------------------------------------------------------------
+#
+# What the kernels do (csrc/backend/cpu/kernels_simd.inc, kernels_scalar.cpp, cpu_backend.cpp), and
+# what the cases below are chosen to reach:
+# - K is stored transposed inside a page ([kv_heads][head_dim][page_size]), so q·K runs as vector
+#   FMAs across a page's slots, a chunk of W slots at a time (W = 8 on AVX2, 16 on AVX-512) -- when
+#   page_size is a multiple of W. Other page sizes take plain loops. Page sizes 1, 3, 15, 17, 33 are
+#   off every vector width; 8 is on it for AVX2 only; 16 and 32 for both.
+# - Within a vector chunk, only the slots in [lo, hi] are kept: a sequence's partly filled last
+#   page (ragged length) and a window that starts mid-page cut a chunk at either end.
+# - Queries are scored in register tiles (6 on AVX2, 12 on AVX-512) with a remainder tile; the
+#   `n_tokens * group` queries of one call decide how many.
+# - Consecutive tokens of one sequence (same page table, consecutive positions) form a block of up
+#   to min(8, 128 / group) tokens sharing every K/V load; a decode token is a block of one. Blocks
+#   of 1, 2, 5 and 11 (= 8 + 3) tokens below. Their queries share a score range: each one's own
+#   range must come out of it (causal within the block; per-token window starts).
+# - out += p·V runs vectorised when head_dim is a multiple of W and at most 8 W (AVX2: 8..64,
+#   AVX-512: 16..128), in tiles of 16 / (head_dim / W) queries; else plain loops (head_dim 20 on
+#   both; 24 on AVX-512; 128 on AVX2).
+# - GQA: `group` query heads share a KV head (1, 2, 3, 5 and 8 below).
+
+PAGE_SIZES = [1, 3, 8, 15, 16, 17, 32, 33]
+HEAD_CONFIGS = [  # (head_dim, heads, kv_heads)
+    (16, 4, 4),
+    (24, 6, 2),
+    (64, 8, 1),
+    (128, 4, 2),
+    (20, 6, 3),
+    (32, 10, 2),
+]
+WINDOWS = {"none": lambda ps: 0, "1": lambda ps: 1, "6": lambda ps: 6, "2pages+3": lambda ps: 2 * ps + 3}
+
+
 def attention_reference(q, k_cache, v_cache, page_size, tables, positions, window):
+    """float64 attention over the caller's [slots, kv_heads, head_dim] cache, token by token."""
     t, h, d = q.shape
-    kvh = k_cache.shape[1]
+    group = h // k_cache.shape[1]
     out = np.zeros((t, h, d))
     for i in range(t):
         pos = positions[i]
         lo = max(0, pos - window + 1) if window else 0
-        slots = [tables[i][p // page_size] * page_size + p % page_size for p in range(lo, pos + 1)]
-        for head in range(h):
-            g = head // (h // kvh)
-            keys = k_cache[slots, g].astype(np.float64)
-            vals = v_cache[slots, g].astype(np.float64)
-            s = keys @ q[i, head].astype(np.float64) / np.sqrt(d)
-            p = np.exp(s - s.max())
-            out[i, head] = (p / p.sum()) @ vals
+        p = np.arange(lo, pos + 1)
+        slots = tables[i][p // page_size].astype(np.int64) * page_size + p % page_size
+        keys = np.repeat(k_cache[slots].astype(np.float64), group, axis=1)  # [n, h, d]
+        vals = np.repeat(v_cache[slots].astype(np.float64), group, axis=1)
+        s = np.einsum("nhd,hd->hn", keys, q[i].astype(np.float64)) / np.sqrt(d)
+        w = np.exp(s - s.max(axis=1, keepdims=True))
+        out[i] = np.einsum("hn,nhd->hd", w / w.sum(axis=1, keepdims=True), vals)
     return out
 
 
+def attention_batch(page_size: int, rng: np.random.Generator):
+    """One call's worth of tokens from six sequences, as the engine batches a prefill chunk with
+    decode tokens: (page tables per token, positions, pages in the pool). Each sequence owns
+    scattered pages of a shared pool; spare pages hold data no token may read."""
+    ps = page_size
+    long_len = max(3 * ps + ps // 2 + 1, 13)  # ragged: its last page is partly filled
+    seqs = [  # (sequence length, the positions its tokens in this batch query)
+        (2 * ps, [2 * ps - 1]),  # decode at the last slot of a full page
+        (long_len, list(range(long_len - 11, long_len))),  # a prefill chunk of 11: blocks of 8 + 3
+        (ps + 1, [ps]),  # decode at the first slot of a new page
+        (max(ps, 5), [0, 1, 2, 3, 4]),  # the start of a prompt: a block of 5 from position 0
+        (1, [0]),  # a one-token prompt
+        (long_len, [long_len - 2, long_len - 1]),  # a block of 2 at the ragged end
+    ]
+    need = [-(-length // ps) for length, _ in seqs]
+    num_pages = sum(need) + 3
+    pool = rng.permutation(num_pages).astype(np.int32)
+    tables, positions, first = [], [], 0
+    for (length, pos), n in zip(seqs, need):
+        table = pool[first : first + n]  # one array per sequence: its tokens share the pointer
+        first += n
+        assert max(pos) < length
+        tables += [table] * len(pos)
+        positions += pos
+    return tables, positions, num_pages
+
+
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("head_dim,heads,kv_heads,window", [(64, 9, 3, 0), (16, 4, 2, 0), (20, 4, 4, 5), (128, 2, 1, 0)])
-def test_paged_attention_matches_float64(isa, head_dim, heads, kv_heads, window, rng) -> None:
-    page_size, num_pages = 4, 12
-    k_cache = rng.standard_normal((num_pages * page_size, kv_heads, head_dim)).astype(np.float32)
-    v_cache = rng.standard_normal((num_pages * page_size, kv_heads, head_dim)).astype(np.float32)
-    # Two sequences with scattered, non-identity page tables.
-    pages = rng.permutation(num_pages).astype(np.int32)
-    tables = [pages[:6], pages[6:]]
-    positions = [0, 5, 23, 1, 17]
-    per_token = [tables[0], tables[0], tables[0], tables[1], tables[1]]
-    q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
-    out = _C.kernels.attention(q, k_cache, v_cache, page_size, per_token, positions, window, isa=isa, threads=2)
-    ref = attention_reference(q, k_cache, v_cache, page_size, per_token, positions, window)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max())
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("window", list(WINDOWS), ids=lambda w: f"window={w}")
+def test_paged_attention_matches_float64(isa, page_size, window, rng) -> None:
+    tables, positions, num_pages = attention_batch(page_size, rng)
+    win = WINDOWS[window](page_size)
+    for head_dim, heads, kv_heads in HEAD_CONFIGS:
+        slots = num_pages * page_size
+        # Every slot holds random data, used or not: a read outside a token's range shows.
+        k_cache = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+        v_cache = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+        q = rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
+        out = _C.kernels.attention(q, k_cache, v_cache, page_size, tables, positions, win, isa=isa, threads=2)
+        ref = attention_reference(q, k_cache, v_cache, page_size, tables, positions, win)
+        np.testing.assert_allclose(
+            out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"head_dim={head_dim} heads={heads} kv_heads={kv_heads}"
+        )
+
+
+def test_attention_reference_is_not_trivial() -> None:
+    """The inputs really vary by position: a kernel that read the wrong slot would be caught."""
+    rng = np.random.default_rng(0)
+    tables, positions, num_pages = attention_batch(8, rng)
+    k = rng.standard_normal((num_pages * 8, 1, 16)).astype(np.float32)
+    v = rng.standard_normal((num_pages * 8, 1, 16)).astype(np.float32)
+    q = rng.standard_normal((len(positions), 2, 16)).astype(np.float32)
+    ref = attention_reference(q, k, v, 8, tables, positions, 0)
+    shifted = attention_reference(q, k, v, 8, tables, [p - 1 if p else 1 for p in positions], 0)
+    assert np.abs(ref - shifted).max(axis=(1, 2)).min() > 1e-3
 
 
 def test_unknown_isa_is_a_clear_error() -> None:

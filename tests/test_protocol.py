@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyserve.protocol import (
     ChatCompletionRequest,
@@ -13,6 +15,7 @@ from pyserve.protocol import (
     parse_json_object,
 )
 from pyserve.protocol import responses as R
+from pyserve.protocol.requests import OutputLimits
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -241,8 +244,69 @@ def test_bad_prompts(prompt):
 
 
 def test_completion_defaults_to_16_tokens():
-    assert comp().max_tokens == 16
+    # The request keeps what it said (None: not given); the 16 applies when sampling params are
+    # built, unless the operator set a default (OutputLimits).
+    assert comp().max_tokens is None and CompletionRequest.DEFAULT_MAX_TOKENS == 16
+    assert OutputLimits().max_tokens(comp(), room=100) == 16
     assert comp(max_tokens=3).max_tokens == 3
+    assert chat().max_tokens is None and ChatCompletionRequest.DEFAULT_MAX_TOKENS is None
+
+
+# --- the operator's bounds on max_tokens ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "default, limit, fields, room, expected",
+    [
+        (None, None, {}, 100, 100),  # chat: up to the context
+        (None, None, {"max_tokens": 7}, 100, 7),
+        (None, None, {"max_tokens": 700}, 100, 100),  # the context bounds every request
+        (5, None, {}, 100, 5),
+        (5, None, {"max_tokens": 50}, 100, 50),  # a default is no cap
+        (None, 8, {}, 100, 8),
+        (None, 8, {"max_tokens": 50}, 100, 8),
+        (None, 8, {"max_completion_tokens": 50, "max_tokens": 2}, 100, 8),
+        (None, 8, {"max_tokens": 3}, 100, 3),
+        (5, 8, {}, 100, 5),
+        (5, 8, {}, 4, 4),
+        (None, 8, {}, 6, 6),
+    ],
+)
+def test_output_limits_for_chat(default, limit, fields, room, expected):
+    assert OutputLimits(default, limit).max_tokens(chat(**fields), room) == expected
+
+
+@pytest.mark.parametrize(
+    "default, limit, fields, expected",
+    [((None, None, {}, 16)), (5, None, {}, 5), (40, None, {}, 40), (None, 8, {}, 8), (None, 40, {}, 16),
+     (None, 8, {"max_tokens": 30}, 8), (None, None, {"max_tokens": 30}, 30)],
+)
+def test_output_limits_for_completions(default, limit, fields, expected):
+    assert OutputLimits(default, limit).max_tokens(comp(**fields), room=100) == expected
+
+
+@given(default=st.none() | st.integers(1, 300), limit=st.none() | st.integers(1, 300),
+       asked=st.none() | st.integers(1, 300), room=st.integers(1, 300), completions=st.booleans())
+def test_output_limits_properties(default, limit, asked, room, completions):
+    if default is not None and limit is not None and default > limit:
+        with pytest.raises(ValueError, match="exceeds"):
+            OutputLimits(default, limit)
+        return
+    fields = {} if asked is None else {"max_tokens": asked}
+    req = comp(**fields) if completions else chat(**fields)
+    got = OutputLimits(default, limit).max_tokens(req, room)
+    assert 1 <= got <= room
+    if limit is not None:
+        assert got <= limit
+    if asked is not None:  # the request's own value, unless the cap or the context cut it
+        assert got == min(asked, room, limit or asked)
+
+
+@pytest.mark.parametrize("kwargs", [{"default_max_tokens": 0}, {"max_tokens_limit": -1}, {"max_tokens_limit": 2.5},
+                                    {"max_tokens_limit": True}, {"default_max_tokens": 9, "max_tokens_limit": 8}])
+def test_output_limits_refuse_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        OutputLimits(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +347,7 @@ def test_response_builders():
     assert u == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 4}}
     obj = R.chat_completion("chatcmpl-1", 1, "m", [R.chat_choice(0, "hi", "stop")], u)
     assert obj["object"] == "chat.completion" and obj["system_fingerprint"]
-    assert obj["choices"][0]["message"] == {"role": "assistant", "content": "hi"}
+    assert obj["choices"][0]["message"] == {"role": "assistant", "content": "hi", "refusal": None}
     chunk = R.chat_chunk("chatcmpl-1", 1, "m", [R.chat_chunk_choice(0, role="assistant", content="")])
     assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "usage" not in chunk
@@ -330,7 +394,10 @@ def test_min_tokens():
     assert chat(min_tokens=3, max_tokens=3).min_tokens == 3
     assert chat(min_tokens=100).min_tokens == 100  # no max_tokens: checked against the context later
     assert error_of(chat, min_tokens=4, max_completion_tokens=3).param == "min_tokens"
-    assert error_of(comp, min_tokens=17).param == "min_tokens"  # completions default to 16 tokens
+    assert error_of(comp, min_tokens=17, max_tokens=16).param == "min_tokens"
+    # No max_tokens: the budget (16, or the operator's default) is not the request's; min_tokens is
+    # clamped to it when the sampling params are built, as chat's is to the context.
+    assert comp(min_tokens=17).min_tokens == 17
 
 
 @pytest.mark.parametrize("key", ["a", "1.5", " 1", "1_0", "１", "", "99999999999999999999999"])

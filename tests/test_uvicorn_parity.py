@@ -96,7 +96,7 @@ def test_completions_seeded_sampling_is_reproducible(server) -> None:
 
 def test_raw_sse_framing(server) -> None:
     status, headers, body = request(server.url, "POST", "/v1/completions",
-                                    {"prompt": "Hello", "max_tokens": 4, "stream": True}, headers=AUTH)
+                                    {"prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}, headers=AUTH)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     text = body.decode()
     assert text.endswith("data: [DONE]\n\n") and all(b.startswith("data: ") for b in text.split("\n\n") if b)
@@ -137,7 +137,7 @@ def test_cors(server) -> None:
 
 
 def test_chunked_request_body(server) -> None:
-    body = json.dumps({"prompt": "Hello there", "max_tokens": 2}).encode()
+    body = json.dumps({"prompt": "Hello there", "max_tokens": 2, "temperature": 0}).encode()
     chunked = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 5]), body[i:i + 5]) for i in range(0, len(body), 5))
     with connect(server.url) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
@@ -159,7 +159,7 @@ def test_disconnect_mid_stream_returns_the_engine_to_idle(server) -> None:
     wait_idle(server.url)
     gen0 = metrics(server.url)["pyserve:generation_tokens_total"]
     sock = connect(server.url)
-    send_request(sock, "POST", "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2000, "ignore_eos": True,
+    send_request(sock, "POST", "/v1/chat/completions", {"messages": QUESTION, "max_tokens": 2000, "ignore_eos": True, "temperature": 0,
                                                          "stream": True}, headers=AUTH)
     reader = Reader(sock)
     status, headers = reader.head()

@@ -6,7 +6,18 @@
 
 namespace pyserve {
 
-// The paged KV cache's storage: for each layer, K and V as [num_pages * page_size, kv_dim].
+// The paged KV cache's storage: for each layer, a K block then a V block of
+// num_pages * page_size * kv_dim floats each (kv_dim = n_kv_heads * head_dim); layers follow one
+// another: [num_layers][K, V][num_pages * page_size * kv_dim].
+// The order inside a page is the backend's (its write_kv is the only writer, its attention the
+// only reader). The CPU backend (backend/cpu: write_kv in cpu_backend.cpp, attend_* in kernels_*)
+// keeps, per layer:
+//   K: [num_pages, n_kv_heads, head_dim, page_size]  -- transposed inside a page: q·K runs as
+//      vector FMAs across a page's slots
+//   V: [num_pages, n_kv_heads, page_size, head_dim]  -- a contiguous row per slot for out += p·V
+// Position pos of a sequence lives on page = page_table[pos / page_size] at off = pos % page_size:
+// its K is K(page, h, :, off) (stride page_size), its V is the row V(page, h, off, :). So a token's
+// K is not a [kv_dim] row, and no [num_pages * page_size, kv_dim] view of either block is right.
 // Which pages belong to which sequence is the BlockPool's and the scheduler's business.
 class KVCache {
  public:

@@ -15,7 +15,7 @@ from pyserve.engine.detokenizer import IncrementalDetokenizer, TokenStrings
 from pyserve.engine.sampling import SamplingParams
 from pyserve.engine.stop import StopStringMatcher
 from pyserve.protocol.errors import ProtocolError
-from pyserve.protocol.requests import GenerationRequest
+from pyserve.protocol.requests import GenerationRequest, OutputLimits
 from pyserve.protocol.responses import LogprobEntry, TokenInfo
 
 
@@ -45,18 +45,21 @@ def build_sampling_params(
     num_prompt_tokens: int,
     max_model_len: int,
     defaults: dict[str, Any] | None = None,
+    limits: OutputLimits | None = None,
 ) -> SamplingParams:
-    """SamplingParams for one prompt and all its choices. max_tokens is clamped to the room left in
-    the context (like vLLM); sampling fields the request leaves out take the model's generation
-    defaults, else the neutral value. Seeds: the engine gives choice i of a seeded request seed + i."""
+    """SamplingParams for one prompt and all its choices. max_tokens: the request's, else the
+    operator's default, else the endpoint's; capped by the operator's limit and by the room left
+    in the context (see OutputLimits). Sampling fields the request leaves out take the model's
+    generation defaults, else the neutral value. Seeds: the engine gives choice i of a seeded
+    request seed + i."""
     defaults = defaults or {}
+    limits = limits or OutputLimits()
 
     def pick(name: str, neutral: float) -> float:
         value = getattr(req, name)
         return float(value if value is not None else defaults.get(name, neutral))
 
-    room = max_model_len - num_prompt_tokens
-    max_tokens = room if req.max_tokens is None else min(req.max_tokens, room)
+    max_tokens = limits.max_tokens(req, max_model_len - num_prompt_tokens)
     if req.echo and max_tokens == 0:
         max_tokens = 1  # echo only: the engine generates one token, which we drop
     top_k = req.top_k if req.top_k is not None else int(defaults.get("top_k", 0) or 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -39,6 +39,7 @@ from pyserve.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerationRequest,
+    OutputLimits,
     parse_json_object,
 )
 
@@ -69,6 +70,7 @@ class ServingContext:
     model_name: str
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     engine_failed: BaseException | None = None
+    limits: OutputLimits = field(default_factory=OutputLimits)  # the operator's max_tokens default and cap
 
     @property
     def tokenizer(self) -> Any:
@@ -273,7 +275,8 @@ def _check_request_token_ids(ctx: ServingContext, req: GenerationRequest) -> Non
 
 def _params(ctx: ServingContext, req: GenerationRequest, ids: list[int]) -> Any:
     return build_sampling_params(
-        req, num_prompt_tokens=len(ids), max_model_len=ctx.max_model_len, defaults=ctx.generation_defaults
+        req, num_prompt_tokens=len(ids), max_model_len=ctx.max_model_len, defaults=ctx.generation_defaults,
+        limits=ctx.limits,
     )
 
 

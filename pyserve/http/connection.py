@@ -114,7 +114,9 @@ class HTTPConnection:
 
     @property
     def request_complete(self) -> bool:
-        return self._h11.their_state is h11.DONE
+        # A client that sent `Connection: close` (or spoke HTTP/1.0) goes DONE -> MUST_CLOSE at
+        # the end of its request: its body is just as complete.
+        return self._h11.their_state in (h11.DONE, h11.MUST_CLOSE, h11.CLOSED)
 
     def next_event(self) -> Event | None:
         """The next event, or None when more bytes are needed (or the next pipelined request

@@ -12,7 +12,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from pyserve.protocol.errors import ProtocolError
 
@@ -218,12 +218,49 @@ def _not_supported(param: str, what: str | None = None) -> ProtocolError:
 # Requests
 
 
+@dataclass(frozen=True)
+class OutputLimits:
+    """The operator's bounds on generated tokens per choice (`--max-tokens-default`, and
+    `-n/--max-tokens-limit` as llama.cpp's `-n` caps llama-server's requests).
+
+    A request that gives no max_tokens gets `default_max_tokens`, else its endpoint's default
+    (chat: up to the context; completions: 16, OpenAI's). Whatever the request asks, it gets at
+    most `max_tokens_limit` and at most the room left in the context; a choice cut there ends with
+    finish_reason "length" (as llama-server and vLLM cap, rather than refuse)."""
+
+    default_max_tokens: int | None = None
+    max_tokens_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("default_max_tokens", "max_tokens_limit"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if (self.default_max_tokens is not None and self.max_tokens_limit is not None
+                and self.default_max_tokens > self.max_tokens_limit):
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})")
+
+    def max_tokens(self, req: "GenerationRequest", room: int) -> int:
+        """Tokens one choice of `req` may generate when `room` tokens are left in the context."""
+        want = req.max_tokens
+        if want is None:
+            want = self.default_max_tokens if self.default_max_tokens is not None else req.DEFAULT_MAX_TOKENS
+        if want is None:
+            want = room
+        if self.max_tokens_limit is not None:
+            want = min(want, self.max_tokens_limit)
+        return min(want, room)
+
+
 @dataclass
 class GenerationRequest:
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
+    # max_tokens when the request gives none and the operator set no default; None: up to the context.
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
+
     model: str | None = None
-    max_tokens: int | None = None  # None: up to the context
+    max_tokens: int | None = None  # as the request gave it (None: not given; see OutputLimits)
     min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens (vLLM)
     temperature: float | None = None  # None: the model's generation defaults, else 1.0
     top_p: float | None = None
@@ -433,6 +470,9 @@ def _text_part(part: Any, where: str) -> str:
 
 @dataclass
 class CompletionRequest(GenerationRequest):
+    # OpenAI's legacy completions default to 16 tokens (so does vLLM).
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16
+
     # One entry per prompt: text to tokenize, or token ids as given.
     prompt: list[str | list[int]] = field(default_factory=list)
 
@@ -442,9 +482,9 @@ class CompletionRequest(GenerationRequest):
         req.prompt = _prompts(data)
         req._parse_common(data)
         req.echo = _opt_bool(data, "echo", False)
-        # OpenAI's legacy completions default to 16 tokens (so does vLLM). 0 with echo scores the
-        # prompt without generating (as OpenAI and vLLM allow).
-        req.max_tokens = _opt_int(data, "max_tokens", 16, lo=0)
+        # 0 with echo scores the prompt without generating (as OpenAI and vLLM allow). Not given:
+        # None here, DEFAULT_MAX_TOKENS (or the operator's default) when sampling params are built.
+        req.max_tokens = _opt_int(data, "max_tokens", lo=0)
         if req.max_tokens == 0 and not req.echo:
             raise ProtocolError("'max_tokens' must be >= 1 (0 is only allowed with 'echo').", param="max_tokens")
         req._check_min_tokens()

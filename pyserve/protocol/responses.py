@@ -2,6 +2,11 @@
 
 Shapes follow the OpenAI API reference: chat.completion, chat.completion.chunk, text_completion,
 the model list, and usage with prompt_tokens_details.cached_tokens (prefix-cache hits).
+tests/test_openai_schema.py validates what the app sends against OpenAI's published OpenAPI
+schemas (a trimmed copy in tests/data/). Where OpenAI's own API departs from its schema, we follow
+the API, and that test lists each such place: `usage: null` on stream chunks before the usage
+chunk, `finish_reason: null` on streamed text_completion chunks before a choice's last, and null
+for the first echoed prompt token's logprob (nothing predicts it).
 """
 from __future__ import annotations
 
@@ -115,9 +120,11 @@ def completion_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 def chat_choice(
     index: int, content: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
 ) -> dict[str, Any]:
+    # OpenAI's schema requires `refusal` on every message (null: the model did not refuse); typed
+    # clients generated from that schema reject a message without it.
     return {
         "index": index,
-        "message": {"role": "assistant", "content": content},
+        "message": {"role": "assistant", "content": content, "refusal": None},
         "logprobs": logprobs,
         "finish_reason": finish_reason,
     }
