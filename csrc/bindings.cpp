@@ -457,6 +457,9 @@ class SchedulerHarness {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyserve's C++ engine: model, paged KV cache, scheduler, CPU kernels";
 
+  m.def("devices", [] { return std::vector<std::string>{"cpu"}; },
+        "The devices this build can serve (the GPU backends add theirs when built).");
+
   m.def("cpu_features", [] {
     const auto& f = cpu::cpu_features();
     py::dict d;

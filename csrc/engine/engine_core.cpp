@@ -435,6 +435,7 @@ void EngineCore::commit() {
   const int vocab = model_->config().vocab_size;
   for (Accepted& a : accepted_) {
     Request& r = *a.req;
+    const int64_t key = r.seq.id;  // r may be gone by the time a fault is caught
     try {
       faults_.check(Phase::commit, step_index_, r.id);
       r.seq.num_computed += a.count;
@@ -462,8 +463,9 @@ void EngineCore::commit() {
       }
     } catch (const std::exception& e) {
       ++counters_.step_failures;
-      if (requests_.count(request_key(r.id, r.index)))
-        fail_request(r, std::string("engine fault while committing a step: ") + e.what());
+      auto live = requests_.find(key);
+      if (live != requests_.end())
+        fail_request(*live->second, std::string("engine fault while committing a step: ") + e.what());
     }
   }
   accepted_.clear();

@@ -237,8 +237,7 @@ async def run_prompt(
     # stop_token_ids): their text is not part of the answer.
     stop_ids = {int(t) for t in getattr(params, "stop_token_ids", ()) or ()}
     if not getattr(params, "ignore_eos", False):
-        stop_ids.update(getattr(tokenizer, "eos_token_ids", None) or ())
-        stop_ids.update(getattr(getattr(engine.model, "config", None), "eos_token_ids", None) or ())
+        stop_ids.update(getattr(engine.model, "eos_token_ids", None) or getattr(tokenizer, "eos_token_ids", None) or ())
     choices = [_Choice(tokenizer, prompt_ids, stops, skip_special_tokens) for _ in range(n)]
     results: list[ChoiceResult | None] = [None] * n
     cached_tokens = 0

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from pyserve.config import EngineConfig, available_memory_bytes, kv_bytes_per_token, resolve_engine_config
+from pyserve.config import EngineConfig, resolve_for_model
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.native import engine_options, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
@@ -36,19 +36,6 @@ from pyserve.model.loader import LoadedModel
 log = logging.getLogger(__name__)
 
 __all__ = ["AsyncEngine", "EngineError", "EngineFailed"]
-
-
-def resolve_for(model: LoadedModel, config: EngineConfig) -> EngineConfig:
-    """Fills the unset fields of `config` for this model (mode presets, KV capacity from memory)."""
-    if config.resolved():
-        return config
-    mc = model.config
-    return resolve_engine_config(
-        config,
-        context_length=mc.max_position_embeddings,
-        kv_bytes_per_token=kv_bytes_per_token(mc.num_hidden_layers, mc.num_key_value_heads, mc.head_dim, 4),
-        available_bytes=available_memory_bytes(config.device),
-    )
 
 
 class _Mailbox:
@@ -92,9 +79,10 @@ class AsyncEngine:
 
         if config is None:
             config = EngineConfig()
-        if config.device != "cpu":
-            raise ValueError(f"device {config.device!r} is not supported by this build (supported: cpu)")
-        self.config = resolve_for(model, config)
+        if config.device not in _C.devices():
+            raise ValueError(f"device {config.device!r} is not supported by this build "
+                             f"(supported: {', '.join(_C.devices())})")
+        self.config = resolve_for_model(config, model.config)
         self.model = model
         self._c_model = native_model(model, self.config.num_threads, isa, release_tensors=True)
         self.max_model_len: int = int(self.config.max_single_sequence_length)
