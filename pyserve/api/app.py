@@ -210,8 +210,7 @@ class App:
 
     async def _health(self, request: Request) -> None:
         if self.ctx.engine_failed is not None:
-            reason = str(self.ctx.engine_failed) or type(self.ctx.engine_failed).__name__
-            await send_json(request, 503, {"status": "error", "message": f"engine stopped: {reason}"})
+            await send_json(request, 503, {"status": "error", "message": "engine stopped"})
         else:
             await send_json(request, 200, {"status": "ok"})
 
