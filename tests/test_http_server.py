@@ -99,13 +99,13 @@ async def raw_exchange(port: int, data: bytes, *, eof: bool = False) -> bytes:
         return await Client(stream).read_all()
 
 
-def parse_json_error(raw: bytes, status: int) -> dict:
+def parse_error(raw: bytes, status: int) -> str:
+    """The server's own error response (plain text by default); its message."""
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
     assert b"connection: close" in head.lower()
-    error = json.loads(body)["error"]
-    assert error["type"] == "invalid_request_error" and error["param"] is None
-    return error
+    assert b"content-type: text/plain; charset=utf-8" in head.lower()
+    return body.decode()
 
 
 async def echo_app(scope: dict, receive: Any, send: Any) -> None:
@@ -266,21 +266,21 @@ async def test_access_log_carries_the_apps_extra_fields(caplog: pytest.LogCaptur
 async def test_malformed_requests_get_400_and_server_survives(raw: bytes) -> None:
     async with running(echo_app) as port:
         reply = await raw_exchange(port, raw)
-        assert parse_json_error(reply, 400)["message"].startswith("Invalid HTTP request")
+        assert parse_error(reply, 400).startswith("Invalid HTTP request")
         await still_serves(port)
 
 
 async def test_oversized_headers_get_431() -> None:
     async with running(echo_app, max_header_bytes=1024) as port:
         reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 4096)
-        parse_json_error(reply, 431)
+        parse_error(reply, 431)
         await still_serves(port)
 
 
 async def test_too_many_headers_get_431() -> None:
     async with running(echo_app, max_header_count=10) as port:
         head = b"GET / HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(20))
-        parse_json_error(await raw_exchange(port, head + b"\r\n"), 431)
+        parse_error(await raw_exchange(port, head + b"\r\n"), 431)
         await still_serves(port)
 
 
@@ -325,10 +325,10 @@ async def test_oversized_body_gets_413() -> None:
     async with running(echo_app, max_body_bytes=100) as port:
         reply = await raw_exchange(
             port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"a" * 1000)
-        assert "100 bytes" in parse_json_error(reply, 413)["message"]
+        assert "100 bytes" in parse_error(reply, 413)
         chunked = (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                    + (b"40\r\n" + b"a" * 64 + b"\r\n") * 3 + b"0\r\n\r\n")
-        parse_json_error(await raw_exchange(port, chunked), 413)
+        parse_error(await raw_exchange(port, chunked), 413)
         await still_serves(port)
 
 
@@ -468,7 +468,13 @@ async def test_receive_after_response_complete_is_disconnect() -> None:
     assert messages[1] == {"type": "http.disconnect"}
 
 
-async def test_app_exception_before_start_is_500_json(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("hook", ["default", "config", "app"])
+async def test_app_exception_before_start_is_500(hook: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The server's own error bodies: plain text unless ServerConfig.error_body or the app's
+    `http_error_body` says otherwise (that is how pyserve's app gets OpenAI-style errors)."""
+    def json_body(status: int, message: str) -> tuple[bytes, bytes]:
+        return b"application/json", json.dumps({"error": {"message": message, "status": status}}).encode()
+
     async def app(scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
@@ -477,13 +483,19 @@ async def test_app_exception_before_start_is_500_json(caplog: pytest.LogCaptureF
             return
         raise ValueError("boom")
 
-    async with running(app) as port:
+    config: dict[str, Any] = {}
+    if hook == "config":
+        config["error_body"] = json_body
+    elif hook == "app":
+        app.http_error_body = json_body  # type: ignore[attr-defined]
+    async with running(app, **config) as port:
         reply = await raw_exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        head, _, body = reply.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 500 ")
-        assert json.loads(body) == {"error": {"message": "Internal Server Error",
-                                              "type": "internal_error", "param": None,
-                                              "code": None}}
+        if hook == "default":
+            assert parse_error(reply, 500) == "Internal Server Error"
+        else:
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500 ") and b"content-type: application/json" in head
+            assert json.loads(body) == {"error": {"message": "Internal Server Error", "status": 500}}
         await still_serves(port)
     assert any("boom" in r.getMessage() or (r.exc_info and "boom" in str(r.exc_info[1]))
                for r in caplog.records if r.name == "pyserve.http")

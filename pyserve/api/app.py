@@ -49,7 +49,8 @@ from pyserve.api.instrument import InstrumentedEngine, RequestAccount, current_a
 from pyserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pyserve.api.metrics import ServingMetrics
 from pyserve.api.router import Router
-from pyserve.protocol.errors import ProtocolError
+from pyserve.protocol.errors import INVALID_REQUEST, SERVER_ERROR, ProtocolError
+from pyserve.protocol.responses import dumps
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,13 @@ class App:
     @property
     def pending_requests(self) -> int:
         return self._pending
+
+    def http_error_body(self, status: int, message: str) -> tuple[bytes, bytes]:
+        """The body of pyserve.http's own error responses (malformed request 400, body timeout
+        408, 413, 431, a crashed handler's 500): OpenAI's error object, so a client sees one
+        error shape whichever layer refused it. pyserve.http looks this hook up on the app."""
+        err = ProtocolError(message, status=status, type=SERVER_ERROR if status >= 500 else INVALID_REQUEST)
+        return b"application/json", dumps(err.body())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

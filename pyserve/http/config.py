@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import Callable, Optional
 
 
 @dataclass
@@ -23,6 +24,10 @@ class ServerConfig:
     max_connections: int = 1024  # beyond this, new clients wait in the listen backlog
     backlog: int = 2048
     shutdown_timeout: float = 30.0  # in-flight requests get this long to finish on stop
+    # The body of the server's own error responses (400, 408, 413, 431, 500, 501): (status,
+    # message) -> (content type, body). None: the app's `http_error_body` if it has one (that is
+    # how an app gives its error format to the server), else plain text.
+    error_body: Optional[Callable[[int, str], tuple[bytes, bytes]]] = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -30,5 +35,5 @@ class ServerConfig:
             if f.name == "port":
                 if not 0 <= value <= 65535:
                     raise ValueError(f"port must be in 0..65535, got {value}")
-            elif isinstance(value, (int, float)) and value <= 0:
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
                 raise ValueError(f"ServerConfig.{f.name} must be positive, got {value}")

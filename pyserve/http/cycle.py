@@ -1,23 +1,33 @@
-"""One request/response exchange: the ASGI scope, receive() and send(), and a background reader.
+"""One request/response exchange: the ASGI scope, receive() and send(), and the access log.
 
-The reader keeps reading the socket while the app runs, for two reasons: the request body flows
-into receive() (with backpressure: a small queue), and once the body is done an EOF tells us the
-client went away, so an app streaming a long response (or waiting in receive()) learns of it.
-EOF counts as a disconnect even if it is only a half-close (as in uvicorn): real HTTP clients do
-not half-close while waiting for a response, and prompt disconnects matter more here (an LLM
-request should stop generating as soon as nobody listens).
+Nothing runs beside the app: the socket is read only when the app needs something from it.
+  - receive() hands out body bytes already parsed; when the body is not all here yet, it reads
+    the socket itself (and sends `100 Continue` first, if the client waits for one), each read
+    bounded by body_timeout (then 408).
+  - Once the body is done, receive() waits for the client to go away: it reads the socket until
+    EOF (a pipelined next request is kept for later, up to max_header_bytes), and returns
+    {"type": "http.disconnect"} at EOF, or as soon as the response is complete.
+  - send() of a streamed body first takes a non-blocking look at the socket: an EOF there means
+    the client left, and the stream stops.
+So a request whose body came with its head (the common case) costs no task, no queue and no
+timer; the work of watching for a disconnect is done only while an app waits in receive() or
+streams.
 
 Disconnect contract (for apps):
 - receive() returns {"type": "http.disconnect"} once the client is gone, and also once the
   response is complete (as the ASGI spec asks).
+- EOF counts as a disconnect even if it is only a half-close (as in uvicorn): real HTTP clients do
+  not half-close while waiting for a response, and prompt disconnects matter more here (an LLM
+  request should stop generating as soon as nobody listens).
 - send() after the client is gone raises ClientDisconnected (an OSError), the ASGI 2.4 behaviour:
   a streaming handler stops at its next send instead of generating into the void.
-- send() waits until the bytes are handed to the kernel (at most write_timeout): a client that
-  stops reading stops the app at its next send (backpressure), and is dropped at the timeout.
+- send() returns once the bytes are handed to the kernel (waiting at most write_timeout): a client
+  that stops reading stops the app at its next send (backpressure), and is dropped at the timeout.
 
-Access log: one line per request on the "pyserve.access" logger. An app may add fields to it by
-filling the dict in scope["extensions"]["pyserve.access_log"] (key -> value, logged as key=value):
-the server stays ignorant of what they mean.
+Access log: one line per request on the "pyserve.access" logger (built only when that logger is
+enabled for INFO). An app may add fields to it by filling the dict in
+scope["extensions"]["pyserve.access_log"] (key -> value, logged as key=value): the server stays
+ignorant of what they mean.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import anyio
+import anyio.lowlevel
 
 from .config import ServerConfig
 from .connection import Body, Closed, HTTPConnection, Rejected, RequestStarted
@@ -40,9 +51,10 @@ Message = dict[str, Any]
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[Message]],
                     Callable[[Message], Awaitable[None]]], Awaitable[None]]
 
-_DISCONNECT: Message = {"type": "http.disconnect"}
 ACCESS_LOG_EXTENSION = "pyserve.access_log"
-_BODY_QUEUE = 4  # request body chunks buffered ahead of the app; the reader waits beyond that
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_YIELD_EVERY = 16  # sends that complete at once; every so many, let other connections run
+_INFO = logging.INFO
 
 
 class ClientDisconnected(OSError):
@@ -52,7 +64,7 @@ class ClientDisconnected(OSError):
 def build_scope(request: RequestStarted, transport: Transport, state: dict[str, Any]) -> dict:
     return {
         "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "asgi": dict(_ASGI),
         "http_version": request.http_version,
         "method": request.method,
         "scheme": "http",
@@ -63,7 +75,7 @@ def build_scope(request: RequestStarted, transport: Transport, state: dict[str, 
         "headers": request.headers,
         "client": transport.client,
         "server": transport.server,
-        "state": dict(state),  # a shallow copy per request, as the lifespan "state" spec says
+        "state": state.copy(),  # a shallow copy per request, as the lifespan "state" spec says
         "extensions": {ACCESS_LOG_EXTENSION: {}},  # the app's extra access-log fields
     }
 
@@ -75,11 +87,10 @@ class RequestCycle:
         self._core = core
         self._transport = transport
         self._config = config
-        self._body_in, self._body_out = anyio.create_memory_object_stream[Body](_BODY_QUEUE)
         self._body_done = False
-        self._continue_checked = False
-        self._write_lock = anyio.Lock()  # core state and socket writes change together
-        self._finished = anyio.Event()  # receive() reports http.disconnect from here on
+        self._reading: anyio.Event | None = None  # set while some task reads the socket
+        self._watchers: list[anyio.CancelScope] = []  # receive() calls waiting for the end
+        self._sends = 0
         self.client_gone = False
         self.must_close = False  # the connection cannot carry another request
         self.aborted = False  # we answered an error mid-request; the server should linger
@@ -87,116 +98,167 @@ class RequestCycle:
     async def run(self, app: ASGIApp) -> None:
         started = time.perf_counter()
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._read_request)
-                try:
-                    await app(self.scope, self.receive, self.send)
-                except Exception as exc:
-                    await self._app_failed(exc)
-                else:
-                    if self.client_gone and not self._core.response_complete:
-                        # Nobody to answer: an app may stop as soon as it sees the disconnect.
-                        logger.debug("ASGI app returned after the client disconnected")
-                        self.must_close = True
-                    elif not self._core.response_started:
-                        logger.error("ASGI app returned without starting a response")
-                        await self._send_error(500, "Internal Server Error", "internal_error")
-                    elif not self._core.response_complete:
-                        logger.error("ASGI app returned without completing the response")
-                        self.must_close = True
-                finally:
-                    tg.cancel_scope.cancel()  # stop the reader; the server reads what follows
+            await app(self.scope, self.receive, self.send)
+        except Exception as exc:
+            await self._app_failed(exc)
+        else:
+            core = self._core
+            if core.response_complete:
+                pass
+            elif self.client_gone:
+                # Nobody to answer: an app may stop as soon as it sees the disconnect.
+                logger.debug("ASGI app returned after the client disconnected")
+                self.must_close = True
+            elif not core.response_started:
+                logger.error("ASGI app returned without starting a response")
+                await self._send_error(500, "Internal Server Error")
+            else:
+                logger.error("ASGI app returned without completing the response")
+                self.must_close = True
         finally:
-            self._body_out.close()
-            self._log_access(started)
+            self._wake_watchers()
+            if access_logger.isEnabledFor(_INFO):
+                self._log_access(started)
 
     # ---- ASGI callables ----------------------------------------------------------------------
 
     async def receive(self) -> Message:
         if not self._body_done:
-            if not self._continue_checked:
-                # The app wants the body: now is the time to tell an `Expect: 100-continue`
-                # client to send it (not earlier: the app may answer without reading it).
-                self._continue_checked = True
-                async with self._write_lock:
-                    data = self._core.send_continue()
-                    if data and not await self._transport.write(data):
-                        self._gone()
-            try:
-                body = await self._body_out.receive()
-            except anyio.EndOfStream:  # the reader stopped: client gone or request rejected
-                return _DISCONNECT
-            self._body_done = not body.more_body
-            return {"type": "http.request", "body": body.data, "more_body": body.more_body}
-        await self._finished.wait()
-        return _DISCONNECT
+            return await self._receive_body()
+        if not (self.client_gone or self._core.response_complete):
+            await self._wait_for_disconnect()
+        return {"type": "http.disconnect"}
 
     async def send(self, message: Message) -> None:
-        async with self._write_lock:
-            if self.client_gone:
-                raise ClientDisconnected("client disconnected")
-            data = self._core.send(message)
-            if data and not await self._transport.write(data):
+        if self.client_gone:
+            raise ClientDisconnected("client disconnected")
+        core = self._core
+        data = core.send(message)
+        if data:
+            if not core.response_complete and core.request_complete:
+                self._poll_disconnect()  # a stream: is anybody still listening?
+                if self.client_gone:
+                    raise ClientDisconnected("client disconnected")
+            if not await self._transport.write(data):
                 self._gone()
                 raise ClientDisconnected("client disconnected")
-            if self._core.response_complete:
-                self._finished.set()
+            self._sends += 1
+            if self._sends % _YIELD_EVERY == 0:
+                await anyio.lowlevel.checkpoint()
+        if core.response_complete:
+            self._wake_watchers()
 
-    # ---- background reader -------------------------------------------------------------------
+    # ---- reading, only when asked --------------------------------------------------------------
 
-    async def _read_request(self) -> None:
-        try:
-            while True:
-                event = self._core.next_event()
-                if event is None:
-                    if self._core.eof_received:  # EOF behind a pipelined request
-                        self._gone()
-                        return
-                    if self._core.request_complete and (
-                            self._core.buffered_bytes > self._config.max_header_bytes):
-                        return  # a pipelined request is piling up: it waits for its turn
-                    data = await self._read_with_timeout()
-                    if data is None:
-                        await self._abort(Rejected(408, "Timed out reading the request body"))
-                        return
-                    self._core.receive_data(data)
-                elif isinstance(event, Body):
-                    await self._body_in.send(event)  # waits while the app is not reading
-                elif isinstance(event, Closed):
+    async def _receive_body(self) -> Message:
+        core = self._core
+        while not self.client_gone:
+            event = core.next_event()
+            kind = type(event)
+            if kind is Body:
+                self._body_done = not event.more_body  # type: ignore[union-attr]
+                return {"type": "http.request", "body": event.data,  # type: ignore[union-attr]
+                        "more_body": event.more_body}  # type: ignore[union-attr]
+            if event is None:
+                # The body is not all here: now is the time to tell an `Expect: 100-continue`
+                # client to send it (not earlier: the app may answer without reading it).
+                data = core.send_continue()
+                if data and not await self._transport.write(data):
                     self._gone()
-                    return
-                elif isinstance(event, Rejected):
-                    await self._abort(event)
-                    return
-                else:  # RequestStarted: impossible, h11 pauses after the end of a request
-                    raise AssertionError(f"unexpected event {event!r}")
-        finally:
-            self._body_in.close()
+                    break
+                if not await self._read(self._config.body_timeout):
+                    await self._abort(Rejected(408, "Timed out reading the request body"))
+                    break
+            elif kind is Rejected:
+                await self._abort(event)  # type: ignore[arg-type]
+                break
+            else:  # Closed (a RequestStarted cannot come before the body ends)
+                self._gone()
+                break
+        return {"type": "http.disconnect"}
 
-    async def _read_with_timeout(self) -> bytes | None:
-        if self._core.request_complete:  # just watching for EOF: no deadline
-            return await self._transport.read()
-        with anyio.move_on_after(self._config.body_timeout):
-            return await self._transport.read()
-        return None
+    async def _wait_for_disconnect(self) -> None:
+        """Read until the client goes away; return early once the response is complete."""
+        with anyio.CancelScope() as scope:
+            self._watchers.append(scope)
+            try:
+                while not (self.client_gone or self._core.response_complete):
+                    if self._core.buffered_bytes > self._config.max_header_bytes:
+                        # A pipelined request is piling up: it waits for its turn, and so do we.
+                        await anyio.sleep_forever()
+                    await self._read(None)
+                    await self._after_body()
+            finally:
+                self._watchers.remove(scope)
+
+    async def _read(self, timeout: float | None) -> bool:
+        """Read once from the socket into the core. False when `timeout` passed first. If another
+        task is already reading, wait for that read instead (one reader at a time)."""
+        if self._reading is not None:
+            await self._reading.wait()
+            return True
+        self._reading = done = anyio.Event()
+        try:
+            if timeout is None:
+                data = await self._transport.read()
+            else:
+                data = None
+                with anyio.move_on_after(timeout):
+                    data = await self._transport.read()
+                if data is None:
+                    return False
+            self._core.receive_data(data)
+            return True
+        finally:
+            self._reading = None
+            done.set()
+
+    async def _after_body(self) -> None:
+        """Make sense of bytes that came after the request: EOF, a pipelined request, junk."""
+        event = self._core.next_event()
+        if event is None:  # the next request, waiting for its turn (PAUSED) ...
+            if self._core.eof_received:  # ... with an EOF behind it
+                self._gone()
+        elif type(event) is Rejected:
+            await self._abort(event)  # type: ignore[arg-type]
+        else:  # Closed
+            self._gone()
+
+    def _poll_disconnect(self) -> None:
+        """Non-blocking: take in what the client sent since its request; EOF means it left."""
+        core = self._core
+        if core.eof_received:
+            self._gone()
+            return
+        if self._reading is not None or core.buffered_bytes > self._config.max_header_bytes:
+            return  # a receive() is reading already, or a pipelined request waits its turn
+        data = self._transport.read_nowait()
+        if data is None:
+            return
+        core.receive_data(data)
+        if core.next_event() is not None or core.eof_received:  # EOF, or junk after the request
+            self._gone()
+
+    # ---- endings -----------------------------------------------------------------------------
+
+    def _wake_watchers(self) -> None:
+        for scope in self._watchers:
+            scope.cancel()
+
+    def _gone(self) -> None:
+        self.client_gone = True
+        self.must_close = True
+        self._wake_watchers()
 
     async def _abort(self, rejected: Rejected) -> None:
         """A broken or oversized body: answer with the error if no response started, close."""
         logger.info("%s: request aborted: %d %s", self.scope["client"], rejected.status,
                     rejected.message)
-        async with self._write_lock:
-            data = self._core.error_response(rejected.status, rejected.message)
-            if data:
-                await self._transport.write(data)
-                self.aborted = True
+        data = self._core.error_response(rejected.status, rejected.message)
+        if data:
+            await self._transport.write(data)
+            self.aborted = True
         self._gone()
-
-    # ---- endings -----------------------------------------------------------------------------
-
-    def _gone(self) -> None:
-        self.client_gone = True
-        self.must_close = True
-        self._finished.set()
 
     async def _app_failed(self, exc: Exception) -> None:
         self.must_close = True
@@ -205,28 +267,30 @@ class RequestCycle:
             return
         logger.error("Exception in ASGI application", exc_info=exc)
         if not self._core.response_started:
-            await self._send_error(500, "Internal Server Error", "internal_error")
+            await self._send_error(500, "Internal Server Error")
         # else: the head is out; closing the connection is the only signal left
 
-    async def _send_error(self, status: int, message: str, type_: str) -> None:
-        async with self._write_lock:
-            data = self._core.error_response(status, message, type_)
-            if data:
-                await self._transport.write(data)
+    async def _send_error(self, status: int, message: str) -> None:
+        data = self._core.error_response(status, message)
+        if data:
+            await self._transport.write(data)
         self.must_close = True
 
     def _log_access(self, started: float) -> None:
-        path = self.scope["raw_path"].decode("latin-1")
-        if self.scope["query_string"]:
-            path += "?" + self.scope["query_string"].decode("latin-1")
+        scope = self.scope
+        path = scope["raw_path"].decode("latin-1")
+        if scope["query_string"]:
+            path += "?" + scope["query_string"].decode("latin-1")
         status = self._core.status if self._core.response_complete else "-"
-        client = self.scope["client"]
-        extra = (self.scope.get("extensions") or {}).get(ACCESS_LOG_EXTENSION)
-        fields = "".join(f" {k}={_field(v)}" for k, v in extra.items()) if isinstance(extra, dict) else ""
-        access_logger.info('%s "%s %s HTTP/%s" %s %.1fms%s',
-                           f"{client[0]}:{client[1]}" if client else "-", self.scope["method"],
-                           path, self.scope["http_version"], status,
-                           (time.perf_counter() - started) * 1000, fields)
+        client = scope["client"]
+        extra = (scope.get("extensions") or {}).get(ACCESS_LOG_EXTENSION)
+        fields = "".join(f" {k}={_field(v)}" for k, v in extra.items()) if extra and isinstance(extra, dict) else ""
+        # makeRecord + handle: the same record logger.info() makes, minus the caller lookup
+        # (the file and line of this call say nothing about the request).
+        access_logger.handle(access_logger.makeRecord(
+            access_logger.name, _INFO, __file__, 0, '%s "%s %s HTTP/%s" %s %.1fms%s',
+            (f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
+             scope["http_version"], status, (time.perf_counter() - started) * 1000, fields), None))
 
 
 def _field(value: Any) -> str:

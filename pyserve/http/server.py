@@ -15,15 +15,18 @@ requests; only step 2 cancels them.
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import socket
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .config import ServerConfig
-from .connection import Closed, Event, HTTPConnection, Rejected
+from .connection import ErrorBody, Event, HTTPConnection, Rejected, RequestStarted, plain_error_body
 from .cycle import ASGIApp, RequestCycle
 from .lifespan import Lifespan, LifespanError
 from .transport import Transport
@@ -91,10 +94,12 @@ async def _run_until_signal(app: ASGIApp, config: ServerConfig) -> None:
 
 @dataclass(eq=False)
 class _Live:
-    """A connection as the stopping logic sees it."""
+    """A connection as the stopping logic sees it. Its scope also carries the connection's
+    current deadline (waiting for a request head), so no per-request timer scope is needed."""
 
     scope: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope(shield=True))
     idle: bool = True  # waiting for a request head: safe to close at once on stop
+    waiting_for: str = ""  # what the deadline is for, for the log line when it passes
 
 
 class _Server:
@@ -102,6 +107,8 @@ class _Server:
         self._app = app
         self._config = config
         self._state = state
+        self._error_body: ErrorBody = (config.error_body or getattr(app, "http_error_body", None)
+                                       or plain_error_body)
         self._slots = anyio.Semaphore(config.max_connections)
         self._live: set[_Live] = set()
         self._all_closed = anyio.Event()
@@ -111,14 +118,16 @@ class _Server:
         cfg = self._config
         listener = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port,
                                                    backlog=cfg.backlog)
-        # A host like "localhost" may give one listener per address family.
+        # A host like "localhost" may give one listener per address family. anyio binds them;
+        # we accept on the sockets ourselves (see transport.py for why raw sockets).
         listeners = getattr(listener, "listeners", [listener])
         port = listeners[0].extra(anyio.abc.SocketAttribute.local_port)
         async with anyio.create_task_group() as conn_tg:
             try:
                 async with anyio.create_task_group() as accept_tg:
                     for one in listeners:
-                        accept_tg.start_soon(self._accept_loop, one, conn_tg)
+                        sock = one.extra(anyio.abc.SocketAttribute.raw_socket)
+                        accept_tg.start_soon(self._accept_loop, sock, conn_tg)
                     logger.info("Serving HTTP on http://%s:%d", cfg.host, port)
                     task_status.started(port)
             finally:
@@ -126,14 +135,19 @@ class _Server:
                     await listener.aclose()  # refuse new clients from here on
                     await self._drain()
 
-    async def _accept_loop(self, listener: anyio.abc.Listener[Any],
-                           conn_tg: anyio.abc.TaskGroup) -> None:
+    async def _accept_loop(self, listening: socket.socket, conn_tg: anyio.abc.TaskGroup) -> None:
+        listening.setblocking(False)
         while True:
             # Take a slot before accepting: over the limit, clients wait in the kernel backlog
             # instead of costing us a task and a file descriptor each.
             await self._slots.acquire()
             try:
-                stream = await listener.accept()
+                while True:
+                    try:
+                        sock, _ = listening.accept()
+                        break
+                    except (BlockingIOError, InterruptedError):
+                        await anyio.wait_readable(listening)
             except OSError as exc:  # e.g. EMFILE: back off briefly instead of spinning
                 self._slots.release()
                 logger.warning("accept() failed: %s", exc)
@@ -142,15 +156,21 @@ class _Server:
             except BaseException:
                 self._slots.release()
                 raise
-            conn_tg.start_soon(self._handle, stream)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # not TCP (or already reset): harmless
+                pass
+            conn_tg.start_soon(self._handle, sock)
 
-    async def _handle(self, stream: anyio.abc.ByteStream) -> None:
+    async def _handle(self, sock: socket.socket) -> None:
         live = _Live()
         self._live.add(live)
-        transport = Transport(stream, self._config.write_timeout)
+        transport = Transport(sock, self._config.write_timeout)
         try:
             with live.scope:
                 await self._serve_connection(transport, live)
+            if live.scope.cancelled_caught and not self._stopping:
+                logger.debug("%s: closing: %s", transport.client, live.waiting_for)
         except Exception:  # a bug of ours: log it, lose only this connection
             logger.exception("Unhandled error on connection from %s", transport.client)
         finally:
@@ -164,51 +184,73 @@ class _Server:
         cfg = self._config
         core = HTTPConnection(max_body_bytes=cfg.max_body_bytes,
                               max_header_bytes=cfg.max_header_bytes,
-                              max_header_count=cfg.max_header_count)
+                              max_header_count=cfg.max_header_count,
+                              error_body=self._error_body)
         first = True
         while not self._stopping:
-            live.idle = True
-            event = await self._read_head(transport, core, first)
-            live.idle = False
+            event = core.next_event()
+            if event is None:
+                event = await self._read_head(transport, core, live, first)
+            elif not first:
+                # A pipelined request was already here: no wait happened since the last one,
+                # so let the other connections run first.
+                await anyio.lowlevel.checkpoint()
             first = False
-            if event is None or isinstance(event, Closed):
-                return
-            if isinstance(event, Rejected):
-                logger.info("%s: bad request: %d %s", transport.client, event.status,
-                            event.message)
-                await transport.write(core.error_response(event.status, event.message))
-                await transport.linger()
-                return
+            if type(event) is not RequestStarted:
+                if type(event) is Rejected:
+                    logger.info("%s: bad request: %d %s", transport.client, event.status,  # type: ignore[union-attr]
+                                event.message)  # type: ignore[union-attr]
+                    await transport.write(core.error_response(event.status, event.message))  # type: ignore[union-attr]
+                    await transport.linger()
+                return  # Closed
             cycle = RequestCycle(event, core, transport, cfg, self._state)  # type: ignore[arg-type]
             await cycle.run(self._app)
             if cycle.aborted:
                 await transport.linger()
+                return
+            if not core.request_complete and not cycle.must_close:
+                core.skip_body()
             if cycle.must_close or not core.start_next_cycle():
+                if not core.request_complete and not transport.closed:
+                    # The app answered without reading the whole body: closing with unread
+                    # input would reset the connection, maybe before the client read the answer.
+                    await transport.linger()
                 return
 
-    async def _read_head(self, transport: Transport, core: HTTPConnection,
-                         first: bool) -> Event | None:
-        """The next request head (or rejection/close); None when the client was too slow.
+    async def _read_head(self, transport: Transport, core: HTTPConnection, live: _Live,
+                         first: bool) -> Event:
+        """The next request head (or rejection/close). Cancels the connection's scope (which
+        ends the connection) when the client is too slow.
 
         A new connection gets header_timeout to deliver its head. A kept-alive one may idle for
         keep_alive_timeout, then gets header_timeout from its first byte.
         """
         cfg = self._config
+        scope = live.scope
         started = first or core.buffered_bytes > 0
-        wait = cfg.header_timeout if started else cfg.keep_alive_timeout
-        with anyio.move_on_after(wait) as timer:
+        if started:
+            scope.deadline = anyio.current_time() + cfg.header_timeout
+            live.waiting_for = "request head timed out"
+        else:
+            scope.deadline = anyio.current_time() + cfg.keep_alive_timeout
+            live.waiting_for = "keep-alive idle timeout"
+        live.idle = True
+        try:
             while True:
-                event = core.next_event()
-                if event is not None:
-                    return event
                 data = await transport.read()
                 if data and not started:
                     started = True
-                    timer.deadline = anyio.current_time() + cfg.header_timeout
+                    scope.deadline = anyio.current_time() + cfg.header_timeout
+                    live.waiting_for = "request head timed out"
                 core.receive_data(data)
-        logger.debug("%s: closing: %s", transport.client,
-                     "request head timed out" if started else "keep-alive idle timeout")
-        return None
+                event = core.next_event()
+                if event is not None:
+                    if scope.cancel_called:  # the stop (or the deadline) came first
+                        await anyio.lowlevel.checkpoint()
+                    return event
+        finally:
+            live.idle = False
+            scope.deadline = math.inf
 
     async def _drain(self) -> None:
         self._stopping = True
