@@ -13,6 +13,7 @@
 #include "backend/cpu/cpu_features.h"
 #include "engine/engine.h"
 #include "model/llama.h"
+#include "tensor/dequantize.h"
 
 namespace py = pybind11;
 using namespace pyserve;
@@ -73,9 +74,19 @@ struct PyModel {
   std::shared_ptr<LlamaModel> model;
 };
 
+// Python buffers the model reads in place (quantized weights stay in the loader's memory map):
+// released with the GIL held, whichever thread drops the model last.
+struct PyBuffers {
+  std::vector<py::object> objects;
+  ~PyBuffers() {
+    py::gil_scoped_acquire gil;
+    objects.clear();
+  }
+};
+
 PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa) {
   ModelConfig c = model_config_from(config);
-  // Keep the buffers alive (and their pointers valid) while weights are packed.
+  auto keep = std::make_shared<PyBuffers>();
   std::vector<py::buffer_info> infos;
   infos.reserve(tensors.size());
   TensorMap map;
@@ -85,15 +96,19 @@ PyModel make_model(const py::dict& config, const py::list& tensors, int num_thre
     TensorView v;
     v.name = t[0].cast<std::string>();
     v.dtype = parse_dtype(t[1].cast<std::string>());
+    keep->objects.push_back(py::reinterpret_borrow<py::object>(t[2]));
     infos.push_back(t[2].cast<py::buffer>().request());
     const py::buffer_info& info = infos.back();
     v.data = info.ptr;
     v.shape = t[3].cast<std::vector<int64_t>>();
     const int64_t bytes = info.size * info.itemsize;
-    if (bytes != v.numel() * static_cast<int64_t>(dtype_size(v.dtype)))
+    const DTypeInfo& di = dtype_info(v.dtype);
+    if (v.shape.empty() || v.shape.back() % di.block_elems != 0)
+      throw std::invalid_argument("tensor '" + v.name + "': its last dimension must be a multiple of " +
+                                  std::to_string(di.block_elems) + " for format " + di.name);
+    if (bytes != v.bytes())
       throw std::invalid_argument("tensor '" + v.name + "': buffer holds " + std::to_string(bytes) +
-                                  " bytes, shape and format need " +
-                                  std::to_string(v.numel() * dtype_size(v.dtype)));
+                                  " bytes, shape and format need " + std::to_string(v.bytes()));
     map.add(std::move(v));
   }
   auto backend = make_cpu_backend(num_threads, isa);
@@ -102,6 +117,7 @@ PyModel make_model(const py::dict& config, const py::list& tensors, int num_thre
     py::gil_scoped_release release;
     m.model = std::make_shared<LlamaModel>(c, map, backend);
   }
+  m.model->keep_alive(std::move(keep));
   return m;
 }
 
@@ -338,6 +354,61 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   return out;
 }
 
+// x · Wᵀ (+ bias) (+ y) for W: [n, k] in `format` (raw block bytes), through CpuBackend::pack and
+// matmul: the native quantized kernels where the format has them, the dequantized fallback else.
+py::array_t<float> kernel_qgemm(const std::string& format, py::buffer w, int64_t n, int64_t k, FArray x,
+                                std::optional<FArray> bias, std::optional<FArray> y0, const std::string& isa,
+                                int threads) {
+  TensorView tv;
+  tv.name = "w";
+  tv.dtype = parse_dtype(format);
+  tv.shape = {n, k};
+  py::buffer_info info = w.request();
+  if (k % dtype_info(tv.dtype).block_elems != 0) throw std::invalid_argument("qgemm: k must be whole blocks");
+  if (info.size * info.itemsize != tv.bytes()) throw std::invalid_argument("qgemm: w holds the wrong number of bytes");
+  tv.data = info.ptr;
+  if (x.ndim() != 2 || x.shape(1) != k) throw std::invalid_argument("qgemm: x must be [m, k]");
+  const int64_t m = x.shape(0);
+  cpu::CpuBackend be(threads, cpu::select_kernels(isa));
+  auto packed = be.pack({&tv});
+  py::array_t<float> y({m, n});
+  if (y0) {
+    if (y0->ndim() != 2 || y0->shape(0) != m || y0->shape(1) != n) throw std::invalid_argument("qgemm: y must be [m, n]");
+    std::memcpy(y.mutable_data(), y0->data(), sizeof(float) * m * n);
+  }
+  if (bias && bias->size() != n) throw std::invalid_argument("qgemm: bias must have n elements");
+  be.matmul(*packed, x.data(), k, static_cast<int>(m), y.mutable_data(), n, bias ? bias->data() : nullptr,
+            y0.has_value());
+  return y;
+}
+
+// Rows `ids` of W (the embedding lookup), dequantized by the backend.
+py::array_t<float> kernel_qgather(const std::string& format, py::buffer w, int64_t n, int64_t k,
+                                  std::vector<int32_t> ids, const std::string& isa) {
+  TensorView tv;
+  tv.name = "w";
+  tv.dtype = parse_dtype(format);
+  tv.shape = {n, k};
+  py::buffer_info info = w.request();
+  if (info.size * info.itemsize != tv.bytes()) throw std::invalid_argument("qgather: w holds the wrong number of bytes");
+  tv.data = info.ptr;
+  cpu::CpuBackend be(1, cpu::select_kernels(isa));
+  auto packed = be.pack({&tv});
+  py::array_t<float> out({static_cast<int64_t>(ids.size()), k});
+  be.gather_rows(*packed, ids.data(), static_cast<int>(ids.size()), out.mutable_data());
+  return out;
+}
+
+py::array_t<float> kernel_dequantize(const std::string& format, py::buffer data, int64_t n) {
+  const DType t = parse_dtype(format);
+  py::buffer_info info = data.request();
+  if (info.size * info.itemsize < dtype_bytes(t, n))
+    throw std::invalid_argument("dequantize: the buffer is smaller than " + std::to_string(n) + " elements");
+  py::array_t<float> out(n);
+  dequantize(t, info.ptr, n, out.mutable_data());
+  return out;
+}
+
 // Seconds per matmul of x: [m, k] by a random packed W: [n, k] (packing excluded), best of
 // repeats. With cold = true the calls rotate through enough copies of W (>= 256 MiB) that each
 // reads its weights from memory, not from cache, as a decode step does.
@@ -542,6 +613,15 @@ PYBIND11_MODULE(_C, m) {
   k.def("attention", &kernel_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("page_size"), py::arg("page_tables"), py::arg("positions"), py::arg("window") = 0,
         py::arg("isa") = "auto", py::arg("threads") = 1);
+  k.def("qgemm", &kernel_qgemm, py::arg("format"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("x"),
+        py::arg("bias") = py::none(), py::arg("y") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 1,
+        "x · wᵀ (+ bias) (+ y) with w: [n, k] as raw `format` blocks");
+  k.def("qgather", &kernel_qgather, py::arg("format"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("ids"),
+        py::arg("isa") = "auto");
+  k.def("is_native_format", [](const std::string& f) { cpu::QFormat q; return cpu::native_qformat(parse_dtype(f), &q); },
+        "whether `format` is computed in place by quantized kernels (else dequantized at load)");
+  k.def("dequantize", &kernel_dequantize, py::arg("format"), py::arg("data"), py::arg("n"),
+        "The scalar reference dequantization of n elements of `format` (e.g. q4_k) from raw block bytes");
   k.def("bench_gemm", &bench_gemm, py::arg("n"), py::arg("k"), py::arg("m"), py::arg("isa") = "auto",
         py::arg("threads") = 1, py::arg("repeats") = 5, py::arg("cold") = false,
         "seconds per matmul, packing excluded (best of repeats); cold: weights come from memory");

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "model/weights.h"
+#include "tensor/tensor.h"
 
 namespace pyserve {
 

@@ -75,9 +75,39 @@ std::unique_ptr<Buffer> CpuBackend::allocate(size_t n_floats) {
 
 std::string CpuBackend::name() const { return std::string("cpu-") + kernels_.name; }
 
+bool native_qformat(DType t, QFormat* out) {
+  switch (t) {
+    case DType::Q4_0: *out = QFormat::Q4_0; return true;
+    case DType::Q4_1: *out = QFormat::Q4_1; return true;
+    case DType::Q8_0: *out = QFormat::Q8_0; return true;
+    default: return false;
+  }
+}
+
 std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& parts) {
   if (parts.empty()) throw std::invalid_argument("pack: no tensors");
   const int64_t k = parts[0]->shape.at(1);
+  // Quantized parts that all share a natively supported format stay where they are (the file's
+  // pages); the row table fuses them without a copy.
+  QFormat qf;
+  bool native = native_qformat(parts[0]->dtype, &qf) && k % kQBlock == 0;
+  for (const TensorView* p : parts) native = native && p->dtype == parts[0]->dtype && p->shape.size() == 2 && p->shape[1] == k;
+  if (native) {
+    const int64_t row_bytes = dtype_bytes(parts[0]->dtype, k);
+    std::vector<const uint8_t*> rows;
+    for (const TensorView* p : parts)
+      for (int64_t r = 0; r < p->shape[0]; ++r) rows.push_back(static_cast<const uint8_t*>(p->data) + r * row_bytes);
+    if (k > panel_cols_) {
+      panel_cols_ = k;
+      panels_.clear();
+      rows_.clear();
+      for (int t = 0; t < pool_.size(); ++t) {
+        panels_.push_back(allocate_floats(static_cast<size_t>(kGroupRows) * k));
+        rows_.emplace_back(static_cast<size_t>(k));
+      }
+    }
+    return std::make_unique<QuantMatrix>(qf, k, std::move(rows), row_bytes);
+  }
   int64_t n = 0;
   std::vector<std::pair<const TensorView*, int64_t>> row_owner;  // (part, first row) per part
   for (const TensorView* p : parts) {
@@ -109,8 +139,69 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
   return m;
 }
 
+void CpuBackend::matmul_quant(const QuantMatrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+                              const float* bias, bool accumulate) {
+  const int64_t n = w.rows(), k = w.cols();
+  if (m <= kQGemvMaxRows) {
+    // Decode: each weight row is read once from memory and meets every activation row.
+    QGemvArgs a;
+    a.format = w.format();
+    a.rows = w.row_pointers();
+    a.k = k;
+    a.x = x;
+    a.ldx = ldx;
+    a.m = m;
+    a.y = y;
+    a.ldy = ldy;
+    a.bias = bias;
+    a.accumulate = accumulate;
+    pool_.parallel_for(n, [&](int64_t b, int64_t e, int) {
+      QGemvArgs s = a;
+      s.row_begin = b;
+      s.row_end = e;
+      kernels_.qgemv(s);
+    });
+    return;
+  }
+  // Prefill: a group of rows is dequantized into a float panel (in L2), then the float GEMM runs it
+  // against every token; the dequantization is paid once per group, not once per token.
+  const int64_t groups = (n + kGroupRows - 1) / kGroupRows;
+  pool_.parallel_for(groups, [&](int64_t gb, int64_t ge, int t) {
+    float* panel = panels_[t].get();
+    float* row = rows_[t].data();
+    for (int64_t g = gb; g < ge; ++g) {
+      const int64_t row0 = g * kGroupRows;
+      const int valid = static_cast<int>(std::min<int64_t>(kGroupRows, n - row0));
+      const int64_t width = (valid + kPanelRows - 1) / kPanelRows * kPanelRows;
+      if (width != valid) std::fill(panel, panel + width * k, 0.f);
+      for (int j = 0; j < valid; ++j) {
+        kernels_.qdequant_row(w.format(), w.row_pointers()[row0 + j], k, row);
+        for (int64_t c = 0; c < k; ++c) panel[c * width + j] = row[c];
+      }
+      GemmArgs a;
+      a.x = x;
+      a.ldx = ldx;
+      a.w = panel;
+      a.bias = bias ? bias + row0 : nullptr;
+      a.y = y + row0;
+      a.ldy = ldy;
+      a.m = m;
+      a.n = valid;
+      a.k = static_cast<int>(k);
+      a.accumulate = accumulate;
+      a.group_begin = 0;
+      a.group_end = 1;
+      kernels_.gemm(a);
+    }
+  });
+}
+
 void CpuBackend::matmul(const Matrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
                         const float* bias, bool accumulate) {
+  if (const auto* qw = dynamic_cast<const QuantMatrix*>(&w)) {
+    matmul_quant(*qw, x, ldx, m, y, ldy, bias, accumulate);
+    return;
+  }
   const auto& pw = static_cast<const PackedMatrix&>(w);
   GemmArgs a;
   a.x = x;
@@ -132,6 +223,15 @@ void CpuBackend::matmul(const Matrix& w, const float* x, int64_t ldx, int m, flo
 }
 
 void CpuBackend::gather_rows(const Matrix& w, const int32_t* ids, int m, float* out) {
+  if (const auto* qw = dynamic_cast<const QuantMatrix*>(&w)) {
+    for (int i = 0; i < m; ++i) {
+      if (ids[i] < 0 || ids[i] >= qw->rows())
+        throw std::out_of_range("token id " + std::to_string(ids[i]) + " outside the vocabulary of " +
+                                std::to_string(qw->rows()));
+      kernels_.qdequant_row(qw->format(), qw->row_pointers()[ids[i]], qw->cols(), out + static_cast<int64_t>(i) * qw->cols());
+    }
+    return;
+  }
   const auto& pw = static_cast<const PackedMatrix&>(w);
   const int64_t k = pw.cols();
   for (int i = 0; i < m; ++i) {

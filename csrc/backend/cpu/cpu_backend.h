@@ -35,6 +35,28 @@ class PackedMatrix final : public Matrix {
   AlignedFloats data_;
 };
 
+// W: [n, k] as GGUF blocks, read in place: row r is `rows[r]` (rows of fused parts may live in
+// different tensors; nothing is copied). Computed by the qgemv kernels, or, for many activation
+// rows, dequantized a group at a time into a panel for the float GEMM.
+class QuantMatrix final : public Matrix {
+ public:
+  QuantMatrix(QFormat format, int64_t k, std::vector<const uint8_t*> rows, int64_t row_bytes)
+      : format_(format), k_(k), row_bytes_(row_bytes), rows_(std::move(rows)) {}
+  int64_t rows() const override { return static_cast<int64_t>(rows_.size()); }
+  int64_t cols() const override { return k_; }
+  size_t bytes() const override { return static_cast<size_t>(row_bytes_) * rows_.size(); }
+  QFormat format() const { return format_; }
+  const uint8_t* const* row_pointers() const { return rows_.data(); }
+
+ private:
+  QFormat format_;
+  int64_t k_, row_bytes_;
+  std::vector<const uint8_t*> rows_;
+};
+
+// Which formats have native kernels (others are dequantized to a PackedMatrix at load).
+bool native_qformat(DType t, QFormat* out);
+
 class CpuBackend final : public Backend {
  public:
   CpuBackend(int num_threads, const KernelTable& kernels);
@@ -61,6 +83,12 @@ class CpuBackend final : public Backend {
   const KernelTable& kernels_;
   ThreadPool pool_;
   std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
+  // Per thread: one dequantized group of a QuantMatrix ([kGroupRows, k] panel) and one row.
+  std::vector<AlignedFloats> panels_;
+  std::vector<std::vector<float>> rows_;
+  int64_t panel_cols_ = 0;
+  void matmul_quant(const QuantMatrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+                    const float* bias, bool accumulate);
 };
 
 // The kernel table for an ISA name ("auto" picks the best this CPU and OS allow).

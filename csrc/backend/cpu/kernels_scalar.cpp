@@ -1,8 +1,10 @@
 // Scalar reference kernels: the plainest correct loops, the yardstick the SIMD files are tested
 // against, and the path used on CPUs without AVX2.
 #include <cmath>
+#include <vector>
 
 #include "backend/cpu/kernels.h"
+#include "tensor/dequantize.h"
 
 namespace pyserve::cpu {
 namespace {
@@ -57,6 +59,29 @@ void attend_scalar(const AttendArgs& a) {
   }
 }
 
+DType dtype_of(QFormat f) {
+  return f == QFormat::Q4_0 ? DType::Q4_0 : f == QFormat::Q4_1 ? DType::Q4_1 : DType::Q8_0;
+}
+
+void qdequant_row_scalar(QFormat format, const uint8_t* row, int64_t k, float* out) {
+  dequantize(dtype_of(format), row, k, out);  // the reference dequantization (csrc/tensor)
+}
+
+void qgemv_scalar(const QGemvArgs& a) {
+  std::vector<float> w(static_cast<size_t>(a.k));
+  for (int64_t r = a.row_begin; r < a.row_end; ++r) {
+    qdequant_row_scalar(a.format, a.rows[r], a.k, w.data());
+    for (int i = 0; i < a.m; ++i) {
+      const float* x = a.x + i * a.ldx;
+      float acc = 0.f;
+      for (int64_t c = 0; c < a.k; ++c) acc += x[c] * w[c];
+      if (a.bias) acc += a.bias[r];
+      float& y = a.y[i * a.ldy + r];
+      y = a.accumulate ? y + acc : acc;
+    }
+  }
+}
+
 float stream_sum_scalar(const float* x, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += x[i];
@@ -66,7 +91,8 @@ float stream_sum_scalar(const float* x, int64_t n) {
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar};
+  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, qgemv_scalar,
+                                    qdequant_row_scalar};
   return table;
 }
 

@@ -1,0 +1,93 @@
+"""Quantized weights (GGUF blocks) read in place: the scalar reference dequantization of every
+format against the gguf package's, and the native kernels (decode GEMV, prefill through dequantized
+panels, embedding gather) of every ISA against a float64 reference of the dequantized weights, on
+fresh seeded random inputs."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+from pyserve import _C
+
+ALL_FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+NATIVE = [f for f in ALL_FORMATS if _C.kernels.is_native_format(f)]
+ISAS = ["scalar"] + [isa for isa in ("avx2", "avx512") if _C.cpu_features()[isa]]
+
+
+def rng_for(*key: object) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def random_blocks(fmt: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """[n, k] of `fmt` as raw bytes: quantized from Gaussian weights where the gguf package can,
+    else random bytes with finite, modest f16 scales."""
+    t = GGMLQuantizationType[fmt.upper()]
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    try:
+        return np.ascontiguousarray(quants.quantize(w, t)).view(np.uint8).reshape(n, -1)
+    except NotImplementedError:
+        block, size = GGML_QUANT_SIZES[t]
+        raw = rng.integers(0, 256, (n, k // block, size), dtype=np.uint8)
+        # Every f16 field (scales d/dmin) sits at a known offset; make them small finite numbers.
+        offsets = {"q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}[fmt]
+        for off in offsets:
+            raw[:, :, off:off + 2] = rng.uniform(0.001, 0.05, (n, k // block)).astype(np.float16)[..., None].view(np.uint8)
+        return raw.reshape(n, -1)
+
+
+def reference(fmt: str, raw: np.ndarray, k: int) -> np.ndarray:
+    t = GGMLQuantizationType[fmt.upper()]
+    return quants.dequantize(raw, t).reshape(raw.shape[0], k).astype(np.float64)
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+def test_reference_dequantization_matches_gguf(fmt: str) -> None:
+    rng = rng_for("deq", fmt)
+    raw = random_blocks(fmt, 3, 512, rng)
+    ours = _C.kernels.dequantize(fmt, raw, raw.shape[0] * 512).reshape(3, 512)
+    np.testing.assert_array_equal(ours, reference(fmt, raw, 512).astype(np.float32))
+
+
+def test_native_formats_are_the_small_block_ones() -> None:
+    assert NATIVE == ["q4_0", "q4_1", "q8_0"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 13])
+def test_quantized_matmul_matches_float64(isa: str, fmt: str, m: int) -> None:
+    # n not a multiple of the 48-row group or the 16-row panel; k several blocks (256 for K-quants).
+    rng = rng_for("mm", isa, fmt, m)
+    n, k = 53, 512
+    raw = random_blocks(fmt, n, k, rng)
+    w = reference(fmt, raw, k)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y0 = rng.standard_normal((m, n)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.T + bias + y0
+    got = _C.kernels.qgemm(fmt, raw, n, k, x, bias=bias, y=y0, isa=isa, threads=2)
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.T) + 1.0
+    assert np.max(np.abs(got - ref) / scale) < 2e-6
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", NATIVE)
+def test_quantized_gather_is_exact(isa: str, fmt: str) -> None:
+    rng = rng_for("gather", isa, fmt)
+    n, k = 40, 96
+    raw = random_blocks(fmt, n, k, rng)
+    ids = [int(i) for i in rng.integers(0, n, 7)]
+    got = _C.kernels.qgather(fmt, raw, n, k, ids, isa=isa)
+    np.testing.assert_allclose(got, reference(fmt, raw, k)[ids], rtol=1e-6, atol=1e-7)
+
+
+def test_wrong_sizes_are_clear_errors() -> None:
+    raw = np.zeros(20 * 4, np.uint8)
+    with pytest.raises(ValueError, match="wrong number of bytes"):
+        _C.kernels.qgemm("q4_1", raw, 5, 32, np.ones((1, 32), np.float32))
+    with pytest.raises(ValueError, match="unsupported tensor format 'q7_0'.*q4_1"):
+        _C.kernels.dequantize("q7_0", raw, 32)
