@@ -254,6 +254,117 @@ async def test_access_log_carries_the_apps_extra_fields(caplog: pytest.LogCaptur
     assert record.getMessage().endswith('ms tokens=42 note="two words\\n\\"x\\""')
 
 
+async def test_access_log_record_is_the_one_logging_would_make(caplog: pytest.LogCaptureFixture) -> None:
+    """The access line's record is built from a template (cheaper than logger.info); whatever a
+    formatter may read from it must be what logging itself would have put there."""
+    import os
+    import threading
+
+    caplog.set_level(logging.INFO, logger="pyserve.access")
+    async with running(echo_app) as port:
+        async with Client.connect(port) as client:
+            await client.get("/one")
+            await client.get("/two")
+    one, two = [r for r in caplog.records if r.name == "pyserve.access"]
+    reference = logging.getLogger("pyserve.access").makeRecord("pyserve.access", logging.INFO, "x", 0,
+                                                               "m", (), None)
+    for record in (one, two):
+        assert record.levelno == logging.INFO and record.levelname == "INFO"
+        assert record.thread == threading.get_ident() and record.threadName == reference.threadName
+        assert record.process == os.getpid() and record.processName == reference.processName
+        assert 0 <= reference.created - record.created < 10
+        assert record.msecs == int((record.created - int(record.created)) * 1000)
+        assert record.exc_info is None and record.stack_info is None
+    assert one.created <= two.created and one.relativeCreated <= two.relativeCreated
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s %(thread)d %(process)d: %(message)s")
+    assert '"GET /two HTTP/1.1" 200 ' in formatter.format(two)
+
+
+async def test_keep_alive_when_the_app_never_reads_the_body() -> None:
+    """An app may answer without calling receive() (a GET, a 404 for a POST): the body that is
+    already here is skipped and the connection carries the next request."""
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    async with running(app) as port:
+        async with Client.connect(port) as client:
+            assert (await client.get("/a"))[2] == b"/a"
+            await client.request("POST", "/b", b"ignored body")
+            assert (await client.response())[2] == b"/b"
+            data = client.h11.send(h11.Request(method="POST", target="/c", headers=[
+                ("Host", "x"), ("Transfer-Encoding", "chunked")]))
+            data += client.h11.send(h11.Data(data=b"chunked body")) + client.h11.send(h11.EndOfMessage())
+            await client.stream.send(data)
+            assert (await client.response())[2] == b"/c"
+            assert (await client.get("/d"))[2] == b"/d"
+
+
+async def test_stream_stops_at_the_first_send_after_the_client_left() -> None:
+    """No reader runs beside a streaming app that never calls receive(): send() looks at the
+    socket itself. A client that half-closes (so writes would still succeed) is noticed at once."""
+    left = anyio.Event()
+    outcome: dict[str, Any] = {}
+    done = anyio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        await left.wait()
+        try:
+            await send({"type": "http.response.body", "body": b"second", "more_body": True})
+            outcome["sent"] = True
+        except ClientDisconnected:
+            outcome["sent"] = False
+        done.set()
+
+    async with running(app) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+            await stream.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"first" in await stream.receive()
+            await stream.send_eof()  # half-close: the server's writes would still go through
+            left.set()
+            await done.wait()
+    assert outcome == {"sent": False}
+
+
+async def test_request_pipelined_during_a_stream_is_served_after_it() -> None:
+    """Bytes that arrive while a response streams (the send-side look at the socket reads them)
+    are kept for the next request."""
+    go = anyio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        if scope["path"] == "/stream":
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+            await go.wait()
+            await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    async with running(app) as port:
+        async with Client.connect(port) as client:
+            await client.request("GET", "/stream")
+            event = await client._event()
+            assert isinstance(event, h11.Response)
+            assert (await client._event()).data == b"a"
+            await client.stream.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+            go.set()
+            rest = b""
+            while not isinstance(part := await client._event(), h11.EndOfMessage):
+                rest += part.data
+            assert rest == b"b/stream"
+            client.h11.start_next_cycle()
+            client.h11.send(h11.Request(method="GET", target="/next", headers=[("Host", "x")]))
+            client.h11.send(h11.EndOfMessage())
+            assert (await client.response())[2] == b"/next"
+
+
 # ---- hostile and broken clients ------------------------------------------------------------------
 
 @pytest.mark.parametrize("raw", [

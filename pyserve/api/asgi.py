@@ -106,7 +106,7 @@ class EventStream:
     def __init__(self, request: Request, on_start: Callable[[], list[Any]] | None = None) -> None:
         self._request = request
         self._on_start = on_start  # events to send right after the headers (e.g. role chunks)
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when free
         self.started = False
         self.closed = False
 

@@ -7,11 +7,14 @@ Two kinds of numbers:
 
 Every series carries the `model_name` label, as vLLM's do. No client library: the format is a
 few lines of text (`# HELP`, `# TYPE`, then `name{labels} value`).
+
+Updated and rendered on the event loop's thread only, so the numbers are plain Python numbers
+with no locks: an observation on the per-token path is a bisect and three additions.
 """
 from __future__ import annotations
 
 import math
-import threading
+from bisect import bisect_left
 from typing import Any, Callable, Sequence
 
 PREFIX = "pyserve:"
@@ -70,7 +73,6 @@ class _Metric:
         self.name = PREFIX + name
         self.help = help
         self.base_labels = dict(labels)
-        self._lock = threading.Lock()
 
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
@@ -86,16 +88,14 @@ class Counter(_Metric):
         self._values: dict[tuple[tuple[str, str], ...], float] = {}
 
     def inc(self, amount: float = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
-        with self._lock:
-            self._values[key] = self._values.get(key, 0) + amount
+        key = tuple(sorted(labels.items())) if labels else ()
+        self._values[key] = self._values.get(key, 0) + amount
 
     def value(self, **labels: str) -> float:
         return self._values.get(tuple(sorted(labels.items())), 0)
 
     def render(self) -> list[str]:
-        with self._lock:
-            items = sorted(self._values.items()) or [((), 0)]
+        items = sorted(self._values.items()) or [((), 0)]
         return self.header() + [f"{self.name}{_labels({**self.base_labels, **dict(k)})} {_number(v)}" for k, v in items]
 
 
@@ -132,21 +132,16 @@ class Histogram(_Metric):
         self._count = 0
 
     def observe(self, value: float, count: int = 1) -> None:
-        i = 0
-        while i < len(self.buckets) and value > self.buckets[i]:
-            i += 1
-        with self._lock:
-            self._counts[i] += count
-            self._sum += value * count
-            self._count += count
+        self._counts[bisect_left(self.buckets, value)] += count  # the first bucket with value <= le
+        self._sum += value * count
+        self._count += count
 
     @property
     def count(self) -> int:
         return self._count
 
     def render(self) -> list[str]:
-        with self._lock:
-            counts, total, n = list(self._counts), self._sum, self._count
+        counts, total, n = self._counts, self._sum, self._count
         lines = self.header()
         cumulative = 0
         for bound, c in zip((*self.buckets, math.inf), counts):

@@ -85,6 +85,8 @@ _FIELD_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
 _FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
 _DIGITS = re.compile(rb"[0-9]+")
 _REQUEST_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+) ([\x21-\x7e]+) HTTP/(1\.[01])")
+# One header field line: name ":" OWS value OWS CRLF (the two patterns above, in one match).
+_FIELD_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*((?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?)[ \t]*\r\n")
 _MAX_LENGTH_DIGITS = 18
 
 _STATUS_LINES: dict[int, bytes] = {}
@@ -133,7 +135,8 @@ class HTTPConnection:
 
     def _reset_cycle(self) -> None:
         self._body_received = 0
-        self.request_complete = False  # the request's last body byte has been delivered
+        self._body = None
+        self.request_complete = False  # the request's last body byte is here
         self._is_head = False
         self._http10 = False
         self._keep_alive = True  # neither side asked to close
@@ -170,12 +173,11 @@ class HTTPConnection:
     def next_event(self) -> Event | None:
         """The next event, or None when more bytes are needed (or the next pipelined request
         must wait for `start_next_cycle`)."""
-        if self._h11 is not None or self._pending_error is not None:
-            return self._next_parsed_event()
         if self._body is not None:
             body, self._body = self._body, None
-            self.request_complete = True
             return Body(body, False)
+        if self._h11 is not None or self._pending_error is not None:
+            return self._next_parsed_event()
         if not self._buf:
             return Closed() if self._eof else None
         if self.request_complete:  # the next request waits for start_next_cycle ...
@@ -199,18 +201,22 @@ class HTTPConnection:
         end = buf.find(b"\r\n\r\n")
         if end <= 0:
             return None
-        lines = bytes(buf[:end]).split(b"\r\n")
-        match = _REQUEST_LINE.fullmatch(lines[0])
+        head = bytes(buf[:end + 2])  # the request line and every field line, each with its CRLF
+        line_end = head.find(b"\r\n")
+        match = _REQUEST_LINE.fullmatch(head, 0, line_end)
         if match is None:
             return None
         headers: Headers = []
         length = 0
         hosts = lengths = 0
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            value = value.strip(b" \t")
-            if not colon or not _FIELD_NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        pos = line_end + 2
+        field = _FIELD_LINE.match
+        while pos < len(head):
+            m = field(head, pos)
+            if m is None:
                 return None  # folded, malformed or odd: h11 decides
+            pos = m.end()
+            name, value = m.groups()
             name = name.lower()
             if name == b"content-length":
                 if lengths or len(value) > _MAX_LENGTH_DIGITS or not _DIGITS.fullmatch(value):
@@ -233,13 +239,25 @@ class HTTPConnection:
         event = self._request_started(method, target, version, headers)
         if type(event) is RequestStarted:
             self._body = bytes(buf[start:start + length])
+            self.request_complete = True
             del buf[:start + length]
         return event
 
     def _next_parsed_event(self) -> Event | None:
         event = self._next_h11_event()
         if type(event) is not h11.Data:
-            return self._translate(event)
+            event = self._translate(event)
+            if type(event) is RequestStarted and self._h11.their_state is h11.SEND_BODY:  # type: ignore[union-attr]
+                # A request without a body is complete with its head: say so now (h11 has its
+                # EndOfMessage ready), so the server knows the rest of the bytes are the next
+                # request's even if the app never calls receive().
+                framing = {name for name, _ in event.headers}  # type: ignore[union-attr]
+                if b"transfer-encoding" not in framing and all(
+                        int(v) == 0 for n, v in event.headers if n == b"content-length"):  # type: ignore[union-attr]
+                    if type(self._next_h11_event()) is h11.EndOfMessage:
+                        self._body = b""
+                        self.request_complete = True
+            return event
         # Coalesce body pieces that are already buffered, so a small body that arrived in one
         # packet reaches the app as a single http.request message with more_body=False.
         data = event.data
@@ -257,8 +275,9 @@ class HTTPConnection:
             return Body(bytes(data), True)
 
     def skip_body(self) -> None:
-        """Drop the body bytes that are already here and that the app did not read (a GET's
-        empty body included), so the connection can carry the next request."""
+        """Drop the body bytes that are already here and that the app did not read, so the
+        connection can carry the next request."""
+        self._body = None
         while not self.request_complete and type(self.next_event()) is Body:
             pass
 
@@ -501,16 +520,25 @@ def _has_token(value: bytes, token: bytes) -> bool:
     return token in value.lower() and any(t.strip() == token for t in value.lower().split(b","))
 
 
+_CHECKED_NAMES: dict[bytes, bytes] = {}  # header names an app sent before -> lowercased
+
+
 def _checked_headers(raw: Any) -> Headers:
     """The app's response headers as lowercased bytes pairs, each name and value checked (no
     CR/LF or other bytes that could split the head)."""
     headers: Headers = []
     for name, value in raw:
-        name = bytes(name).lower()
-        value = bytes(value)
-        if not _FIELD_NAME.fullmatch(name):
-            raise ValueError(f"illegal header name {name!r}")
+        lowered = _CHECKED_NAMES.get(name) if type(name) is bytes else None
+        if lowered is None:
+            name = bytes(name)
+            if not _FIELD_NAME.fullmatch(name):
+                raise ValueError(f"illegal header name {name!r}")
+            lowered = name.lower()
+            if len(_CHECKED_NAMES) < 512:
+                _CHECKED_NAMES[name] = lowered
+        if type(value) is not bytes:
+            value = bytes(value)
         if not _FIELD_VALUE.fullmatch(value):
             raise ValueError(f"illegal header value {value!r}")
-        headers.append((name, value))
+        headers.append((lowered, value))
     return headers

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import threading
 import time
 from typing import Any, Awaitable, Callable
 
@@ -235,8 +237,8 @@ class RequestCycle:
         data = self._transport.read_nowait()
         if data is None:
             return
-        core.receive_data(data)
-        if core.next_event() is not None or core.eof_received:  # EOF, or junk after the request
+        core.receive_data(data)  # a pipelined request keeps, in the core, for its turn
+        if core.eof_received:
             self._gone()
 
     # ---- endings -----------------------------------------------------------------------------
@@ -285,13 +287,57 @@ class RequestCycle:
         client = scope["client"]
         extra = (scope.get("extensions") or {}).get(ACCESS_LOG_EXTENSION)
         fields = "".join(f" {k}={_field(v)}" for k, v in extra.items()) if extra and isinstance(extra, dict) else ""
-        # makeRecord + handle: the same record logger.info() makes, minus the caller lookup
-        # (the file and line of this call say nothing about the request).
-        access_logger.handle(access_logger.makeRecord(
-            access_logger.name, _INFO, __file__, 0, '%s "%s %s HTTP/%s" %s %.1fms%s',
-            (f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
-             scope["http_version"], status, (time.perf_counter() - started) * 1000, fields), None))
+        _access_record('%s "%s %s HTTP/%s" %s %.1fms%s', (
+            f"{client[0]}:{client[1]}" if client else "-", scope["method"], path,
+            scope["http_version"], status, (time.perf_counter() - started) * 1000, fields))
 
+
+class _RecordTemplate:
+    """The fields of an access-log record that are the same for every request served by this
+    thread (logger, level, thread, process, no caller), made once by logging itself."""
+
+    thread: int | None = None
+    fields: dict[str, Any] = {}
+
+
+def _access_record(msg: str, args: tuple) -> None:
+    """Log one access line: the record logger.info() would make, built from a template instead
+    of from scratch (no caller lookup, thread and process names looked up once). With a custom
+    record factory or logger class, logging makes it the usual way."""
+    if logging.getLogRecordFactory() is not logging.LogRecord or type(access_logger) is not logging.Logger:
+        access_logger.handle(access_logger.makeRecord(access_logger.name, _INFO, __file__, 0, msg, args, None))
+        return
+    template = _RecordTemplate
+    ident = threading.get_ident()
+    if template.thread != ident:
+        template.fields = logging.LogRecord(access_logger.name, _INFO, __file__, 0, "", (), None).__dict__.copy()
+        template.thread = ident
+    record = _new_record(logging.LogRecord)
+    fields = template.fields
+    record.__dict__.update(fields)
+    now = time.time()
+    record.created = now
+    record.msecs = int((now - int(now)) * 1000) + 0.0
+    record.relativeCreated = fields["relativeCreated"] + (now - fields["created"]) * 1000
+    record.msg = msg
+    record.args = args
+    if "taskName" in fields:  # Python >= 3.12 records the asyncio task, as LogRecord does
+        record.taskName = _task_name()
+    access_logger.handle(record)
+
+
+_new_record = object.__new__
+
+
+def _task_name() -> str | None:
+    asyncio = sys.modules.get("asyncio")
+    if not getattr(logging, "logAsyncioTasks", False) or asyncio is None:
+        return None
+    try:
+        task = asyncio.current_task()
+    except Exception:
+        return None
+    return task.get_name() if task is not None else None
 
 def _field(value: Any) -> str:
     """An access-log value on one line: quoted (JSON style) when it has spaces or quotes."""
