@@ -41,7 +41,8 @@ def _is_file_view(a: np.ndarray) -> bool:
     while base is not None:
         if isinstance(base, (np.memmap, mmap.mmap)):
             return True
-        base = getattr(base, "base", None)
+        # np.frombuffer(mmap) keeps a memoryview of the mmap as its base
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     return False
 
 

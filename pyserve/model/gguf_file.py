@@ -1,7 +1,8 @@
-"""Loading a GGUF file (llama.cpp's format) through `gguf.GGUFReader` (memmapped).
+"""Loading a GGUF file (llama.cpp's format): the container is parsed by gguf_reader.py (one mmap).
 
 Architectures `llama` and `qwen2`. Tensors are renamed to the canonical HF names; F32/F16/BF16
-tensors stay as memmap views, every type `gguf.quants.dequantize` knows becomes float32. llama.cpp
+tensors stay as views into the mmap; block types named in `keep_blocks` are handed on as their raw
+blocks (views too), every other type `gguf.quants.dequantize` knows becomes float32. llama.cpp
 permutes the q/k rows of arch `llama` (convert_hf_to_gguf.py, LlamaModel.permute) for its rope
 layout; we undo it, as transformers' GGUF loader does, so the engine sees HF order. qwen2 is not
 permuted. The tokenizer is rebuilt from the metadata (vocab_tokenizer.py).
@@ -13,7 +14,9 @@ import logging
 import math
 import os
 import re
+import time
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -21,6 +24,7 @@ from tokenizers import AddedToken
 
 from .config import ModelConfig, merge_ids
 from .errors import ModelLoadError
+from .gguf_reader import ELEMENT_DTYPES, GGUFFile, TensorInfo, read_gguf_file
 from .parts import ModelParts
 from .tensor import TensorRecord
 from .tokenizer import Tokenizer
@@ -131,17 +135,6 @@ def infer_llama3_rope_scaling(
     )
 
 
-def _metadata(reader: Any) -> dict[str, Any]:
-    """Field name -> Python value (arrays of strings/numbers as lists)."""
-    out = {}
-    for name, f in reader.fields.items():
-        try:
-            out[name] = f.contents()
-        except Exception as e:  # a field type this gguf version cannot decode: skip it, say so
-            log.debug("GGUF field %s unreadable: %s", name, e)
-    return out
-
-
 def _f32(value: Any) -> float:
     """GGUF stores floats as float32; give back the shortest decimal that rounds to it (1e-05, not
     9.999999747378752e-06), which is what the model's config.json said."""
@@ -188,7 +181,7 @@ def _build_config(md: dict, arch: str, tensors_present: set[str], rope_freqs: np
     eos = md.get("tokenizer.ggml.eos_token_id")
     extra = [md.get("tokenizer.ggml.eot_token_id"), md.get("tokenizer.ggml.eom_token_id")]
     types = md.get("tokenizer.ggml.token_type") or []
-    eog = [i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == CONTROL and t in _EOG_TEXTS]
+    eog = [i for i in _ids_of_type(types, CONTROL) if i < len(tokens) and tokens[i] in _EOG_TEXTS]
     eos_ids = merge_ids([int(eos)] if eos is not None else [], [int(x) for x in extra if x is not None], eog)
     bos = md.get("tokenizer.ggml.bos_token_id")
     window = get("attention.sliding_window")
@@ -214,21 +207,41 @@ def _build_config(md: dict, arch: str, tensors_present: set[str], rope_freqs: np
     )
 
 
-def _tensor_record(t: Any, gguf: Any) -> TensorRecord:
-    """Float formats stay memmap views; anything else is dequantized to float32."""
-    Q = gguf.GGMLQuantizationType
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    if t.tensor_type == Q.F32:
-        return TensorRecord("f32", np.asarray(t.data).reshape(shape), shape)
-    if t.tensor_type == Q.F16:
-        return TensorRecord("f16", np.asarray(t.data).reshape(shape), shape)
-    if t.tensor_type == Q.BF16:
-        return TensorRecord("bf16", np.asarray(t.data).view(np.uint16).reshape(shape), shape)
+def _ids_of_type(types: list[int], wanted: int) -> list[int]:
+    """Indices of `types` equal to `wanted` (one numpy pass, not a Python loop over 49k tokens)."""
+    return np.flatnonzero(np.asarray(types) == wanted).tolist() if types else []
+
+
+# GGML types whose bytes are already one of TensorRecord's float formats.
+_FLOAT_FORMATS = {"F32": "f32", "F16": "f16", "BF16": "bf16"}
+
+
+def _tensor_record(g: GGUFFile, t: TensorInfo, keep_blocks: Collection[str]) -> TensorRecord:
+    """F32/F16/BF16 and the block types in keep_blocks stay views into the mmap (blocks as
+    uint8 rows, shape[:-1] + (row_bytes,), format the lower-case type name, e.g. "q4_1"); anything
+    else is dequantized to float32."""
+    fmt = _FLOAT_FORMATS.get(t.type.name)
+    if fmt is not None:
+        return TensorRecord(fmt, g.array(t), t.shape)
+    if t.type.name.lower() in keep_blocks:
+        return TensorRecord(t.type.name.lower(), g.blocks(t), t.shape)
+    return TensorRecord("f32", _dequantize(g, t), t.shape)
+
+
+def _dequantize(g: GGUFFile, t: TensorInfo) -> np.ndarray:
+    """float32 copy of any tensor `gguf.quants` can decode (imported only when one needs it)."""
+    if t.type.name == "BF16":  # bits in uint16: widen into the high half of a float32
+        return (g.array(t).astype(np.uint32) << 16).view(np.float32)
+    if t.type.name in ELEMENT_DTYPES:  # F32, F16, F64, I8..I64
+        return g.array(t).astype(np.float32)
+    import gguf
+
     try:
-        data = gguf.quants.dequantize(t.data, t.tensor_type)
-    except NotImplementedError as e:
-        raise ModelLoadError(f"tensor {t.name}: GGML type {t.tensor_type.name} cannot be dequantized: {e}") from e
-    return TensorRecord("f32", np.ascontiguousarray(data, dtype=np.float32).reshape(shape), shape)
+        qtype = gguf.GGMLQuantizationType(t.type.id)
+        data = gguf.quants.dequantize(g.blocks(t), qtype)
+    except (NotImplementedError, ValueError) as e:
+        raise ModelLoadError(f"{g.path}: tensor {t.name}: GGML type {t.type.name} cannot be dequantized: {e}") from e
+    return np.ascontiguousarray(data, dtype=np.float32).reshape(t.shape)
 
 
 def _permuted(rec: TensorRecord, n_head: int) -> TensorRecord:
@@ -298,56 +311,74 @@ _SAMPLING_KEYS = {
 }
 
 
-def _format_name(reader: Any, md: dict, gguf: Any) -> str:
-    ft = md.get("general.file_type")
-    if ft is not None:
-        try:
-            return gguf.LlamaFileType(int(ft)).name.removeprefix("MOSTLY_").removeprefix("ALL_")
-        except ValueError:
-            pass
-    counts = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+# llama_ftype (llama.h) -> name, for the types a llama-family file is usually written in; others are
+# looked up in the `gguf` package.
+_FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16",
+}
+
+
+def _file_type_name(ft: int) -> str | None:
+    if ft in _FILE_TYPES:
+        return _FILE_TYPES[ft]
+    try:
+        import gguf
+
+        return gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except (ImportError, ValueError):
+        return None
+
+
+def _format_name(g: GGUFFile) -> str:
+    ft = g.metadata.get("general.file_type")
+    if isinstance(ft, int) and (name := _file_type_name(ft)) is not None:
+        return name
+    counts = Counter(t.type.name for t in g.tensors.values() if len(t.dims) > 1)
     return counts.most_common(1)[0][0] if counts else "F32"
 
 
-def read_gguf(path: str, *, load_tensors: bool = True) -> ModelParts:
-    try:
-        import gguf
-    except ImportError as e:  # pragma: no cover - gguf is a dependency
-        raise ModelLoadError("reading GGUF files needs the `gguf` package (pip install gguf)") from e
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: not a readable GGUF file: {e}") from e
-    md = _metadata(reader)
+def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[str] = ()) -> ModelParts:
+    """A GGUF file -> ModelParts. keep_blocks: lower-case GGML type names (e.g. {"q4_1", "q8_0"})
+    whose tensors are handed on as raw blocks instead of being dequantized (see _tensor_record)."""
+    t0 = time.perf_counter()
+    g = read_gguf_file(path)
+    md = g.metadata
+    t_meta = time.perf_counter()
     arch = md.get("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHITECTURES:
         raise ModelLoadError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
-    by_name = {t.name: t for t in reader.tensors}
     rope_freqs = None
-    if (rf := by_name.get("rope_freqs.weight")) is not None:
-        rope_freqs = np.asarray(gguf.quants.dequantize(rf.data, rf.tensor_type), dtype=np.float32).reshape(-1)
-    config = _build_config(md, arch, set(by_name), rope_freqs, path)
+    if (rf := g.tensors.get("rope_freqs.weight")) is not None:
+        rope_freqs = _dequantize(g, rf).reshape(-1)
+    config = _build_config(md, arch, set(g.tensors), rope_freqs, path)
 
     tensors: dict[str, TensorRecord] = {}
     if load_tensors:
-        for t in reader.tensors:
+        keep = {k.lower() for k in keep_blocks}
+        for t in g.tensors.values():
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
             hf = hf_tensor_name(t.name)
             if hf is None:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is not part of a {arch} model we support")
-            rec = _tensor_record(t, gguf)
+            rec = _tensor_record(g, t, keep)
             if arch == "llama" and ".attn_q." in t.name:
                 rec = _permuted(rec, config.num_attention_heads)
             elif arch == "llama" and ".attn_k." in t.name:
                 rec = _permuted(rec, config.num_key_value_heads)
             tensors[hf] = rec
         check_tensors(tensors, config, path)
+    t_tensors = time.perf_counter()
 
     tokenizer = build_tokenizer(md, path, config.eos_token_ids)
     config.eos_token_ids = merge_ids(tokenizer.eos_token_ids, config.eos_token_ids)
+    t_tok = time.perf_counter()
+    log.debug(
+        "%s: metadata %.3f s, tensors %.3f s, tokenizer %.3f s", path, t_meta - t0, t_tensors - t_meta, t_tok - t_tensors
+    )
     gen = {ours: _f32(md[k]) if isinstance(md[k], float) else md[k] for k, ours in _SAMPLING_KEYS.items() if k in md}
     return ModelParts(
         config=config,
@@ -355,6 +386,6 @@ def read_gguf(path: str, *, load_tensors: bool = True) -> ModelParts:
         tokenizer=tokenizer,
         chat_template=md.get("tokenizer.chat_template"),
         generation_defaults=gen,
-        format=f"gguf {_format_name(reader, md, gguf)}",
-        file_bytes=os.path.getsize(path),
+        format=f"gguf {_format_name(g)}",
+        file_bytes=g.file_size,
     )
