@@ -13,8 +13,13 @@ are matched whole in the text, as llama.cpp and transformers do.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import repeat
+from operator import itemgetter
+
+import numpy as np
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as Backend
@@ -91,26 +96,27 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def _added_tokens(tokens: Sequence[str], types: Sequence[int] | None, extra_special: Sequence[int] = ()) -> list[AddedToken]:
     """CONTROL (and the ids in extra_special) -> special; USER_DEFINED -> not special. Whole-match,
-    no normalization, no stripping."""
-    out: list[AddedToken] = []
-    if types is None:
-        types = [NORMAL] * len(tokens)
-    specials = set(extra_special)
-    for i, (tok, typ) in enumerate(zip(tokens, types)):
-        if typ == CONTROL or i in specials:
-            out.append(AddedToken(tok, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False))
-        elif typ == USER_DEFINED:
-            out.append(AddedToken(tok, special=False, normalized=False, lstrip=False, rstrip=False, single_word=False))
-    return out
+    no normalization, no stripping. Only the typed ids are visited (a vocabulary is mostly NORMAL)."""
+    specials, user = set(extra_special), set()
+    if types is not None:
+        typed = np.asarray(types)
+        specials.update(np.flatnonzero(typed == CONTROL).tolist())
+        user.update(np.flatnonzero(typed == USER_DEFINED).tolist())
+    ids = sorted(i for i in specials | user if 0 <= i < len(tokens))
+    return [
+        AddedToken(tokens[i], special=i in specials, normalized=False, lstrip=False, rstrip=False, single_word=False)
+        for i in ids
+    ]
 
 
 def _vocab_dict(tokens: Sequence[str]) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, tok in enumerate(tokens):
-        if tok in vocab:
-            log.warning("duplicate token %r at ids %d and %d; keeping the first", tok, vocab[tok], i)
-            continue
-        vocab[tok] = i
+    n = len(tokens)
+    vocab = dict(zip(tokens, range(n)))
+    if len(vocab) != n:  # a token listed twice keeps its first id (reversed: the first one is written last)
+        vocab = dict(zip(reversed(tokens), range(n - 1, -1, -1)))
+        for i, tok in enumerate(tokens):
+            if vocab[tok] != i:
+                log.warning("duplicate token %r at ids %d and %d; keeping the first", tok, vocab[tok], i)
     return vocab
 
 
@@ -128,23 +134,8 @@ def byte_level_bpe(
         )
     if pre is None:
         log.warning("GGUF file names no pre-tokenizer (tokenizer.ggml.pre); using GPT-2's")
-    alphabet = set(bytes_to_unicode().values())
-    spelling = bytes_to_unicode()
-    types = list(types) if types is not None else [NORMAL] * len(tokens)
-    spelled: list[str] = []
-    for tok, typ in zip(tokens, types):
-        # Added tokens are matched on the raw text before BPE, so they keep their raw spelling; a
-        # normal token outside the alphabet (a converter quirk) is respelled byte by byte.
-        if typ in (CONTROL, USER_DEFINED) or set(tok) <= alphabet:
-            spelled.append(tok)
-        else:
-            spelled.append("".join(spelling[b] for b in tok.encode("utf-8")))
-    merge_pairs: list[tuple[str, str]] = []
-    for m in merges:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise ModelLoadError(f"GGUF merge {m!r} is not two space-separated tokens")
-        merge_pairs.append((parts[0], parts[1]))
+    spelled = _byte_level_spelling(tokens, types)
+    merge_pairs = _merge_pairs(merges)
     make_pre, ignore_merges = _PRE_TOKENIZERS[pre_key]
     model = models.BPE(
         vocab=_vocab_dict(spelled), merges=merge_pairs, fuse_unk=False, byte_fallback=False, ignore_merges=ignore_merges
@@ -159,22 +150,57 @@ def byte_level_bpe(
     return backend
 
 
+@lru_cache(maxsize=1)
+def _outside_byte_alphabet() -> re.Pattern:
+    return re.compile("[^" + "".join(re.escape(c) for c in sorted(bytes_to_unicode().values())) + "]")
+
+
+def _byte_level_spelling(tokens: Sequence[str], types: Sequence[int] | None) -> list[str]:
+    """Tokens spelled in the byte alphabet. Added tokens (CONTROL, USER_DEFINED) are matched on the
+    raw text before BPE, so they keep their raw spelling; a normal token outside the alphabet (a
+    converter quirk) is respelled byte by byte. One regex scan of the joined vocabulary finds
+    whether any token needs a look at all."""
+    spelled = list(tokens)
+    outside = _outside_byte_alphabet()
+    if outside.search("".join(tokens)) is None:
+        return spelled
+    spelling = bytes_to_unicode()
+    for i, tok in enumerate(tokens):
+        typ = types[i] if types is not None and i < len(types) else NORMAL
+        if typ not in (CONTROL, USER_DEFINED) and outside.search(tok):
+            spelled[i] = "".join(spelling[b] for b in tok.encode("utf-8"))
+    return spelled
+
+
+def _merge_pairs(merges: Sequence[str]) -> list[tuple[str, str]]:
+    """GGUF merges ("a b") as pairs, split by C-level maps (no Python loop body per merge); a merge
+    that is not two space-separated tokens is named in the error."""
+    pairs = list(map(tuple, map(str.split, merges, repeat(" "))))
+    if pairs and set(map(len, pairs)) != {2}:
+        bad = next(m for m, p in zip(merges, pairs) if len(p) != 2)
+        raise ModelLoadError(f"GGUF merge {bad!r} is not two space-separated tokens")
+    return pairs
+
+
 def generate_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
     """BPE merges implied by a sentencepiece vocabulary: every split of a piece into two pieces that
     are both in the vocabulary, ranked by the piece's score (highest first) or, without scores, by
-    its id. Same order as transformers' `generate_merges`, so the two tokenize identically."""
-    ranked: list[tuple[str, str, float]] = []
+    its id; ties keep the order of the pieces. Same order as transformers' `generate_merges`, so
+    the two tokenize identically (its per-piece sort by ids cannot matter: the splits of one piece
+    all differ in len(left), which the final sort compares first)."""
+    ranked: list[tuple[tuple[float, int, int], str, str]] = []
+    append = ranked.append
     by = scores if scores is not None else vocab
     for piece, rank in by.items():
-        local = []
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in vocab and right in vocab:
-                local.append((left, right, rank))
-        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        ranked.extend(local)
-    ranked.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=scores is not None)
-    return [(a, b) for a, b, _ in ranked]
+        n = len(piece)
+        for cut in range(1, n):
+            left = piece[:cut]
+            if left in vocab:
+                right = piece[cut:]
+                if right in vocab:
+                    append(((rank, cut, n - cut), left, right))
+    ranked.sort(key=itemgetter(0), reverse=scores is not None)
+    return [(a, b) for _, a, b in ranked]
 
 
 def sentencepiece_bpe(
