@@ -407,3 +407,26 @@ def test_gguf_errors(tmp_path) -> None:
     w.close()
     with pytest.raises(ModelLoadError, match="'gpt2' is not supported; supported: llama, qwen2"):
         load_model(p)
+
+
+def test_gguf_keep_blocks_hands_on_raw_block_views() -> None:
+    """keep_blocks: the named block types reach the engine as their raw blocks, views into the file
+    (q/k rows un-permuted, whole rows at a time), and decode to exactly the float32 path's values."""
+    import gguf
+
+    from pyserve.model.gguf_file import read_gguf
+
+    path = tm.tiny_gguf("llama", "Q8_0")
+    f32 = read_gguf(path).tensors
+    raw = read_gguf(path, keep_blocks={"Q8_0"}).tensors
+    assert set(raw) == set(f32)
+    blocks = [n for n, r in raw.items() if r.format == "q8_0"]
+    assert len(blocks) >= 7 and {r.format for r in raw.values()} == {"q8_0", "f32"}
+    for name, rec in raw.items():
+        assert rec.shape == f32[name].shape
+        if rec.format == "f32":
+            assert name.endswith("norm.weight") and _is_file_view(rec.data)
+            continue
+        assert rec.data.dtype == np.uint8 and rec.data.shape == rec.shape[:-1] + (rec.shape[-1] // 32 * 34,)
+        assert _is_file_view(rec.data) == (".q_proj." not in name and ".k_proj." not in name), name
+        np.testing.assert_array_equal(gguf.quants.dequantize(rec.data, gguf.GGMLQuantizationType.Q8_0), f32[name].data)

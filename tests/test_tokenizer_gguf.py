@@ -135,3 +135,44 @@ def test_llama_vocab_without_space_prefix(tmp_path) -> None:
     assert not pieces[0].startswith("▁") and any(p.startswith("▁") for p in pieces)
     for s in CORPUS:
         assert tok.decode(tok.encode(s), skip_special_tokens=True) == s.replace("<s>", "").replace("</s>", "").replace("<unk>", "")
+
+
+def test_generate_merges_matches_transformers() -> None:
+    """Same merge order as transformers' generate_merges, ties in the scores included (seeded
+    random vocabulary: every piece's splits are candidates)."""
+    import random
+
+    from transformers.tokenization_utils_base import generate_merges as hf_generate_merges
+
+    from pyserve.model.vocab_tokenizer import generate_merges
+
+    rng = random.Random(1234)
+    alphabet = "▁abcdeéx"
+    pieces = list(dict.fromkeys(alphabet))
+    while len(pieces) < 600:
+        pieces.append("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 6))))
+        pieces = list(dict.fromkeys(pieces))
+    vocab = {p: i for i, p in enumerate(pieces)}
+    scores = {p: float(-(i // 4)) for i, p in enumerate(pieces)}  # four pieces share each score
+    ours = generate_merges(vocab, scores)
+    assert len(ours) > 400
+    assert ours == hf_generate_merges(vocab, scores)
+    assert generate_merges(vocab) == hf_generate_merges(vocab)
+
+
+def test_byte_level_vocab_quirks(caplog) -> None:
+    """A normal token outside the byte alphabet is respelled byte by byte (added tokens keep their
+    raw text); a token listed twice keeps its first id; a merge that is not two tokens is an error."""
+    from pyserve.model.vocab_tokenizer import CONTROL, NORMAL
+
+    tokens = ["a", "b", "Ġ", "ab", "a b", "<|x y|>", "a"]
+    types = [NORMAL, NORMAL, NORMAL, NORMAL, NORMAL, CONTROL, NORMAL]
+    backend = byte_level_bpe(tokens, ["a b"], types, "gpt2")
+    assert backend.token_to_id("aĠb") == 4 and backend.token_to_id("a b") is None
+    assert backend.token_to_id("<|x y|>") == 5
+    assert backend.token_to_id("a") == 0 and "duplicate token 'a' at ids 0 and 6" in caplog.text
+    assert backend.encode("ab<|x y|>").ids == [3, 5]
+    with pytest.raises(ModelLoadError, match="GGUF merge 'a b c' is not two space-separated tokens"):
+        byte_level_bpe(tokens, ["a b", "a b c"], types, "gpt2")
+    with pytest.raises(ModelLoadError, match="GGUF merge 'ab' is not two"):
+        byte_level_bpe(tokens, ["ab"], types, "gpt2")
