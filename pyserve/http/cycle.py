@@ -43,7 +43,7 @@ import anyio
 import anyio.lowlevel
 
 from .config import ServerConfig
-from .connection import Body, Closed, HTTPConnection, Rejected, RequestStarted
+from .connection import Body, HTTPConnection, Rejected, RequestStarted
 from .transport import Transport
 
 logger = logging.getLogger("pyserve.http")
@@ -201,14 +201,14 @@ class RequestCycle:
             return True
         self._reading = done = anyio.Event()
         try:
+            data: bytes | None = None
             if timeout is None:
                 data = await self._transport.read()
             else:
-                data = None
                 with anyio.move_on_after(timeout):
                     data = await self._transport.read()
-                if data is None:
-                    return False
+            if data is None:
+                return False
             self._core.receive_data(data)
             return True
         finally:
