@@ -294,6 +294,7 @@ def app_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
             allow_credentials=bool(args.allow_credentials),
         ),
         "max_waiting_requests": args.max_waiting_requests,
+        "output_limits": output_limits_from_args(args),
     }
 
 
@@ -403,7 +404,7 @@ def build_app(args: argparse.Namespace) -> Any:
              if engine_config.prefill_mode == "chunked" else "")
     log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
              else "radix requested, but not implemented yet: behaves like disable (every prompt is prefilled in full)")
-    limits = output_limits_from_args(args)
+    limits = output_limits_from_args(args)  # checked above (parse_args); logged below
 
     from pyserve.api import create_app
     from pyserve.engine.async_engine import AsyncEngine
@@ -418,7 +419,6 @@ def build_app(args: argparse.Namespace) -> Any:
         getattr(engine, "weight_bytes", 0) / 1e6,
     )
     app = create_app(engine, **app_options_from_args(args))
-    app.ctx.limits = limits  # App takes no such argument (yet): its serving context holds them
     try:
         kv_tokens = engine.stats().get("kv_capacity_tokens", engine_config.kv_cache_tokens)
     except Exception:  # stats before the loop runs is best-effort

@@ -15,8 +15,7 @@ REPLY = "Hello there, how are you today?"  # 31 byte tokens + EOS: longer than e
 
 def make(default: int | None = None, limit: int | None = None, *, max_model_len: int = 64):
     engine = FakeEngine(REPLY, max_model_len=max_model_len)
-    app = create_app(engine)
-    app.ctx.limits = OutputLimits(default_max_tokens=default, max_tokens_limit=limit)
+    app = create_app(engine, output_limits=OutputLimits(default_max_tokens=default, max_tokens_limit=limit))
     return app, engine
 
 

@@ -50,6 +50,7 @@ from pyserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pyserve.api.metrics import ServingMetrics
 from pyserve.api.router import Router
 from pyserve.protocol.errors import INVALID_REQUEST, SERVER_ERROR, ProtocolError
+from pyserve.protocol.requests import OutputLimits
 from pyserve.protocol.responses import dumps
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class App:
         api_key: str | None = None,
         cors: CORSConfig | None = None,
         max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
+        output_limits: OutputLimits | None = None,
     ) -> None:
         self.engine = engine
         name = served_model_name or getattr(engine.model, "name", None) or "default"
@@ -81,7 +83,8 @@ class App:
             name, self._engine_stats, max_model_len=int(getattr(engine, "max_model_len", 8192) or 8192),
             pending=lambda: self._pending,
         )
-        self.ctx = openai.ServingContext(InstrumentedEngine(engine, self.metrics), name, max_body_bytes)
+        self.ctx = openai.ServingContext(InstrumentedEngine(engine, self.metrics), name, max_body_bytes,
+                                         limits=output_limits or OutputLimits())
         self.auth = APIKeyAuth(api_key) if api_key else None
         cors = CORSConfig() if cors is None else cors
         self.cors = CORS(cors) if cors.enabled else None
@@ -218,7 +221,8 @@ class App:
 
     async def _health(self, request: Request) -> None:
         if self.ctx.engine_failed is not None:
-            await send_json(request, 503, {"status": "error", "message": "engine stopped"})
+            reason = str(self.ctx.engine_failed) or type(self.ctx.engine_failed).__name__
+            await send_json(request, 503, {"status": "error", "message": f"engine stopped: {reason}"})
         else:
             await send_json(request, 200, {"status": "ok"})
 
@@ -371,7 +375,8 @@ def create_app(engine: Any, **options: Any) -> App:
     served_model_name (default: the model's name); max_body_bytes; api_key (required as
     `Authorization: Bearer` on /v1/*, None: open); cors (None: MLC-LLM's permissive defaults,
     `CORSConfig(allow_origins=[])`: off); max_waiting_requests (generation requests allowed to wait
-    beyond the engine's batch slots, None: unbounded)."""
+    beyond the engine's batch slots, None: unbounded); output_limits (the operator's default and cap
+    for max_tokens, pyserve.protocol.requests.OutputLimits; None: no cap)."""
     return App(engine, **options)
 
 

