@@ -531,6 +531,30 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
     assert reply.count(b"HTTP/1.1 200 OK") == 2
 
 
+async def test_a_pipelining_client_does_not_starve_the_others() -> None:
+    """Requests that need no wait (already buffered) still yield between each other: a client
+    with hundreds of pipelined requests cannot hold the event loop while another one waits."""
+    order: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        order.append(scope["path"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    flood = b"".join(b"GET /a%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(300))
+    async with running(app) as port:
+        async with await anyio.connect_tcp("127.0.0.1", port) as a:
+            await a.send(flood)
+            async with Client.connect(port) as b:
+                assert (await b.get("/b"))[0] == 200
+            received = b""
+            while received.count(b"HTTP/1.1 200 ") < 300:
+                received += await a.receive()
+    assert order.index("/b") < order.index("/a299")
+
+
 # ---- disconnects and app errors ------------------------------------------------------------------
 
 async def test_app_sees_disconnect_while_streaming() -> None:

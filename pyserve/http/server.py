@@ -188,13 +188,10 @@ class _Server:
                               error_body=self._error_body)
         first = True
         while not self._stopping:
+            waits = transport.waits
             event = core.next_event()
             if event is None:
                 event = await self._read_head(transport, core, live, first)
-            elif not first:
-                # A pipelined request was already here: no wait happened since the last one,
-                # so let the other connections run first.
-                await anyio.lowlevel.checkpoint()
             first = False
             if type(event) is not RequestStarted:
                 if type(event) is Rejected:
@@ -216,6 +213,10 @@ class _Server:
                     # input would reset the connection, maybe before the client read the answer.
                     await transport.linger()
                 return
+            if transport.waits == waits:
+                # Served without waiting for the client (its next request was already here):
+                # let the other connections run before this one goes on.
+                await anyio.lowlevel.checkpoint()
 
     async def _read_head(self, transport: Transport, core: HTTPConnection, live: _Live,
                          first: bool) -> Event:

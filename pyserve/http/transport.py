@@ -48,6 +48,7 @@ class Transport:
         self.closed = False  # a write failed (or we closed): the connection is unusable
         self._writing = False  # a write is waiting for the socket; later writes queue behind it
         self._write_done: anyio.Event | None = None
+        self.waits = 0  # reads and writes that had to wait for the peer (see server.py: fairness)
         self.client = _address(sock, peer=True)
         self.server = _address(sock, peer=False)
 
@@ -69,6 +70,7 @@ class Transport:
             data = self.read_nowait()
             if data is not None:
                 return data
+            self.waits += 1
             try:
                 await anyio.wait_readable(self._sock)
             except _WAIT_FAILED:
@@ -98,6 +100,7 @@ class Transport:
 
     async def _write_slowly(self, rest: memoryview) -> bool:
         self._writing = True
+        self.waits += 1
         try:
             with anyio.move_on_after(self._write_timeout):
                 while rest:
