@@ -10,6 +10,11 @@ Stopping (cancel the task running serve(), or SIGINT/SIGTERM under run()):
   3. lifespan.shutdown.
 Connection tasks run in shielded cancel scopes so the outer cancellation does not kill in-flight
 requests; only step 2 cancels them.
+
+Time limits, by what they cost: waiting for a request head (header_timeout, keep_alive_timeout)
+happens once per request, so it is a float on the connection that one watcher task checks a few
+times per limit; body_timeout and write_timeout apply only to reads and writes that actually
+have to wait for the client, and use a cancel scope there.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import math
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,12 +100,14 @@ async def _run_until_signal(app: ASGIApp, config: ServerConfig) -> None:
 
 @dataclass(eq=False)
 class _Live:
-    """A connection as the stopping logic sees it. Its scope also carries the connection's
-    current deadline (waiting for a request head), so no per-request timer scope is needed."""
+    """A connection as the stopping logic and the deadline watcher see it."""
 
     scope: anyio.CancelScope = field(default_factory=lambda: anyio.CancelScope(shield=True))
     idle: bool = True  # waiting for a request head: safe to close at once on stop
-    waiting_for: str = ""  # what the deadline is for, for the log line when it passes
+    # While waiting for a request head: when to give up (time.monotonic()), and why. Setting
+    # it is a float store; _watch_deadlines cancels the scope of a connection past it.
+    deadline: float = math.inf
+    waiting_for: str = ""
 
 
 class _Server:
@@ -125,6 +133,7 @@ class _Server:
         async with anyio.create_task_group() as conn_tg:
             try:
                 async with anyio.create_task_group() as accept_tg:
+                    accept_tg.start_soon(self._watch_deadlines)
                     for one in listeners:
                         sock = one.extra(anyio.abc.SocketAttribute.raw_socket)
                         accept_tg.start_soon(self._accept_loop, sock, conn_tg)
@@ -134,6 +143,19 @@ class _Server:
                 with anyio.CancelScope(shield=True):
                     await listener.aclose()  # refuse new clients from here on
                     await self._drain()
+
+    async def _watch_deadlines(self) -> None:
+        """Close connections that waited too long for a request head. One watcher for all
+        connections, checking every `tick`, instead of a timer per request: a connection may be
+        dropped up to a tick after its deadline, never before."""
+        cfg = self._config
+        tick = min(max(min(cfg.header_timeout, cfg.keep_alive_timeout) / 4, 0.005), 1.0)
+        while True:
+            await anyio.sleep(tick)
+            now = time.monotonic()
+            for live in self._live:
+                if live.deadline <= now:
+                    live.scope.cancel()
 
     async def _accept_loop(self, listening: socket.socket, conn_tg: anyio.abc.TaskGroup) -> None:
         listening.setblocking(False)
@@ -220,20 +242,19 @@ class _Server:
 
     async def _read_head(self, transport: Transport, core: HTTPConnection, live: _Live,
                          first: bool) -> Event:
-        """The next request head (or rejection/close). Cancels the connection's scope (which
-        ends the connection) when the client is too slow.
+        """The next request head (or rejection/close). The deadline watcher cancels the
+        connection's scope (which ends the connection) when the client is too slow.
 
         A new connection gets header_timeout to deliver its head. A kept-alive one may idle for
         keep_alive_timeout, then gets header_timeout from its first byte.
         """
         cfg = self._config
-        scope = live.scope
         started = first or core.buffered_bytes > 0
         if started:
-            scope.deadline = anyio.current_time() + cfg.header_timeout
+            live.deadline = time.monotonic() + cfg.header_timeout
             live.waiting_for = "request head timed out"
         else:
-            scope.deadline = anyio.current_time() + cfg.keep_alive_timeout
+            live.deadline = time.monotonic() + cfg.keep_alive_timeout
             live.waiting_for = "keep-alive idle timeout"
         live.idle = True
         try:
@@ -241,17 +262,17 @@ class _Server:
                 data = await transport.read()
                 if data and not started:
                     started = True
-                    scope.deadline = anyio.current_time() + cfg.header_timeout
+                    live.deadline = time.monotonic() + cfg.header_timeout
                     live.waiting_for = "request head timed out"
                 core.receive_data(data)
                 event = core.next_event()
                 if event is not None:
-                    if scope.cancel_called:  # the stop (or the deadline) came first
+                    if live.scope.cancel_called:  # the stop (or the deadline) came first
                         await anyio.lowlevel.checkpoint()
                     return event
         finally:
             live.idle = False
-            scope.deadline = math.inf
+            live.deadline = math.inf
 
     async def _drain(self) -> None:
         self._stopping = True
