@@ -2,7 +2,8 @@
 """HTTP layer benchmark: pyserve's server + app against uvicorn + FastAPI and a bare anyio + h11
 loop (the ceiling), all measured in the same run. Speed is printed, never asserted.
 
-    python tools/bench_http.py [--duration 5] [--connections 32] [--tokens 64] [--no-itl]
+    python tools/bench_http.py [--duration 5] [--connections 32] [--tokens 64] [--token-interval 0]
+                               [--servers bare uvicorn+fastapi uvicorn+pyserve pyserve] [--no-itl]
 
 Servers (each its own process, pinned with `taskset -c 0`; the load generator runs on core 1):
   bare            ~30 lines of anyio + h11 on asyncio: no ASGI, no routing, precomputed bodies
@@ -16,8 +17,10 @@ HTTP and API layers are measured. Bench-only dependencies: `pip install fastapi 
 Load: `wrk` (apt-get install wrk) when it is on PATH, else a small keep-alive socket client
 built in (no pipelining). Measured:
   1. GET /v1/models, `wrk -t1 -c{connections}`: requests/s.
-  2. A streamed completion of N tokens (`"stream": true`), engine as fast as possible, wrk -c8:
-     server CPU seconds (from /proc/PID/stat) / SSE chunks delivered = CPU per chunk.
+  2. A streamed completion of N tokens (`"stream": true`), wrk -c8, the fake engine's tokens as
+     fast as possible (or --token-interval apart): server CPU seconds (from /proc/PID/stat) / SSE
+     chunks delivered = CPU per chunk (an upper bound of the HTTP + API cost: it includes the fake
+     engine's own few microseconds).
   3. The real engine's decode inter-token latency (ITL) on the default model, batch 1 and 8,
      through pyserve.engine.AsyncEngine (pyserve._C) in its own process, both cores, run alone.
 Printed: a table, pyserve / uvicorn+fastapi, pyserve / bare, per-chunk CPU as % of ITL.
@@ -376,11 +379,31 @@ class Result:
         return self.stream_cpu / (self.stream.requests * self.chunks_per_stream)
 
 
+class Median:
+    """The median of each number over the rounds of one server."""
+
+    def __init__(self, rounds: list[Result]) -> None:
+        self.rounds = rounds
+        self.models_rps = statistics.median(r.models.rps for r in rounds)
+        self.stream_rps = statistics.median(r.stream.rps for r in rounds if r.stream)
+        self.cpu_per_request = statistics.median(r.cpu_per_request for r in rounds)
+        self.cpu_per_chunk = statistics.median(r.cpu_per_chunk for r in rounds)
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def bench_server(kind: str, args: argparse.Namespace, tmp: str) -> Result:
     port = free_port()
     log = open(os.path.join(tmp, f"{kind}.log"), "w")
     proc = subprocess.Popen(["taskset", "-c", SERVER_CORE, sys.executable, os.path.abspath(__file__), "--serve", kind,
-                             "--port", str(port), "--tokens", str(args.tokens)],
+                             "--port", str(port), "--tokens", str(args.tokens),
+                             "--token-interval", str(args.token_interval)],
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(port, proc)
@@ -466,55 +489,62 @@ def measure_itl(tokens: int) -> dict[int, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per load run (default 5)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per load run (default 4)")
     p.add_argument("--connections", type=int, default=32, help="connections for GET /v1/models (default 32)")
     p.add_argument("--stream-connections", type=int, default=8, help="connections for streaming (default 8)")
     p.add_argument("--tokens", type=int, default=64, help="tokens per streamed completion (default 64)")
     p.add_argument("--servers", nargs="+", default=["bare", "uvicorn+fastapi", "uvicorn+pyserve", "pyserve"])
+    p.add_argument("--token-interval", type=float, default=0.0,
+                   help="seconds between the fake engine's tokens (default 0: as fast as possible)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds over all servers; medians are reported (default 3)")
     p.add_argument("--no-itl", action="store_true", help="skip the real engine's ITL measurement")
     p.add_argument("--builtin-client", action="store_true", help="use the built-in client even if wrk exists")
     p.add_argument("--serve", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.tokens, 0.0)
+        serve(args.serve, args.port, args.tokens, args.token_interval)
         return
     if shutil.which("taskset") is None:
         raise SystemExit("taskset (util-linux) is needed to pin server and client to separate cores")
     args.wrk = shutil.which("wrk") is not None and not args.builtin_client
     print(f"load generator: {'wrk' if args.wrk else 'built-in keep-alive client'}; server pinned to core "
-          f"{SERVER_CORE}, client to core {CLIENT_CORE}; {args.duration:.0f} s per run")
-    results: dict[str, Result] = {}
+          f"{SERVER_CORE}, client to core {CLIENT_CORE}; {args.duration:.0f} s per run, {args.rounds} round(s) "
+          f"of every server (medians reported); load average before: {_loadavg()}")
+    rounds: dict[str, list[Result]] = {kind: [] for kind in args.servers}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in args.servers:
-            results[kind] = bench_server(kind, args, tmp)
-            r = results[kind]
-            print(f"  {kind:16s} GET /v1/models {r.models.rps:8.0f} req/s, {r.cpu_per_request * 1e6:6.1f} us CPU/req "
-                  f"(errors {r.models.errors});  "
-                  f"stream {r.stream.rps:6.1f} req/s, {r.cpu_per_chunk * 1e6:6.1f} us CPU/chunk "
-                  f"(errors {r.stream.errors})", flush=True)
+        for n in range(args.rounds):
+            for kind in args.servers:
+                r = bench_server(kind, args, tmp)
+                rounds[kind].append(r)
+                print(f"  round {n + 1} {kind:16s} GET /v1/models {r.models.rps:8.0f} req/s, "
+                      f"{r.cpu_per_request * 1e6:6.1f} us CPU/req (errors {r.models.errors});  "
+                      f"stream {r.stream.rps:6.1f} req/s, {r.cpu_per_chunk * 1e6:6.1f} us CPU/chunk "  # type: ignore[union-attr]
+                      f"(errors {r.stream.errors})", flush=True)  # type: ignore[union-attr]
+    results = {kind: Median(rs) for kind, rs in rounds.items()}
+    print(f"load average after: {_loadavg()} (other work on the machine shows up as noise)")
     itl = None if args.no_itl else measure_itl(32)
 
     print()
     print(f"| server | GET /v1/models req/s | server CPU us/req | stream req/s ({args.tokens} tok) | server CPU us/chunk |")
     print("|---|---|---|---|---|")
-    for kind, r in results.items():
-        print(f"| {kind} | {r.models.rps:.0f} | {r.cpu_per_request * 1e6:.1f} | {r.stream.rps:.1f} | "
-              f"{r.cpu_per_chunk * 1e6:.1f} |")
+    for kind, m in results.items():
+        print(f"| {kind} | {m.models_rps:.0f} | {m.cpu_per_request * 1e6:.1f} | {m.stream_rps:.1f} | "
+              f"{m.cpu_per_chunk * 1e6:.1f} |")
     print()
     ps = results.get("pyserve")
     if ps is not None:
         for peer in ("uvicorn+fastapi", "uvicorn+pyserve", "bare"):
             if peer in results:
                 q = results[peer]
-                print(f"pyserve / {peer:16s} GET /v1/models {ps.models.rps / q.models.rps:5.2f}x "
-                      f"(CPU/req {ps.cpu_per_request / q.cpu_per_request:5.2f}x)   "
+                print(f"pyserve / {peer:16s} GET /v1/models {ps.models_rps / q.models_rps:5.2f}x "
+                      f"(server CPU per request {ps.cpu_per_request / q.cpu_per_request:5.2f}x)   "
                       f"stream CPU/chunk {ps.cpu_per_chunk / q.cpu_per_chunk:5.2f}x")
         if itl:
             for batch, gap in itl.items():
                 over = ps.cpu_per_chunk * batch / gap
-                print(f"real engine decode ITL, batch {batch}: {gap * 1e3:.1f} ms; pyserve's per-chunk CPU x {batch} "
-                      f"chunks per step = {over * 100:.2f}% of it")
+                print(f"real engine decode ITL, batch {batch}: {gap * 1e3:.1f} ms; pyserve's per-chunk CPU "
+                      f"({ps.cpu_per_chunk * 1e6:.1f} us) x {batch} chunk(s) per step = {over * 100:.2f}% of it")
 
 
 if __name__ == "__main__":
