@@ -412,21 +412,47 @@ py::array_t<float> kernel_dequantize(const std::string& format, py::buffer data,
 // Seconds per matmul of x: [m, k] by a random packed W: [n, k] (packing excluded), best of
 // repeats. With cold = true the calls rotate through enough copies of W (>= 256 MiB) that each
 // reads its weights from memory, not from cache, as a decode step does.
-double bench_gemm(int n, int k, int m, const std::string& isa, int threads, int repeats, bool cold) {
+double bench_gemm(int n, int k, int m, const std::string& isa, int threads, int repeats, bool cold,
+                  const std::string& format) {
   cpu::CpuBackend be(threads, cpu::select_kernels(isa));
   std::mt19937 rng(0);
   std::normal_distribution<float> dist;
-  std::vector<float> w(static_cast<size_t>(n) * k), x(static_cast<size_t>(m) * k), y(static_cast<size_t>(m) * n);
-  for (float& v : w) v = dist(rng);
+  const DType dtype = parse_dtype(format);
+  if (k % dtype_info(dtype).block_elems != 0) throw std::invalid_argument("bench_gemm: k must be whole blocks");
+  std::vector<float> x(static_cast<size_t>(m) * k), y(static_cast<size_t>(m) * n);
   for (float& v : x) v = dist(rng);
+  // The weights: random floats, or random blocks whose f16 scales are all 1/128 (no NaN or
+  // denormal slow paths; the values do not matter to the speed).
+  std::vector<uint8_t> w(static_cast<size_t>(dtype_bytes(dtype, static_cast<int64_t>(n) * k)));
+  if (dtype == DType::F32) {
+    float* f = reinterpret_cast<float*>(w.data());
+    for (size_t i = 0; i < w.size() / 4; ++i) f[i] = dist(rng);
+  } else {
+    for (uint8_t& b : w) b = static_cast<uint8_t>(rng());
+    const int bb = dtype_info(dtype).block_bytes;
+    const int scale_fields = dtype == DType::Q4_1 ? 2 : 1;  // d (and m) lead Q4_0/Q4_1/Q8_0 blocks
+    if (dtype == DType::Q4_0 || dtype == DType::Q4_1 || dtype == DType::Q8_0)
+      for (size_t off = 0; off < w.size(); off += bb)
+        for (int f = 0; f < scale_fields; ++f) {
+          const uint16_t h = 0x2000;
+          std::memcpy(w.data() + off + 2 * f, &h, 2);
+        }
+  }
   TensorView tv;
   tv.name = "w";
+  tv.dtype = dtype;
   tv.data = w.data();
   tv.shape = {n, k};
-  const size_t bytes = w.size() * sizeof(float);
+  const size_t bytes = w.size();
   const size_t copies = cold ? std::max<size_t>(1, (size_t{256} << 20) / bytes + 1) : 1;
+  std::vector<std::vector<uint8_t>> storage(copies - 1, w);  // quantized matrices read in place
   std::vector<std::unique_ptr<Matrix>> packed;
-  for (size_t c = 0; c < copies; ++c) packed.push_back(be.pack({&tv}));
+  packed.push_back(be.pack({&tv}));
+  for (auto& copy : storage) {
+    TensorView c = tv;
+    c.data = copy.data();
+    packed.push_back(be.pack({&c}));
+  }
   py::gil_scoped_release release;
   double best = 1e30;
   for (int r = 0; r < repeats; ++r) {
@@ -623,7 +649,7 @@ PYBIND11_MODULE(_C, m) {
   k.def("dequantize", &kernel_dequantize, py::arg("format"), py::arg("data"), py::arg("n"),
         "The scalar reference dequantization of n elements of `format` (e.g. q4_k) from raw block bytes");
   k.def("bench_gemm", &bench_gemm, py::arg("n"), py::arg("k"), py::arg("m"), py::arg("isa") = "auto",
-        py::arg("threads") = 1, py::arg("repeats") = 5, py::arg("cold") = false,
+        py::arg("threads") = 1, py::arg("repeats") = 5, py::arg("cold") = false, py::arg("format") = "f32",
         "seconds per matmul, packing excluded (best of repeats); cold: weights come from memory");
   k.def("read_bandwidth_gbps", &read_bandwidth_gbps, py::arg("nbytes"), py::arg("threads"),
         py::arg("repeats") = 5);

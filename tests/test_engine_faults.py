@@ -177,7 +177,9 @@ def test_shutdown_is_idempotent_from_many_threads_and_on_collection(model_dir) -
         t.join(HANG_GUARD)
     assert not any(t.is_alive() for t in threads)
     outs = engine.fetch()
-    assert [(o[0], o[3], o[4]) for o in outs if o[3]] == [(1, True, "abort")]
+    ends = [(o[0], o[4]) for o in outs if o[3]]
+    # Exactly one end: "abort" from the shutdown, or "length" if it had filled its context first.
+    assert len(ends) == 1 and ends[0][0] == 1 and ends[0][1] in ("abort", "length")
     with pytest.raises(RuntimeError, match="shut down"):
         engine.add_request(2, prompt(8, 2), params(3).to_engine())
     engine.abort(1)  # after shutdown: a no-op, and nothing grows
