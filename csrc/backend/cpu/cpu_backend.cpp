@@ -97,14 +97,10 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
     std::vector<const uint8_t*> rows;
     for (const TensorView* p : parts)
       for (int64_t r = 0; r < p->shape[0]; ++r) rows.push_back(static_cast<const uint8_t*>(p->data) + r * row_bytes);
-    if (k > panel_cols_) {
+    if (k > panel_cols_) {  // per-thread buffers for the widest quantized matrix
       panel_cols_ = k;
       panels_.clear();
-      rows_.clear();
-      for (int t = 0; t < pool_.size(); ++t) {
-        panels_.push_back(allocate_floats(static_cast<size_t>(kGroupRows) * k));
-        rows_.emplace_back(static_cast<size_t>(k));
-      }
+      for (int t = 0; t < pool_.size(); ++t) panels_.push_back(allocate_floats(static_cast<size_t>(kQTileCols) * k));
     }
     return std::make_unique<QuantMatrix>(qf, k, std::move(rows), row_bytes);
   }
@@ -141,58 +137,28 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
 
 void CpuBackend::matmul_quant(const QuantMatrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
                               const float* bias, bool accumulate) {
-  const int64_t n = w.rows(), k = w.cols();
-  if (m <= kQGemvMaxRows) {
-    // Decode: each weight row is read once from memory and meets every activation row.
-    QGemvArgs a;
-    a.format = w.format();
-    a.rows = w.row_pointers();
-    a.k = k;
-    a.x = x;
-    a.ldx = ldx;
-    a.m = m;
-    a.y = y;
-    a.ldy = ldy;
-    a.bias = bias;
-    a.accumulate = accumulate;
-    pool_.parallel_for(n, [&](int64_t b, int64_t e, int) {
-      QGemvArgs s = a;
-      s.row_begin = b;
-      s.row_end = e;
-      kernels_.qgemv(s);
-    });
-    return;
-  }
-  // Prefill: a group of rows is dequantized into a float panel (in L2), then the float GEMM runs it
-  // against every token; the dequantization is paid once per group, not once per token.
-  const int64_t groups = (n + kGroupRows - 1) / kGroupRows;
-  pool_.parallel_for(groups, [&](int64_t gb, int64_t ge, int t) {
-    float* panel = panels_[t].get();
-    float* row = rows_[t].data();
-    for (int64_t g = gb; g < ge; ++g) {
-      const int64_t row0 = g * kGroupRows;
-      const int valid = static_cast<int>(std::min<int64_t>(kGroupRows, n - row0));
-      const int64_t width = (valid + kPanelRows - 1) / kPanelRows * kPanelRows;
-      if (width != valid) std::fill(panel, panel + width * k, 0.f);
-      for (int j = 0; j < valid; ++j) {
-        kernels_.qdequant_row(w.format(), w.row_pointers()[row0 + j], k, row);
-        for (int64_t c = 0; c < k; ++c) panel[c * width + j] = row[c];
-      }
-      GemmArgs a;
-      a.x = x;
-      a.ldx = ldx;
-      a.w = panel;
-      a.bias = bias ? bias + row0 : nullptr;
-      a.y = y + row0;
-      a.ldy = ldy;
-      a.m = m;
-      a.n = valid;
-      a.k = static_cast<int>(k);
-      a.accumulate = accumulate;
-      a.group_begin = 0;
-      a.group_end = 1;
-      kernels_.gemm(a);
-    }
+  // One kernel for decode and prefill: whichever m, every output is computed the same way
+  // (kernels.h), so batching never changes a sequence's logits.
+  QMatmulArgs a;
+  a.format = w.format();
+  a.rows = w.row_pointers();
+  a.k = w.cols();
+  a.x = x;
+  a.ldx = ldx;
+  a.m = m;
+  a.y = y;
+  a.ldy = ldy;
+  a.bias = bias;
+  a.accumulate = accumulate;
+  // Whole tiles of rows per task, so that the tiles (and the L1 buffer's reuse) do not depend on
+  // how the rows are split between threads.
+  const int64_t tiles = (w.rows() + kQTileCols - 1) / kQTileCols;
+  pool_.parallel_for(tiles, [&](int64_t b, int64_t e, int t) {
+    QMatmulArgs s = a;
+    s.row_begin = b * kQTileCols;
+    s.row_end = std::min<int64_t>(e * kQTileCols, w.rows());
+    s.scratch = panels_[t].get();
+    kernels_.qmatmul(s);
   });
 }
 

@@ -36,8 +36,7 @@ class PackedMatrix final : public Matrix {
 };
 
 // W: [n, k] as GGUF blocks, read in place: row r is `rows[r]` (rows of fused parts may live in
-// different tensors; nothing is copied). Computed by the qgemv kernels, or, for many activation
-// rows, dequantized a group at a time into a panel for the float GEMM.
+// different tensors; nothing is copied). Computed by the qmatmul kernels (kernels.h).
 class QuantMatrix final : public Matrix {
  public:
   QuantMatrix(QFormat format, int64_t k, std::vector<const uint8_t*> rows, int64_t row_bytes)
@@ -83,9 +82,8 @@ class CpuBackend final : public Backend {
   const KernelTable& kernels_;
   ThreadPool pool_;
   std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
-  // Per thread: one dequantized group of a QuantMatrix ([kGroupRows, k] panel) and one row.
+  // Per thread: a tile of a QuantMatrix's rows, dequantized ([kQTileCols, k]).
   std::vector<AlignedFloats> panels_;
-  std::vector<std::vector<float>> rows_;
   int64_t panel_cols_ = 0;
   void matmul_quant(const QuantMatrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
                     const float* bias, bool accumulate);

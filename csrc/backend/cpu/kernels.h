@@ -54,19 +54,23 @@ struct AttendArgs {
   float* scratch = nullptr;  // >= n_tokens * group * (positions[last] - lo(positions[0]) + 1)
 };
 
-// Block-quantized weights read in place (GGUF blocks, csrc/tensor/quant_blocks.h). The decode
-// GEMV dequantizes each block in registers and multiplies by float32 activations: the model computes
-// with exactly the file's weights, and the activations keep full precision (no 8-bit rounding).
+// Block-quantized weights read in place (GGUF blocks, csrc/tensor/quant_blocks.h). A few rows at a
+// time are dequantized (exactly d * q (+ m) of the file's blocks) into an L1 buffer and dotted with
+// float32 activations: the model computes with the file's weights, and the activations keep full
+// precision (no 8-bit rounding). Each output y[i, r] is one FMA chain over its row in column order
+// (vector lanes = columns), then one horizontal sum -- the same operations whatever m is and
+// whichever rows share a tile, so a sequence gets bit-identical logits alone or batched with
+// strangers (a seeded request samples the same tokens under load).
 // Formats with a native kernel; the others are dequantized to a PackedMatrix when loaded.
 enum class QFormat { Q4_0, Q4_1, Q8_0 };
-constexpr int kQBlock = 32;            // weights per block
-constexpr int kQGemvMaxRows = 4;       // activation rows per GEMV call; more go through the GEMM
+constexpr int kQBlock = 32;     // weights per block
+constexpr int kQTileCols = 4;   // weight rows dequantized together (the buffer stays in L1)
 
-struct QGemvArgs {
+struct QMatmulArgs {
   QFormat format = QFormat::Q4_0;
   const uint8_t* const* rows = nullptr;  // rows[r]: W[r, :] as k / 32 blocks
   int64_t k = 0;
-  const float* x = nullptr;  // x: [m, k], row stride ldx; m <= kQGemvMaxRows
+  const float* x = nullptr;  // x: [m, k], row stride ldx
   int64_t ldx = 0;
   int m = 0;
   float* y = nullptr;        // y: [m, n], row stride ldy; y[:, r] = x · W[r, :] (+ bias[r]) (+ y)
@@ -74,6 +78,7 @@ struct QGemvArgs {
   const float* bias = nullptr;
   bool accumulate = false;
   int64_t row_begin = 0, row_end = 0;
+  float* scratch = nullptr;  // >= kQTileCols * k floats, this thread's
 };
 
 struct KernelTable {
@@ -81,7 +86,7 @@ struct KernelTable {
   void (*gemm)(const GemmArgs&);
   void (*attend)(const AttendArgs&);
   float (*stream_sum)(const float* x, int64_t n);  // sum of x: the read-bandwidth yardstick
-  void (*qgemv)(const QGemvArgs&);
+  void (*qmatmul)(const QMatmulArgs&);
   // out: [k] = W's row `row` dequantized (k / 32 blocks of `format`)
   void (*qdequant_row)(QFormat format, const uint8_t* row, int64_t k, float* out);
 };

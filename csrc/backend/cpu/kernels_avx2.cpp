@@ -51,7 +51,7 @@ inline float f16_to_f32_fast(f16_bits h) { return _cvtsh_ss(h); }
 }  // namespace
 
 const KernelTable& kernels_avx2() {
-  static const KernelTable table{"avx2", gemm_simd, attend_simd, stream_sum_simd, qgemv_simd, qdequant_row_simd};
+  static const KernelTable table{"avx2", gemm_simd, attend_simd, stream_sum_simd, qmatmul_simd, qdequant_row_simd};
   return table;
 }
 

@@ -67,10 +67,10 @@ void qdequant_row_scalar(QFormat format, const uint8_t* row, int64_t k, float* o
   dequantize(dtype_of(format), row, k, out);  // the reference dequantization (csrc/tensor)
 }
 
-void qgemv_scalar(const QGemvArgs& a) {
-  std::vector<float> w(static_cast<size_t>(a.k));
+void qmatmul_scalar(const QMatmulArgs& a) {
   for (int64_t r = a.row_begin; r < a.row_end; ++r) {
-    qdequant_row_scalar(a.format, a.rows[r], a.k, w.data());
+    float* w = a.scratch;
+    qdequant_row_scalar(a.format, a.rows[r], a.k, w);
     for (int i = 0; i < a.m; ++i) {
       const float* x = a.x + i * a.ldx;
       float acc = 0.f;
@@ -91,7 +91,7 @@ float stream_sum_scalar(const float* x, int64_t n) {
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, qgemv_scalar,
+  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, qmatmul_scalar,
                                     qdequant_row_scalar};
   return table;
 }
