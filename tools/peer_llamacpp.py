@@ -184,13 +184,18 @@ def llama_server(model: str, peer_dir: str, threads: int = 2, ctx: int = 2048,
     port = _free_port()
     cmd = [binary("llama-server", peer_dir), "-m", model, "--host", "127.0.0.1", "--port", str(port),
            "-t", str(threads), "-c", str(ctx), "-np", "1", *extra]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # Its log goes to a file: a pipe nobody drains fills up and blocks the server mid-request.
+    os.makedirs(os.path.join(peer_dir, "logs"), exist_ok=True)
+    log_path = os.path.join(peer_dir, "logs", f"llama-server-{port}.log")
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                with open(log_path) as f:
+                    raise RuntimeError(f"llama-server exited {proc.returncode}: {f.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -208,6 +213,7 @@ def llama_server(model: str, peer_dir: str, threads: int = 2, ctx: int = 2048,
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log_file.close()
 
 
 def main() -> int:
