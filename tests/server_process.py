@@ -54,12 +54,18 @@ def running_server(*args: str, startup_timeout: float = 180.0) -> Iterator[str]:
     try:
         yield wait_until_healthy(proc, port, startup_timeout, what=" ".join(cmd))
     finally:
-        if proc.poll() is None:
-            proc.send_signal(2)  # SIGINT: the Ctrl-C path
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-                raise AssertionError("server did not stop on SIGINT within 30 s")
-        assert proc.returncode == 0, f"server exited with {proc.returncode}"
+        stop_gracefully(proc)
+
+
+def stop_gracefully(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGINT (the Ctrl-C path), then the server must exit 0 within `timeout` (else it is killed
+    and the test fails)."""
+    if proc.poll() is None:
+        proc.send_signal(2)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server did not stop on SIGINT within {timeout:.0f} s") from None
+    assert proc.returncode == 0, f"server exited with {proc.returncode}"

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from live_server import Reader, busy_pages, connect, hang_up, is_idle, metrics, request, sse_events, wait_until
-from server_process import free_port, wait_until_healthy
+from server_process import free_port, stop_gracefully, wait_until_healthy
 
 SEED = 20240611
 CONCURRENCY = 8
@@ -114,15 +114,7 @@ def server_process(log: Path, *args: str) -> Iterator[Server]:
             url = wait_until_healthy(proc, port, 180.0, what=" ".join(cmd))
             yield Server(proc, url, log)
         finally:
-            if proc.poll() is None:
-                proc.send_signal(2)  # SIGINT: graceful stop
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    raise AssertionError("server did not stop on SIGINT within 30 s")
-    assert proc.returncode == 0, f"server exited with {proc.returncode}"
+            stop_gracefully(proc)
 
 
 # --- requests -----------------------------------------------------------------------------------
