@@ -43,6 +43,18 @@ ModelConfig model_config_from(const py::dict& d) {
   c.tie_word_embeddings = get_or<bool>(d, "tie_word_embeddings", false);
   c.attention_bias = get_or<bool>(d, "attention_bias", false);
   c.sliding_window = get_or<int>(d, "sliding_window", 0);
+  // Gemma 3: per-layer attention types ("sliding_attention" | "full_attention"), the local rope
+  // base, the attention score scalar.
+  if (d.contains("layer_types") && !d["layer_types"].is_none()) {
+    for (const std::string& t : d["layer_types"].cast<std::vector<std::string>>()) {
+      if (t != "sliding_attention" && t != "full_attention")
+        throw std::invalid_argument("invalid model config: layer type '" + t +
+                                    "' (supported: sliding_attention, full_attention)");
+      c.layer_sliding.push_back(t == "sliding_attention");
+    }
+  }
+  c.rope_local_theta = get_or<double>(d, "rope_local_theta", 0.0);
+  c.query_pre_attn_scalar = get_or<double>(d, "query_pre_attn_scalar", 0.0);
   if (d.contains("rope_scaling") && !d["rope_scaling"].is_none()) {
     py::dict rs = d["rope_scaling"].cast<py::dict>();
     c.rope_type = get_or<std::string>(rs, "rope_type", get_or<std::string>(rs, "type", "default"));
@@ -66,6 +78,9 @@ py::dict model_config_to_dict(const ModelConfig& c) {
   d["num_key_value_heads"] = c.num_kv_heads;
   d["head_dim"] = c.head_dim;
   d["sliding_window"] = c.sliding_window;
+  std::vector<int> windows;
+  for (int l = 0; l < c.num_layers; ++l) windows.push_back(c.window(l));
+  d["layer_windows"] = windows;
   return d;
 }
 

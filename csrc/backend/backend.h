@@ -75,6 +75,20 @@ class Backend {
   virtual void attention(const AttentionBatch& batch) = 0;
   // out: [m, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:]
   virtual void silu_mul(const float* gate_up, int m, int inter, float* out) = 0;
+
+  // Gemma 3's ops.
+  // out: [m, inter] = gelu_tanh(gate_up[:, :inter]) * gate_up[:, inter:] (GeGLU; GELU's tanh form,
+  // PyTorch's gelu(approximate="tanh"))
+  virtual void gelu_tanh_mul(const float* gate_up, int m, int inter, float* out) = 0;
+  // In place on x: [m, n_heads, head_dim] (row stride ld): each head's vector / rms(vector) * weight
+  // (weight: [head_dim], shared by the heads) -- the q/k norms.
+  virtual void rmsnorm_heads(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* weight,
+                             float eps) = 0;
+  // y: [m, dim] += x / rms(x) * weight -- a norm on a block's output before the residual add.
+  virtual void rmsnorm_add(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps,
+                           float* y, int64_t ldy) = 0;
+  // x: [n] *= s
+  virtual void scale(float* x, int64_t n, float s) = 0;
 };
 
 // The CPU backend with `num_threads` threads (0: all cores) and the given kernel ISA

@@ -4,9 +4,10 @@
 
 namespace pyserve {
 
-// The Llama family's hyper-parameters (Llama 2/3/3.1/3.2, TinyLlama, SmolLM2, Mistral, Qwen2).
+// The Llama family's hyper-parameters (Llama 2/3/3.1/3.2, TinyLlama, SmolLM2, Mistral, Qwen2,
+// Gemma 3).
 struct ModelConfig {
-  std::string architecture = "llama";  // "llama" | "mistral" | "qwen2"
+  std::string architecture = "llama";  // "llama" | "mistral" | "qwen2" | "gemma3"
   int vocab_size = 0;
   int hidden_size = 0;
   int intermediate_size = 0;
@@ -25,13 +26,32 @@ struct ModelConfig {
   bool tie_word_embeddings = false;
   bool attention_bias = false;
   int sliding_window = 0;  // 0: none
+  // Per layer, whether it is a sliding-window layer (empty: every layer is, when sliding_window > 0).
+  // Sliding layers of a model with rope_local_theta > 0 rotate with that base and no rope scaling.
+  std::vector<bool> layer_sliding;
+  double rope_local_theta = 0;  // 0: sliding layers use rope_theta (and rope scaling) too
+  // Attention scores are scaled by 1/sqrt(query_pre_attn_scalar) (0: by 1/sqrt(head_dim)).
+  double query_pre_attn_scalar = 0;
+
+  // Gemma 3's shape, implied by its architecture name: embeddings scaled by sqrt(hidden_size),
+  // every RMSNorm multiplies by (1 + w), q and k are RMS-normed per head before rope, the attention
+  // and MLP outputs are RMS-normed before the residual add, and the MLP is GeGLU (tanh GELU).
+  bool is_gemma3() const { return architecture == "gemma3"; }
 
   int q_dim() const { return num_heads * head_dim; }
   int kv_dim() const { return num_kv_heads * head_dim; }
+  bool sliding(int layer) const {
+    return sliding_window > 0 && (layer_sliding.empty() || layer_sliding.at(layer));
+  }
+  int window(int layer) const { return sliding(layer) ? sliding_window : 0; }
+  // Whether the layer rotates with rope_local_theta rather than rope_theta.
+  bool local_rope(int layer) const { return rope_local_theta > 0 && !layer_sliding.empty() && layer_sliding.at(layer); }
+  float attention_scale() const;
   void validate() const;  // throws std::invalid_argument with what is wrong
 };
 
-// Rotary inverse frequencies [head_dim / 2], float32 and computed as HF computes them.
-std::vector<float> rope_inv_freq(const ModelConfig& c);
+// Rotary inverse frequencies [head_dim / 2], float32 and computed as HF computes them: the global
+// ones (rope_theta with rope scaling), or local ones (rope_local_theta, default rope).
+std::vector<float> rope_inv_freq(const ModelConfig& c, bool local = false);
 
 }  // namespace pyserve

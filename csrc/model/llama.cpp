@@ -24,14 +24,26 @@ LlamaModel::LlamaModel(const ModelConfig& config, const TensorMap& t, std::share
     lm_head_ = backend_->pack({&t.get("lm_head.weight", {V, H})});
     weight_bytes_ += lm_head_->bytes();
   }
-  final_norm_ = t.get("model.norm.weight", {H}).to_f32();
+  final_norm_ = norm_weight(t, "model.norm.weight", H);
   inv_freq_ = rope_inv_freq(c);
+  for (int i = 0; i < c.num_layers; ++i) any_local_rope_ = any_local_rope_ || c.local_rope(i);
+  if (any_local_rope_) inv_freq_local_ = rope_inv_freq(c, true);
 
   layers_.resize(c.num_layers);
   for (int i = 0; i < c.num_layers; ++i) {
     Layer& L = layers_[i];
-    L.attn_norm = t.get(layer_name(i, "input_layernorm.weight"), {H}).to_f32();
-    L.ffn_norm = t.get(layer_name(i, "post_attention_layernorm.weight"), {H}).to_f32();
+    L.attn_norm = norm_weight(t, layer_name(i, "input_layernorm.weight"), H);
+    if (c.is_gemma3()) {
+      // Gemma's post_attention_layernorm norms the attention output; the MLP's input norm is
+      // pre_feedforward_layernorm.
+      L.ffn_norm = norm_weight(t, layer_name(i, "pre_feedforward_layernorm.weight"), H);
+      L.post_attn_norm = norm_weight(t, layer_name(i, "post_attention_layernorm.weight"), H);
+      L.post_ffn_norm = norm_weight(t, layer_name(i, "post_feedforward_layernorm.weight"), H);
+      L.q_norm = norm_weight(t, layer_name(i, "self_attn.q_norm.weight"), c.head_dim);
+      L.k_norm = norm_weight(t, layer_name(i, "self_attn.k_norm.weight"), c.head_dim);
+    } else {
+      L.ffn_norm = norm_weight(t, layer_name(i, "post_attention_layernorm.weight"), H);
+    }
     L.qkv = backend_->pack({&t.get(layer_name(i, "self_attn.q_proj.weight"), {Q, H}),
                             &t.get(layer_name(i, "self_attn.k_proj.weight"), {KV, H}),
                             &t.get(layer_name(i, "self_attn.v_proj.weight"), {KV, H})});
@@ -51,6 +63,13 @@ LlamaModel::LlamaModel(const ModelConfig& config, const TensorMap& t, std::share
   }
 }
 
+std::vector<float> LlamaModel::norm_weight(const TensorMap& t, const std::string& name, int64_t dim) const {
+  std::vector<float> w = t.get(name, {dim}).to_f32();
+  if (config_.is_gemma3())
+    for (float& x : w) x = 1.f + x;  // HF Gemma3RMSNorm: x * (1.0 + weight.float()), in float32
+  return w;
+}
+
 void LlamaModel::reserve(int n) {
   if (n <= ws_.capacity) return;
   const ModelConfig& c = config_;
@@ -64,6 +83,11 @@ void LlamaModel::reserve(int n) {
   ws_.cos.resize(N * c.head_dim / 2);
   ws_.sin.resize(N * c.head_dim / 2);
   ws_.final_x.resize(N * c.hidden_size);
+  if (any_local_rope_) {
+    ws_.cos_local.resize(N * c.head_dim / 2);
+    ws_.sin_local.resize(N * c.head_dim / 2);
+  }
+  if (c.is_gemma3()) ws_.block_out.resize(N * c.hidden_size);
   ws_.slots.resize(N);
   ws_.capacity = n;
 }
@@ -91,8 +115,9 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
   const int H = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate_size;
   const int QKV = Q + 2 * KV, half = c.head_dim / 2, ps = cache.page_size();
 
-  // x: [n, H] token embeddings
+  // x: [n, H] token embeddings (Gemma: times sqrt(H), rounded to float32 as HF's embed_scale is)
   be.gather_rows(*embed_, batch.tokens.data(), n, ws_.h.data());
+  if (c.is_gemma3()) be.scale(ws_.h.data(), static_cast<int64_t>(n) * H, static_cast<float>(std::sqrt(static_cast<double>(H))));
 
   // cos/sin: [n, head_dim/2]; angle = pos * inv_freq in float32, as HF computes it.
   for (int i = 0; i < n; ++i) {
@@ -102,6 +127,13 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
       const float angle = static_cast<float>(pos) * inv_freq_[d];
       ws_.cos[i * half + d] = static_cast<float>(std::cos(static_cast<double>(angle)));
       ws_.sin[i * half + d] = static_cast<float>(std::sin(static_cast<double>(angle)));
+    }
+    if (any_local_rope_) {
+      for (int d = 0; d < half; ++d) {
+        const float angle = static_cast<float>(pos) * inv_freq_local_[d];
+        ws_.cos_local[i * half + d] = static_cast<float>(std::cos(static_cast<double>(angle)));
+        ws_.sin_local[i * half + d] = static_cast<float>(std::sin(static_cast<double>(angle)));
+      }
     }
     ws_.slots[i] = static_cast<int64_t>(batch.page_tables[i][pos / ps]) * ps + pos % ps;
   }
@@ -113,34 +145,53 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
   ab.n_heads = c.num_heads;
   ab.n_kv_heads = c.num_kv_heads;
   ab.head_dim = c.head_dim;
-  ab.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  ab.scale = c.attention_scale();
   ab.page_size = ps;
   ab.page_tables = batch.page_tables.data();
   ab.positions = batch.positions.data();
-  ab.window = c.sliding_window;
   ab.out = ws_.attn.data();
   ab.out_stride = Q;
 
+  const bool gemma = c.is_gemma3();
+  // A block's output [n, H] joins the residual h: added straight on, or (Gemma) normed first.
+  auto add_to_residual = [&](const Matrix& w, const float* x, int ldx, const std::vector<float>& post_norm) {
+    if (!gemma) {
+      be.matmul(w, x, ldx, n, ws_.h.data(), H, nullptr, true);
+      return;
+    }
+    be.matmul(w, x, ldx, n, ws_.block_out.data(), H, nullptr, false);
+    be.rmsnorm_add(ws_.block_out.data(), H, post_norm.data(), n, H, c.rms_norm_eps, ws_.h.data(), H);
+  };
+
   for (int l = 0; l < c.num_layers; ++l) {
     Layer& L = layers_[l];
+    const bool local = c.local_rope(l);
+    const float* cos = local ? ws_.cos_local.data() : ws_.cos.data();
+    const float* sin = local ? ws_.sin_local.data() : ws_.sin.data();
     // attention block: h += o(attn(rope(q), rope(k), v))
     be.rmsnorm(ws_.h.data(), H, L.attn_norm.data(), n, H, c.rms_norm_eps, ws_.xn.data(), H);
     // qkv: [n, Q + 2 KV]
     be.matmul(*L.qkv, ws_.xn.data(), H, n, ws_.qkv.data(), QKV,
               L.qkv_bias.empty() ? nullptr : L.qkv_bias.data(), false);
-    be.rope(ws_.qkv.data(), QKV, n, c.num_heads, c.head_dim, ws_.cos.data(), ws_.sin.data());
-    be.rope(ws_.qkv.data() + Q, QKV, n, c.num_kv_heads, c.head_dim, ws_.cos.data(), ws_.sin.data());
+    if (gemma) {  // q and k: each head RMS-normed before rope
+      be.rmsnorm_heads(ws_.qkv.data(), QKV, n, c.num_heads, c.head_dim, L.q_norm.data(), c.rms_norm_eps);
+      be.rmsnorm_heads(ws_.qkv.data() + Q, QKV, n, c.num_kv_heads, c.head_dim, L.k_norm.data(), c.rms_norm_eps);
+    }
+    be.rope(ws_.qkv.data(), QKV, n, c.num_heads, c.head_dim, cos, sin);
+    be.rope(ws_.qkv.data() + Q, QKV, n, c.num_kv_heads, c.head_dim, cos, sin);
     be.write_kv(ws_.qkv.data() + Q, ws_.qkv.data() + Q + KV, QKV, n, c.num_kv_heads, c.head_dim, ps,
                 ws_.slots.data(), cache.k(l), cache.v(l));
     ab.k_cache = cache.k(l);
     ab.v_cache = cache.v(l);
+    ab.window = c.window(l);
     be.attention(ab);  // attn: [n, Q]
-    be.matmul(*L.o, ws_.attn.data(), Q, n, ws_.h.data(), H, nullptr, true);
-    // MLP block: h += down(silu(gate(x)) * up(x))
+    add_to_residual(*L.o, ws_.attn.data(), Q, L.post_attn_norm);
+    // MLP block: h += down(act(gate(x)) * up(x)), act silu (GeGLU's tanh GELU for Gemma)
     be.rmsnorm(ws_.h.data(), H, L.ffn_norm.data(), n, H, c.rms_norm_eps, ws_.xn.data(), H);
     be.matmul(*L.gate_up, ws_.xn.data(), H, n, ws_.gate_up.data(), 2 * I, nullptr, false);
-    be.silu_mul(ws_.gate_up.data(), n, I, ws_.act.data());
-    be.matmul(*L.down, ws_.act.data(), I, n, ws_.h.data(), H, nullptr, true);
+    if (gemma) be.gelu_tanh_mul(ws_.gate_up.data(), n, I, ws_.act.data());
+    else be.silu_mul(ws_.gate_up.data(), n, I, ws_.act.data());
+    add_to_residual(*L.down, ws_.act.data(), I, L.post_ffn_norm);
   }
 
   // Only the rows that will be sampled (or inspected) go through the final norm and LM head.

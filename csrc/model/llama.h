@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "backend/backend.h"
@@ -21,7 +22,9 @@ struct ForwardBatch {
   void clear() { tokens.clear(); positions.clear(); page_tables.clear(); logit_rows.clear(); }
 };
 
-// The Llama-family decoder (Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2) over a Backend.
+// The Llama-family decoder (Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2, Gemma 3) over a
+// Backend. Gemma 3 is the same loop with its extra norms, GeGLU, scaled embeddings, and per-layer
+// window and rope base (ModelConfig::is_gemma3 lists the differences).
 class LlamaModel {
  public:
   LlamaModel(const ModelConfig& config, const TensorMap& tensors, std::shared_ptr<Backend> backend);
@@ -52,12 +55,18 @@ class LlamaModel {
   struct Layer {
     std::vector<float> attn_norm, ffn_norm, qkv_bias;  // qkv_bias empty without attention_bias
     std::unique_ptr<Matrix> qkv, o, gate_up, down;     // q|k|v and gate|up fused row-wise
+    // Gemma 3 only (empty otherwise), stored as (1 + w): the per-head q/k norms and the norms of
+    // the attention and MLP outputs.
+    std::vector<float> q_norm, k_norm, post_attn_norm, post_ffn_norm;
   };
   struct Workspace {
     int capacity = 0;
     std::vector<float> h, xn, qkv, attn, gate_up, act, cos, sin, final_x;
+    std::vector<float> cos_local, sin_local, block_out;  // Gemma 3: local rope; a block's output
     std::vector<int64_t> slots;
   };
+  // A norm weight as the model multiplies by it: Gemma's (1 + w), everyone else's w.
+  std::vector<float> norm_weight(const TensorMap& t, const std::string& name, int64_t dim) const;
 
   ModelConfig config_;
   std::shared_ptr<Backend> backend_;
@@ -65,6 +74,8 @@ class LlamaModel {
   std::unique_ptr<Matrix> lm_head_;  // null when tied
   std::vector<float> final_norm_;
   std::vector<float> inv_freq_;
+  std::vector<float> inv_freq_local_;  // empty unless some layers rotate with rope_local_theta
+  bool any_local_rope_ = false;
   std::vector<Layer> layers_;
   size_t weight_bytes_ = 0;
   Workspace ws_;

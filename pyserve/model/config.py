@@ -3,6 +3,7 @@ the same dataclass from its metadata in gguf_file.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,12 +17,13 @@ SUPPORTED_HF_ARCHITECTURES: dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 
 
 @dataclass
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "gemma3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -40,6 +42,12 @@ class ModelConfig:
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: list[int] = field(default_factory=list)
+    # Gemma 3: per layer "sliding_attention" | "full_attention" (None: every layer alike), the rope
+    # base of the sliding layers (None: rope_theta), and the attention score scale's
+    # query_pre_attn_scalar (scores * query_pre_attn_scalar ** -0.5; None: head_dim).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
 
 
 def as_id_list(value: Any) -> list[int]:
@@ -139,9 +147,15 @@ def parse_hf_config(cfg: dict, generation_config: dict | None = None, where: str
         )
     arch = SUPPORTED_HF_ARCHITECTURES[hf_arch]
 
-    act = cfg.get("hidden_act", "silu")
-    if act != "silu":
-        raise ModelLoadError(f"{where}: hidden_act {act!r} is not supported (only silu)")
+    if arch == "gemma3":
+        from .gemma3 import gemma3_hf_fields
+
+        gemma = gemma3_hf_fields(cfg, where)  # checks its activation; fields that override ours
+    else:
+        gemma = {}
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"{where}: hidden_act {act!r} is not supported (only silu)")
     if cfg.get("mlp_bias"):
         raise ModelLoadError(f"{where}: mlp_bias=true is not supported")
 
@@ -176,8 +190,8 @@ def parse_hf_config(cfg: dict, generation_config: dict | None = None, where: str
         bos = bos[0] if bos else None
     eos = merge_ids(as_id_list(gen.get("eos_token_id")), as_id_list(cfg.get("eos_token_id")))
 
-    tie_default = False  # LlamaConfig/MistralConfig/Qwen2Config all default to untied
-    return ModelConfig(
+    tie_default = arch == "gemma3"  # Llama/Mistral/Qwen2 configs default to untied, Gemma 3 to tied
+    config = ModelConfig(
         architecture=arch,
         vocab_size=int(_req(cfg, "vocab_size", where)),
         hidden_size=hidden,
@@ -196,3 +210,4 @@ def parse_hf_config(cfg: dict, generation_config: dict | None = None, where: str
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos,
     )
+    return dataclasses.replace(config, **gemma) if gemma else config

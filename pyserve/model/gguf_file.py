@@ -1,15 +1,18 @@
 """Loading a GGUF file (llama.cpp's format): the container is parsed by gguf_reader.py (one mmap).
 
-Architectures `llama` and `qwen2`. Tensors are renamed to the canonical HF names; F32/F16/BF16
+Architectures `llama`, `qwen2` and `gemma3`. Tensors are renamed to the canonical HF names; F32/F16/BF16
 tensors stay as views into the mmap; block types named in `keep_blocks` are handed on as their raw
 blocks (views too), every other type `gguf.quants.dequantize` knows becomes float32. llama.cpp
 permutes the q/k rows of arch `llama` (convert_hf_to_gguf.py, LlamaModel.permute) for its rope
 layout; we undo it, as transformers' GGUF loader does, so the engine sees HF order. qwen2 is not
-permuted. The tokenizer is rebuilt from the metadata (vocab_tokenizer.py).
+permuted. llama.cpp stores Gemma's norm weights as (1 + w); we subtract the 1 again, as
+transformers does, so every loader hands on HF's values. The tokenizer is rebuilt from the metadata
+(vocab_tokenizer.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -24,16 +27,18 @@ from tokenizers import AddedToken
 
 from .config import ModelConfig, merge_ids
 from .errors import ModelLoadError
+from .gemma3 import GGUF_BLOCK_NAMES as GEMMA3_BLOCK_NAMES
+from .gemma3 import gemma3_gguf_fields
 from .gguf_reader import ELEMENT_DTYPES, GGUFFile, TensorInfo, read_gguf_file
 from .parts import ModelParts
 from .tensor import TensorRecord
 from .tokenizer import Tokenizer
-from .vocab_tokenizer import CONTROL, byte_level_bpe, sentencepiece_bpe
+from .vocab_tokenizer import CONTROL, byte_level_bpe, gemma_bpe, sentencepiece_bpe
 from .weights import check_tensors
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 SUPPORTED_GGUF_TOKENIZERS = ("gpt2", "llama")
 
 _GLOBAL_NAMES = {
@@ -61,14 +66,17 @@ _BLOCK_RE = re.compile(r"blk\.(\d+)\.(.+)")
 _EOG_TEXTS = {"<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "<|end_of_text|>"}
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
-    """Canonical HF name for a GGUF tensor name, None when unknown."""
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
+    """Canonical HF name for a GGUF tensor name of architecture `arch`, None when unknown."""
     if gguf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[gguf_name]
     m = _BLOCK_RE.fullmatch(gguf_name)
-    if m and m.group(2) in _BLOCK_NAMES:
-        return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
-    return None
+    if m is None:
+        return None
+    names = _BLOCK_NAMES
+    if arch == "gemma3":  # its ffn_norm is the MLP's pre-norm, and it has four more norms
+        names = {**_BLOCK_NAMES, **GEMMA3_BLOCK_NAMES}
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}" if m.group(2) in names else None
 
 
 def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -185,13 +193,14 @@ def _build_config(md: dict, arch: str, tensors_present: set[str], rope_freqs: np
     eos_ids = merge_ids([int(eos)] if eos is not None else [], [int(x) for x in extra if x is not None], eog)
     bos = md.get("tokenizer.ggml.bos_token_id")
     window = get("attention.sliding_window")
+    n_layers = int(get("block_count", required=True))
 
-    return ModelConfig(
+    config = ModelConfig(
         architecture=arch,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=int(get("feed_forward_length", required=True)),
-        num_hidden_layers=int(get("block_count", required=True)),
+        num_hidden_layers=n_layers,
         num_attention_heads=heads,
         num_key_value_heads=int(kv_heads),
         head_dim=head_dim,
@@ -205,6 +214,9 @@ def _build_config(md: dict, arch: str, tensors_present: set[str], rope_freqs: np
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=eos_ids,
     )
+    if arch == "gemma3":
+        config = dataclasses.replace(config, **gemma3_gguf_fields(md, n_layers, hidden, heads, head_dim, path))
+    return config
 
 
 def _ids_of_type(types: list[int], wanted: int) -> list[int]:
@@ -244,6 +256,12 @@ def _dequantize(g: GGUFFile, t: TensorInfo) -> np.ndarray:
     return np.ascontiguousarray(data, dtype=np.float32).reshape(t.shape)
 
 
+def _gemma_norm(rec: TensorRecord) -> TensorRecord:
+    """llama.cpp's converter stores a Gemma norm weight w as (1 + w); HF's w is the file's minus 1
+    (in float32, as transformers' Gemma2TensorProcessor computes it). A small copy, never a view."""
+    return TensorRecord("f32", np.ascontiguousarray(rec.to_float32() - np.float32(1.0)), rec.shape)
+
+
 def _permuted(rec: TensorRecord, n_head: int) -> TensorRecord:
     return TensorRecord(rec.format, reverse_permute(rec.data, n_head), rec.shape)
 
@@ -271,6 +289,9 @@ def build_tokenizer(md: dict, path: str, extra_eos_ids: list[int] = ()) -> Token
             raise ModelLoadError(f"{path}: gpt2 tokenizer without tokenizer.ggml.merges")
         backend = byte_level_bpe(tokens, merges, types, md.get("tokenizer.ggml.pre"))
         add_bos_default = False
+    elif md.get("general.architecture") in _GEMMA_ARCHITECTURES:
+        backend = gemma_bpe(tokens, types, unk_id=None if unk_id is None else int(unk_id))
+        add_bos_default = True
     else:
         scores = md.get("tokenizer.ggml.scores")
         if scores is None:
@@ -301,6 +322,9 @@ def build_tokenizer(md: dict, path: str, extra_eos_ids: list[int] = ()) -> Token
         extra_eos_ids=extra_eos_ids,
     )
 
+
+# Architectures whose `llama` vocabulary is Gemma's sentencepiece (see vocab_tokenizer.gemma_bpe).
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 _SAMPLING_KEYS = {
     "general.sampling.temp": "temperature",
@@ -361,7 +385,7 @@ def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[s
         for t in g.tensors.values():
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
-            hf = hf_tensor_name(t.name)
+            hf = hf_tensor_name(t.name, arch)
             if hf is None:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is not part of a {arch} model we support")
             rec = _tensor_record(g, t, keep)
@@ -369,6 +393,8 @@ def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[s
                 rec = _permuted(rec, config.num_attention_heads)
             elif arch == "llama" and ".attn_k." in t.name:
                 rec = _permuted(rec, config.num_key_value_heads)
+            elif arch == "gemma3" and t.name.endswith("norm.weight"):
+                rec = _gemma_norm(rec)
             tensors[hf] = rec
         check_tensors(tensors, config, path)
     t_tensors = time.perf_counter()

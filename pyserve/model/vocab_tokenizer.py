@@ -5,7 +5,9 @@ Two shapes, the same two transformers builds (integrations/gguf, models/llama/to
 - byte-level BPE (GGUF `gpt2`: Llama 3, Qwen2, SmolLM2): tokens + merges, a pre-tokenizer chosen by
   `tokenizer.ggml.pre` (the regexes are llama.cpp's, src/llama-vocab.cpp), ByteLevel decoder;
 - sentencepiece-style BPE (GGUF `llama`, tokenizer.model: Llama 2, TinyLlama, Mistral): '▁'-spelled
-  pieces, merges derived from the piece scores, byte fallback, Metaspace pre-tokenizer.
+  pieces, merges derived from the piece scores, byte fallback, Metaspace pre-tokenizer;
+- Gemma's sentencepiece BPE (GGUF `llama` of a gemma architecture): as transformers' GemmaTokenizer
+  (a normalizer writes spaces as '▁', no prefix space), merges ranked by file order.
 Tokens typed CONTROL become special added tokens and USER_DEFINED ones plain added tokens, so both
 are matched whole in the text, as llama.cpp and transformers do.
 """
@@ -21,7 +23,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as Backend
 
 from .errors import ModelLoadError
@@ -234,6 +236,28 @@ def sentencepiece_bpe(
         steps.append(decoders.Strip(content=" ", left=1, right=0))
     backend.decoder = decoders.Sequence(steps)
     added = _added_tokens(pieces, types, extra_special=[unk_id] if unk is not None else [])
+    backend.add_special_tokens([t for t in added if t.special])
+    backend.add_tokens([t for t in added if not t.special])
+    return backend
+
+
+def gemma_bpe(pieces: Sequence[str], types: Sequence[int] | None, *, unk_id: int | None = None) -> Backend:
+    """Gemma's vocabulary (a GGUF `llama` tokenizer of arch gemma/gemma2/gemma3) as transformers
+    builds it (integrations/gguf gemma_tokenizer + GemmaTokenizer):
+    - a token of two or more spaces is stored as real spaces; it is looked up as '▁'s, so it is
+      respelled so (and, no longer matching its own text, is not an added token);
+    - the file has no merges and its scores do not follow the merge order: merges are derived from
+      the pieces and ranked by file position;
+    - spaces become '▁' in a normalizer, no prefix space; byte fallback; decoding undoes both."""
+    spelled = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in pieces]
+    vocab = _vocab_dict(spelled)
+    merges = generate_merges(vocab, {tok: -float(i) for i, tok in enumerate(spelled)})
+    unk = spelled[unk_id] if unk_id is not None and 0 <= unk_id < len(spelled) else None
+    backend = Backend(models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "\u2581")
+    backend.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    added = [t for t in _added_tokens(pieces, types) if t.special or t.content in vocab]
     backend.add_special_tokens([t for t in added if t.special])
     backend.add_tokens([t for t in added if not t.special])
     return backend

@@ -321,6 +321,65 @@ void CpuBackend::silu_mul(const float* gate_up, int m, int inter, float* out) {
   if (m < 4) body(0, m, 0); else pool_.parallel_for(m, body);
 }
 
+// --- Gemma 3's ops --------------------------------------------------------------------------
+
+void CpuBackend::gelu_tanh_mul(const float* gate_up, int m, int inter, float* out) {
+  // PyTorch's gelu(approximate="tanh"): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+  constexpr float kBeta = 0.7978845608028654f;  // sqrt(2 / pi)
+  constexpr float kKappa = 0.044715f;
+  auto body = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) {
+      const float* g = gate_up + i * 2 * inter;
+      const float* u = g + inter;
+      float* o = out + i * inter;
+      for (int d = 0; d < inter; ++d) {
+        const float x = g[d];
+        const float inner = kBeta * (x + kKappa * x * x * x);
+        o[d] = 0.5f * x * (1.f + std::tanh(inner)) * u[d];
+      }
+    }
+  };
+  if (m < 4) body(0, m, 0); else pool_.parallel_for(m, body);
+}
+
+namespace {
+// y = x / rms(x) * weight over one vector of `dim` (y may be x); the sum of squares in double.
+inline void rms_row(const float* x, const float* weight, int dim, float eps, float* y, bool add) {
+  double ss = 0;
+  for (int d = 0; d < dim; ++d) ss += static_cast<double>(x[d]) * x[d];
+  const float inv = static_cast<float>(1.0 / std::sqrt(ss / dim + eps));
+  if (add) {
+    for (int d = 0; d < dim; ++d) y[d] += weight[d] * (x[d] * inv);
+  } else {
+    for (int d = 0; d < dim; ++d) y[d] = weight[d] * (x[d] * inv);
+  }
+}
+}  // namespace
+
+void CpuBackend::rmsnorm_heads(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* weight,
+                               float eps) {
+  auto body = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i)
+      for (int h = 0; h < n_heads; ++h) {
+        float* v = x + i * ld + static_cast<int64_t>(h) * head_dim;
+        rms_row(v, weight, head_dim, eps, v, false);
+      }
+  };
+  if (m < 16) body(0, m, 0); else pool_.parallel_for(m, body);
+}
+
+void CpuBackend::rmsnorm_add(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps,
+                             float* y, int64_t ldy) {
+  auto body = [&](int64_t b, int64_t e, int) {
+    for (int64_t i = b; i < e; ++i) rms_row(x + i * ldx, weight, dim, eps, y + i * ldy, true);
+  };
+  if (m < 16) body(0, m, 0); else pool_.parallel_for(m, body);
+}
+
+void CpuBackend::scale(float* x, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
 }  // namespace pyserve::cpu
 
 namespace pyserve {

@@ -77,6 +77,13 @@ class CpuBackend final : public Backend {
                 int page_size, const int64_t* slots, float* k_cache, float* v_cache) override;
   void attention(const AttentionBatch& b) override;
   void silu_mul(const float* gate_up, int m, int inter, float* out) override;
+  // Gemma 3's ops: plain scalar loops for now (cheap next to the matmuls).
+  void gelu_tanh_mul(const float* gate_up, int m, int inter, float* out) override;
+  void rmsnorm_heads(float* x, int64_t ld, int m, int n_heads, int head_dim, const float* weight,
+                     float eps) override;
+  void rmsnorm_add(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps, float* y,
+                   int64_t ldy) override;
+  void scale(float* x, int64_t n, float s) override;
 
  private:
   const KernelTable& kernels_;
