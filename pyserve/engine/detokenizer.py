@@ -116,8 +116,12 @@ def _decoder_kinds(tokenizer: object) -> set[str]:
     try:
         # The decoder's own state: serialising the whole tokenizer (to_str) would cost ~0.2 s and
         # 1.5 MB of JSON for a 49k vocabulary, on the first request that asks for logprobs.
-        state = backend.decoder.__getstate__() if backend.decoder is not None else None
-        decoder = json.loads(state) if state else {}
+        own = getattr(backend, "decoder", None)
+        if own is not None:
+            decoder = json.loads(own.__getstate__())
+        else:
+            to_str = getattr(backend, "to_str", None)
+            decoder = (json.loads(to_str()).get("decoder") or {}) if to_str is not None else {}
     except (AttributeError, ValueError, TypeError):
         return set()
     kinds: set[str] = set()
