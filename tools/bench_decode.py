@@ -64,6 +64,7 @@ class ModelResult:
     quant: str = "?"
     vocab: int = 0
     peer_bytes: int = 0              # llama.cpp's weight bytes read per decoded token (estimate)
+    load: float = math.nan           # 1-minute load average when this model's measurements began
     pyserve: dict | None = None
     pyserve_skip: str = ""
     llamacpp: dict | None = None
@@ -203,13 +204,13 @@ def print_tables(results: list[ModelResult], args: argparse.Namespace, ceiling: 
     print()
     print(f"### prefill {p} tokens, tok/s ({args.threads} threads)")
     print()
-    print("| model | weights | pyserve | llama.cpp | pyserve ÷ llama.cpp | torch bf16 | pyserve ÷ torch bf16 |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | weights | load avg | pyserve | llama.cpp | pyserve ÷ llama.cpp | torch bf16 | pyserve ÷ torch bf16 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ours = r.pyserve["prefill"] if r.pyserve else None
         peer = r.llamacpp["prefill"] if r.llamacpp else None
         tb = r.torch_bf16["prefill"] if r.torch_bf16 else None
-        print(f"| {r.label} | {r.quant} | {fmt(ours) if r.pyserve else 'skipped'} | {fmt(peer)} | {ratio(ours, peer)} "
+        print(f"| {r.label} | {r.quant} | {r.load:.1f} | {fmt(ours) if r.pyserve else 'skipped'} | {fmt(peer)} | {ratio(ours, peer)} "
               f"| {fmt(tb)} | {ratio(ours, tb)} |")
     print()
     print(f"### decode {n} tokens at batch 1, tok/s ({args.threads} threads); read ceiling {ceiling:.1f} GB/s")
@@ -231,7 +232,7 @@ def print_tables(results: list[ModelResult], args: argparse.Namespace, ceiling: 
         print()
         print("### pyserve against transformers float32 (torch)")
         print()
-        print(f"| model | pyserve prefill | torch f32 prefill | ratio | pyserve decode | torch f32 decode | ratio |")
+        print("| model | pyserve prefill | torch f32 prefill | ratio | pyserve decode | torch f32 decode | ratio |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for r in f32:
             ours = r.pyserve or {}
@@ -279,7 +280,8 @@ def print_goals(results: list[ModelResult], ceiling: float) -> None:
         if a is None or b is None:
             continue
         got = a / b
-        print(f"- {name}: {got:.2f}{'' if 'ceiling' in name else '×'} -> {'met' if got >= want else 'NOT met'}")
+        shown = f"{100 * got:.0f}%" if "ceiling" in name else f"{got:.2f}×"
+        print(f"- {name}: {shown} -> {'met' if got >= want else 'NOT met'}")
 
 
 def main() -> int:
@@ -318,7 +320,8 @@ def main() -> int:
         r.quant, r.vocab, r.peer_bytes = file_facts(path)
         rng = np.random.default_rng(0)
         prompt = [int(t) for t in rng.integers(100, min(40000, r.vocab - 1), args.prompt)]
-        print(f"\n== {label}: {path} [{r.quant}]", flush=True)
+        r.load = os.getloadavg()[0]
+        print(f"\n== {label}: {path} [{r.quant}] (load average {r.load:.2f})", flush=True)
 
         try:
             r.pyserve = bench_pyserve(path, args.threads, prompt, args.decode, args.repeats)
