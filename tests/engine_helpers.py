@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import anyio
 import numpy as np
 
 from pyserve import _C
+from pyserve.config import EngineConfig
+from pyserve.engine.async_engine import AsyncEngine
 from pyserve.engine.native import native_model
-from pyserve.model.loader import LoadedModel
+from pyserve.engine.sampling import SamplingParams
+from pyserve.model.loader import LoadedModel, load_model
 
 
 def c_model(model: LoadedModel, threads: int = 2, isa: str = "auto") -> "_C.Model":
@@ -29,3 +35,24 @@ def assert_logits_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) ->
     err = float(np.abs(ours - ref).max())
     scale = float(np.abs(ref).max())
     assert err <= rel * scale, f"max |ours - ref| = {err:.3g} > {rel} x max |ref| = {rel * scale:.3g}"
+
+
+async def engine_greedy(path: str, prompts: list[list[int]], max_tokens: int, **engine_kw: Any) -> list[list[int]]:
+    """Greedy tokens of every prompt, all batched together through an AsyncEngine on `path`."""
+    engine = AsyncEngine(load_model(path), EngineConfig(num_threads=2, **engine_kw))
+    results: dict[int, list[int]] = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(engine.run)
+
+        async def one(i: int, ids: list[int]) -> None:
+            out: list[int] = []
+            async for o in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
+                out += o.new_token_ids
+            results[i] = out
+
+        async with anyio.create_task_group() as inner:
+            for i, ids in enumerate(prompts):
+                inner.start_soon(one, i, ids)
+        tg.cancel_scope.cancel()
+    await engine.shutdown()
+    return [results[i] for i in range(len(prompts))]

@@ -19,11 +19,8 @@ import pytest
 import torch
 
 import tiny_models
-from engine_helpers import assert_logits_close, c_model, our_logits
+from engine_helpers import assert_logits_close, c_model, engine_greedy, our_logits
 from pyserve import _C
-from pyserve.config import EngineConfig
-from pyserve.engine.async_engine import AsyncEngine
-from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
 from tokenizer_corpus import CORPUS
 
@@ -194,26 +191,6 @@ def test_tiny_scalar_kernels_give_the_same_logits(tiny_dirs) -> None:
     fast = our_logits(c_model(model), prompt, prompt[:4])
     ref = our_logits(c_model(model, isa="scalar"), prompt, prompt[:4])
     assert_logits_close(fast, ref, rel=1e-5)
-
-
-async def engine_greedy(path: str, prompts: list[list[int]], max_tokens: int, **engine_kw) -> list[list[int]]:
-    engine = AsyncEngine(load_model(path), EngineConfig(num_threads=2, **engine_kw))
-    results: dict[int, list[int]] = {}
-    async with anyio.create_task_group() as tg:
-        await tg.start(engine.run)
-
-        async def one(i: int, ids: list[int]) -> None:
-            out: list[int] = []
-            async for o in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
-                out += o.new_token_ids
-            results[i] = out
-
-        async with anyio.create_task_group() as inner:  # all prompts batched together
-            for i, ids in enumerate(prompts):
-                inner.start_soon(one, i, ids)
-        tg.cancel_scope.cancel()
-    await engine.shutdown()
-    return [results[i] for i in range(len(prompts))]
 
 
 def hf_greedy(hf, ids: list[int], max_new: int, eos: list[int]) -> list[int]:

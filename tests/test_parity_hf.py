@@ -13,10 +13,7 @@ import pytest
 import torch
 
 import tiny_models
-from engine_helpers import assert_logits_close, c_model, our_logits
-from pyserve.config import EngineConfig
-from pyserve.engine.async_engine import AsyncEngine
-from pyserve.engine.sampling import SamplingParams
+from engine_helpers import assert_logits_close, c_model, engine_greedy, our_logits
 from pyserve.model.loader import load_model
 
 MAKERS = {"llama": tiny_models.make_llama, "mistral": tiny_models.make_mistral, "qwen2": tiny_models.make_qwen2}
@@ -77,24 +74,6 @@ def test_scalar_kernels_give_the_same_logits(model_dirs, arch: str) -> None:
     assert_logits_close(fast, ref, rel=1e-5)
 
 
-async def engine_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    engine = AsyncEngine(load_model(path), EngineConfig(num_threads=2, kv_cache_tokens=2048, max_num_sequence=4))
-    results: dict[int, list[int]] = {}
-    async with anyio.create_task_group() as tg:
-        await tg.start(engine.run)
-
-        async def one(i: int, ids: list[int]) -> None:
-            out: list[int] = []
-            async for o in engine.generate(ids, SamplingParams(max_tokens=max_tokens, temperature=0.0)):
-                out += o.new_token_ids
-            results[i] = out
-
-        async with anyio.create_task_group() as inner:  # all prompts batched together
-            for i, ids in enumerate(prompts):
-                inner.start_soon(one, i, ids)
-        tg.cancel_scope.cancel()
-    await engine.shutdown()
-    return [results[i] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
@@ -103,7 +82,7 @@ def test_greedy_generation_matches_transformers_generate(model_dirs, arch: str) 
     model = load_model(path)
     hf = hf_reference(path)
     prompts = [random_prompt(model.config.vocab_size, n, seed=n) for n in (5, 23, 40)]
-    ours = anyio.run(engine_greedy, path, prompts, 32)
+    ours = anyio.run(lambda: engine_greedy(path, prompts, 32, kv_cache_tokens=2048, max_num_sequence=4))
     eos = set(model.config.eos_token_ids)
     for ids, got in zip(prompts, ours):
         with torch.no_grad():
