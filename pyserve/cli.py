@@ -11,13 +11,15 @@ server's business.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from pyserve.config import (
     DEVICES,
@@ -436,16 +438,36 @@ def build_app(args: argparse.Namespace) -> Any:
     return app
 
 
+@contextlib.contextmanager
+def startup_gc() -> Iterator[None]:
+    """Pauses the cyclic GC while the server starts; on success, freezes what start-up built.
+
+    Start-up makes a few hundred thousand objects that live as long as the server (modules,
+    the vocabulary and merges on their way into the tokenizer, the chat template) and next to no
+    cyclic garbage: the ~150 collections it would trigger only re-scan survivors (~40 ms of a
+    ~0.6 s launch), and the first full collection while serving would scan them all again with
+    the event loop stopped. gc.freeze() moves them out of every later collection in O(1).
+    Reference counting frees as usual meanwhile; only cycles made during start-up are kept."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
     try:
-        app = build_app(args)
+        with startup_gc():
+            app = build_app(args)
+            from pyserve.http.server import LifespanError, run
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-
-    from pyserve.http.server import LifespanError, run
 
     log.info("serving %r on http://%s:%d (OpenAI API under /v1)", app.served_model_name, args.host, args.port)
     try:
@@ -453,4 +475,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, LifespanError) as e:  # address in use, engine failed to start, ...
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        gc.unfreeze()  # back to the ordinary generations (main() may run inside a longer process)
     return 0
