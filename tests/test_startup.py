@@ -71,3 +71,47 @@ def test_startup_gc_keeps_a_disabled_gc_disabled():
     finally:
         gc.unfreeze()
         gc.enable()
+
+
+def test_one_blas_thread_before_numpy_loads(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delitem(sys.modules, "numpy", raising=False)
+    cli.one_blas_thread()
+    import os
+
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+
+
+def test_one_blas_thread_keeps_the_users_value_and_a_loaded_numpy(monkeypatch):
+    import os
+
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    monkeypatch.delitem(sys.modules, "numpy", raising=False)
+    cli.one_blas_thread()
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS")
+    monkeypatch.setitem(sys.modules, "numpy", types.ModuleType("numpy"))  # already loaded: too late to matter
+    cli.one_blas_thread()
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+
+
+def test_the_server_process_loads_numpy_with_one_blas_thread():
+    """What `python -m pyserve` does before numpy loads, checked in a fresh interpreter."""
+    import os
+    import subprocess
+
+    code = (
+        "import os, sys\n"
+        "from pyserve import cli\n"
+        "assert 'numpy' not in sys.modules\n"
+        "cli.one_blas_thread()\n"
+        "import numpy\n"
+        "tasks = '/proc/self/task'\n"
+        "print(os.environ['OPENBLAS_NUM_THREADS'], len(os.listdir(tasks)) if os.path.isdir(tasks) else -1)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60, check=True)
+    value, threads = out.stdout.split()
+    assert value == "1"
+    assert int(threads) in (1, -1)  # no BLAS worker threads started (-1: no /proc to count them)
