@@ -6,8 +6,9 @@ Each repeat runs in a fresh interpreter (imports and first-touch costs included;
 page cache after the first one). Medians over --repeats. Phases, in the order a launch meets them:
 the bare interpreter (`python -c pass`: site, .pth files), importing the model loader, the first
 load_model() call (what a launch pays), and the C++ engine's construction (_C.Model + _C.Engine,
-timed in AsyncEngine); then, warm in the same process, load_model's parts (metadata, tokenizer,
-chat template, tensors) to show where the first call went. Peer in the same run: the `gguf`
+timed in AsyncEngine), with cli.main's start-up settings (one BLAS thread, cyclic GC paused) where
+the tree has them; then, warm in the same process, load_model's parts (metadata, tokenizer, chat
+template, tensors) to show where the first call went. Peer in the same run: the `gguf`
 package's GGUFReader reading the same metadata (what pyserve used before its own reader).
 
 Launch -> /health -> first chat answer (max_tokens 8): wall time, and the server's CPU time (all
@@ -42,7 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Runs in a fresh interpreter inside --root; prints one JSON object of seconds per phase.
 _PHASES = r"""
-import json, sys, time
+import contextlib, json, sys, time
+from pyserve import cli
+# Start-up as `python -m pyserve` runs it (cli.main), in trees that have these settings.
+getattr(cli, "one_blas_thread", lambda: None)()
+getattr(cli, "startup_gc", contextlib.nullcontext)().__enter__()
 t0 = time.perf_counter()
 from pyserve.model import loader
 from pyserve.model import gguf_file
