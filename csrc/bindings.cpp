@@ -444,14 +444,26 @@ double bench_gemm(int n, int k, int m, const std::string& isa, int threads, int 
     for (size_t i = 0; i < w.size() / 4; ++i) f[i] = dist(rng);
   } else {
     for (uint8_t& b : w) b = static_cast<uint8_t>(rng());
+    // Every f16 field (d, m, dmin) of every block set to 1/128: no NaN or denormal slow paths.
+    std::vector<int> f16_offsets;
+    switch (dtype) {
+      case DType::Q4_1: case DType::Q5_1: case DType::Q4_K: case DType::Q5_K: f16_offsets = {0, 2}; break;
+      case DType::Q2_K: f16_offsets = {80, 82}; break;
+      case DType::Q3_K: f16_offsets = {108}; break;
+      case DType::Q6_K: f16_offsets = {208}; break;
+      case DType::F16: case DType::BF16: break;
+      default: f16_offsets = {0}; break;
+    }
     const int bb = dtype_info(dtype).block_bytes;
-    const int scale_fields = dtype == DType::Q4_1 ? 2 : 1;  // d (and m) lead Q4_0/Q4_1/Q8_0 blocks
-    if (dtype == DType::Q4_0 || dtype == DType::Q4_1 || dtype == DType::Q8_0)
-      for (size_t off = 0; off < w.size(); off += bb)
-        for (int f = 0; f < scale_fields; ++f) {
-          const uint16_t h = 0x2000;
-          std::memcpy(w.data() + off + 2 * f, &h, 2);
-        }
+    for (size_t off = 0; off < w.size(); off += bb)
+      for (int f : f16_offsets) {
+        const uint16_t h = 0x2000;
+        std::memcpy(w.data() + off + f, &h, 2);
+      }
+    if (dtype == DType::F16 || dtype == DType::BF16) {
+      auto* h = reinterpret_cast<uint16_t*>(w.data());
+      for (size_t i = 0; i < w.size() / 2; ++i) h[i] = static_cast<uint16_t>(dtype == DType::F16 ? 0x2000 + (rng() & 0xFF) : 0x3c00 + (rng() & 0xFF));
+    }
   }
   TensorView tv;
   tv.name = "w";
@@ -468,6 +480,7 @@ double bench_gemm(int n, int k, int m, const std::string& isa, int threads, int 
     c.data = copy.data();
     packed.push_back(be.pack({&c}));
   }
+  storage.clear();  // packing copied them (quant panels and float panels alike)
   py::gil_scoped_release release;
   double best = 1e30;
   for (int r = 0; r < repeats; ++r) {
@@ -659,7 +672,7 @@ PYBIND11_MODULE(_C, m) {
         "x · wᵀ (+ bias) (+ y) with w: [n, k] as raw `format` blocks");
   k.def("qgather", &kernel_qgather, py::arg("format"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("ids"),
         py::arg("isa") = "auto");
-  k.def("is_native_format", [](const std::string& f) { cpu::QFormat q; return cpu::native_qformat(parse_dtype(f), &q); },
+  k.def("is_native_format", [](const std::string& f) { cpu::PanelFormat q; return cpu::panel_format(parse_dtype(f), &q); },
         "whether `format` is computed in place by quantized kernels (else dequantized at load)");
   k.def("dequantize", &kernel_dequantize, py::arg("format"), py::arg("data"), py::arg("n"),
         "The scalar reference dequantization of n elements of `format` (e.g. q4_k) from raw block bytes");

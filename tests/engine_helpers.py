@@ -29,6 +29,13 @@ def our_logits(cm: "_C.Model", prompt: list[int], continuation: list[int], max_t
     return np.concatenate(rows)
 
 
+# Quantized files: the engine computes on the file's integer codes with activations rounded to
+# int16 per 32 values (csrc/backend/cpu/kernels.h), where transformers dequantizes to float32.
+# Measured: 2.7e-4 on SmolLM2 Q4_1, 1.3e-4 on Gemma 3 Q4_K_M; an 8-bit activation path (llama.cpp's)
+# is ~1e-2, so this bound still tells the two apart.
+QUANTIZED_REL = 1e-3
+
+
 def assert_logits_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> None:
     """max |ours - ref| <= rel * max |ref| (the parity bound of the project)."""
     assert ours.shape == ref.shape, (ours.shape, ref.shape)

@@ -36,7 +36,9 @@ float PackedMatrix::at(int64_t row, int64_t col) const {
 
 const KernelTable& select_kernels(const std::string& isa) {
   const CpuFeatures& f = cpu_features();
-  const std::string want = isa == "auto" ? f.best_isa() : isa;
+  // PYSERVE_ISA forces a path for "auto" (a lower one, to compare or to work around a fault).
+  const char* forced = std::getenv("PYSERVE_ISA");
+  const std::string want = isa != "auto" ? isa : forced && *forced ? std::string(forced) : f.best_isa();
   if (want == "scalar") return kernels_scalar();
 #if defined(PYSERVE_X86)
   if (want == "avx2") {
@@ -47,8 +49,12 @@ const KernelTable& select_kernels(const std::string& isa) {
     if (!f.avx512) throw std::invalid_argument("ISA avx512 is not supported by this CPU/OS");
     return kernels_avx512();
   }
+  if (want == "avx512_vnni") {
+    if (!f.avx512_vnni) throw std::invalid_argument("ISA avx512_vnni is not supported by this CPU/OS");
+    return kernels_avx512_vnni();
+  }
 #endif
-  throw std::invalid_argument("unknown ISA '" + isa + "' (expected auto, avx512, avx2 or scalar)");
+  throw std::invalid_argument("unknown ISA '" + want + "' (expected auto, avx512_vnni, avx512, avx2 or scalar)");
 }
 
 CpuBackend::CpuBackend(int num_threads, const KernelTable& kernels)
@@ -75,35 +81,34 @@ std::unique_ptr<Buffer> CpuBackend::allocate(size_t n_floats) {
 
 std::string CpuBackend::name() const { return std::string("cpu-") + kernels_.name; }
 
-bool native_qformat(DType t, QFormat* out) {
-  switch (t) {
-    case DType::Q4_0: *out = QFormat::Q4_0; return true;
-    case DType::Q4_1: *out = QFormat::Q4_1; return true;
-    case DType::Q8_0: *out = QFormat::Q8_0; return true;
-    default: return false;
-  }
+StackedMatrix::StackedMatrix(std::vector<std::unique_ptr<Matrix>> parts) : parts_(std::move(parts)) {
+  for (const auto& p : parts_) rows_ += p->rows();
+}
+
+size_t StackedMatrix::bytes() const {
+  size_t b = 0;
+  for (const auto& p : parts_) b += p->bytes();
+  return b;
 }
 
 std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& parts) {
   if (parts.empty()) throw std::invalid_argument("pack: no tensors");
   const int64_t k = parts[0]->shape.at(1);
-  // Quantized parts that all share a natively supported format stay where they are (the file's
-  // pages); the row table fuses them without a copy.
-  QFormat qf;
-  bool native = native_qformat(parts[0]->dtype, &qf) && k % kQBlock == 0;
-  for (const TensorView* p : parts) native = native && p->dtype == parts[0]->dtype && p->shape.size() == 2 && p->shape[1] == k;
-  if (native) {
-    const int64_t row_bytes = dtype_bytes(parts[0]->dtype, k);
-    std::vector<const uint8_t*> rows;
-    for (const TensorView* p : parts)
-      for (int64_t r = 0; r < p->shape[0]; ++r) rows.push_back(static_cast<const uint8_t*>(p->data) + r * row_bytes);
-    if (k > panel_cols_) {  // per-thread buffers for the widest quantized matrix
-      panel_cols_ = k;
-      panels_.clear();
-      for (int t = 0; t < pool_.size(); ++t) panels_.push_back(allocate_floats(static_cast<size_t>(kQTileCols) * k));
+  // Parts of mixed types: each run of one type becomes its own matrix.
+  for (size_t i = 1; i < parts.size(); ++i)
+    if (parts[i]->dtype != parts[0]->dtype) {
+      std::vector<std::unique_ptr<Matrix>> runs;
+      for (size_t b = 0; b < parts.size();) {
+        size_t e = b + 1;
+        while (e < parts.size() && parts[e]->dtype == parts[b]->dtype) ++e;
+        runs.push_back(pack(std::vector<const TensorView*>(parts.begin() + b, parts.begin() + e)));
+        b = e;
+      }
+      return std::make_unique<StackedMatrix>(std::move(runs));
     }
-    return std::make_unique<QuantMatrix>(qf, k, std::move(rows), row_bytes);
-  }
+  // Quantized types become quant panels: the file's codes, regrouped, never widened to float.
+  PanelFormat pf;
+  if (panel_format(parts[0]->dtype, &pf)) return std::make_unique<QuantPanels>(parts, pool_);
   int64_t n = 0;
   std::vector<std::pair<const TensorView*, int64_t>> row_owner;  // (part, first row) per part
   for (const TensorView* p : parts) {
@@ -135,37 +140,70 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
   return m;
 }
 
-void CpuBackend::matmul_quant(const QuantMatrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+void CpuBackend::matmul_quant(const QuantPanels& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
                               const float* bias, bool accumulate) {
-  // One kernel for decode and prefill: whichever m, every output is computed the same way
-  // (kernels.h), so batching never changes a sequence's logits.
-  QMatmulArgs a;
+  const int64_t k = w.cols(), nb = k / kPanelBlock;
+  const size_t need = static_cast<size_t>(m) * k;
+  if (act_q_.size() < need) {  // grows to the largest batch once, then never on the hot path
+    act_q_.resize(need);
+    act_scale_.resize(static_cast<size_t>(m) * nb);
+    act_qsum_.resize(static_cast<size_t>(m) * nb * 2);
+  }
+  QuantizeActsArgs qa;
+  qa.x = x;
+  qa.ldx = ldx;
+  qa.k = k;
+  qa.q = act_q_.data();
+  qa.scale = act_scale_.data();
+  qa.qsum = act_qsum_.data();
+  auto quantize_rows = [&](int64_t b, int64_t e, int) {
+    QuantizeActsArgs s = qa;
+    s.x = x + b * ldx;
+    s.m = static_cast<int>(e - b);
+    s.q = qa.q + b * k;
+    s.scale = qa.scale + b * nb;
+    s.qsum = qa.qsum + b * nb * 2;
+    kernels_.quantize_acts(s);
+  };
+  if (m < 8) quantize_rows(0, m, 0); else pool_.parallel_for(m, quantize_rows);
+
+  QPanelArgs a;
   a.format = w.format();
-  a.rows = w.row_pointers();
-  a.k = w.cols();
-  a.x = x;
-  a.ldx = ldx;
+  a.panels = w.data();
+  a.panel_bytes = w.panel_bytes();
+  a.n = w.rows();
+  a.x.q = act_q_.data();
+  a.x.scale = act_scale_.data();
+  a.x.qsum = act_qsum_.data();
+  a.x.k = k;
   a.m = m;
   a.y = y;
   a.ldy = ldy;
   a.bias = bias;
   a.accumulate = accumulate;
-  // Whole tiles of rows per task, so that the tiles (and the L1 buffer's reuse) do not depend on
-  // how the rows are split between threads.
-  const int64_t tiles = (w.rows() + kQTileCols - 1) / kQTileCols;
-  pool_.parallel_for(tiles, [&](int64_t b, int64_t e, int t) {
-    QMatmulArgs s = a;
-    s.row_begin = b * kQTileCols;
-    s.row_end = std::min<int64_t>(e * kQTileCols, w.rows());
-    s.scratch = panels_[t].get();
-    kernels_.qmatmul(s);
+  a.row_begin = 0;
+  a.row_end = m;
+  // Threads split the panels: each streams its own weights once (per block of rows).
+  pool_.parallel_for(w.panels(), [&](int64_t b, int64_t e, int) {
+    QPanelArgs s = a;
+    s.panel_begin = b;
+    s.panel_end = e;
+    kernels_.qpanel_matmul(s);
   });
 }
 
 void CpuBackend::matmul(const Matrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
                         const float* bias, bool accumulate) {
-  if (const auto* qw = dynamic_cast<const QuantMatrix*>(&w)) {
+  if (const auto* qw = dynamic_cast<const QuantPanels*>(&w)) {
     matmul_quant(*qw, x, ldx, m, y, ldy, bias, accumulate);
+    return;
+  }
+  if (const auto* sw = dynamic_cast<const StackedMatrix*>(&w)) {
+    int64_t col = 0;
+    for (const auto& p : sw->parts()) {
+      matmul(*p, x, ldx, m, y + col, ldy, bias ? bias + col : nullptr, accumulate);
+      col += p->rows();
+    }
     return;
   }
   const auto& pw = static_cast<const PackedMatrix&>(w);
@@ -189,23 +227,20 @@ void CpuBackend::matmul(const Matrix& w, const float* x, int64_t ldx, int m, flo
 }
 
 void CpuBackend::gather_rows(const Matrix& w, const int32_t* ids, int m, float* out) {
-  if (const auto* qw = dynamic_cast<const QuantMatrix*>(&w)) {
-    for (int i = 0; i < m; ++i) {
-      if (ids[i] < 0 || ids[i] >= qw->rows())
-        throw std::out_of_range("token id " + std::to_string(ids[i]) + " outside the vocabulary of " +
-                                std::to_string(qw->rows()));
-      kernels_.qdequant_row(qw->format(), qw->row_pointers()[ids[i]], qw->cols(), out + static_cast<int64_t>(i) * qw->cols());
-    }
+  for (int i = 0; i < m; ++i)
+    if (ids[i] < 0 || ids[i] >= w.rows())
+      throw std::out_of_range("token id " + std::to_string(ids[i]) + " outside the vocabulary of " +
+                              std::to_string(w.rows()));
+  if (const auto* qw = dynamic_cast<const QuantPanels*>(&w)) {
+    // The embedding lookup reads the LM head's panels (tied weights: one copy).
+    for (int i = 0; i < m; ++i) qw->dequantize_row(ids[i], out + static_cast<int64_t>(i) * qw->cols());
     return;
   }
+  if (dynamic_cast<const StackedMatrix*>(&w)) throw std::invalid_argument("gather_rows: not on a stacked matrix");
   const auto& pw = static_cast<const PackedMatrix&>(w);
   const int64_t k = pw.cols();
-  for (int i = 0; i < m; ++i) {
-    if (ids[i] < 0 || ids[i] >= pw.rows())
-      throw std::out_of_range("token id " + std::to_string(ids[i]) + " outside the vocabulary of " +
-                              std::to_string(pw.rows()));
+  for (int i = 0; i < m; ++i)
     for (int64_t c = 0; c < k; ++c) out[i * k + c] = pw.at(ids[i], c);
-  }
 }
 
 void CpuBackend::rmsnorm(const float* x, int64_t ldx, const float* weight, int m, int dim, float eps,

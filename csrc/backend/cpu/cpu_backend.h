@@ -7,6 +7,7 @@
 
 #include "backend/backend.h"
 #include "backend/cpu/kernels.h"
+#include "backend/cpu/quant_panels.h"
 #include "backend/cpu/thread_pool.h"
 
 namespace pyserve::cpu {
@@ -35,26 +36,20 @@ class PackedMatrix final : public Matrix {
   AlignedFloats data_;
 };
 
-// W: [n, k] as GGUF blocks, read in place: row r is `rows[r]` (rows of fused parts may live in
-// different tensors; nothing is copied). Computed by the qmatmul kernels (kernels.h).
-class QuantMatrix final : public Matrix {
+// Row blocks of different formats computed as one matrix (q|k|v or gate|up of a file that mixes
+// quantization types, as Q4_K_M files do): one matmul per part, into adjacent output columns.
+class StackedMatrix final : public Matrix {
  public:
-  QuantMatrix(QFormat format, int64_t k, std::vector<const uint8_t*> rows, int64_t row_bytes)
-      : format_(format), k_(k), row_bytes_(row_bytes), rows_(std::move(rows)) {}
-  int64_t rows() const override { return static_cast<int64_t>(rows_.size()); }
-  int64_t cols() const override { return k_; }
-  size_t bytes() const override { return static_cast<size_t>(row_bytes_) * rows_.size(); }
-  QFormat format() const { return format_; }
-  const uint8_t* const* row_pointers() const { return rows_.data(); }
+  explicit StackedMatrix(std::vector<std::unique_ptr<Matrix>> parts);
+  int64_t rows() const override { return rows_; }
+  int64_t cols() const override { return parts_.front()->cols(); }
+  size_t bytes() const override;
+  const std::vector<std::unique_ptr<Matrix>>& parts() const { return parts_; }
 
  private:
-  QFormat format_;
-  int64_t k_, row_bytes_;
-  std::vector<const uint8_t*> rows_;
+  std::vector<std::unique_ptr<Matrix>> parts_;
+  int64_t rows_ = 0;
 };
-
-// Which formats have native kernels (others are dequantized to a PackedMatrix at load).
-bool native_qformat(DType t, QFormat* out);
 
 class CpuBackend final : public Backend {
  public:
@@ -89,10 +84,11 @@ class CpuBackend final : public Backend {
   const KernelTable& kernels_;
   ThreadPool pool_;
   std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
-  // Per thread: a tile of a QuantMatrix's rows, dequantized ([kQTileCols, k]).
-  std::vector<AlignedFloats> panels_;
-  int64_t panel_cols_ = 0;
-  void matmul_quant(const QuantMatrix& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
+  // Activations quantized for the quant panels (QActs), grown to the largest m * k seen.
+  std::vector<int16_t> act_q_;
+  std::vector<float> act_scale_;
+  std::vector<int32_t> act_qsum_;
+  void matmul_quant(const QuantPanels& w, const float* x, int64_t ldx, int m, float* y, int64_t ldy,
                     const float* bias, bool accumulate);
 };
 

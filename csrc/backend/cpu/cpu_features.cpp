@@ -44,6 +44,7 @@ static CpuFeatures detect() { return {}; }
 #endif
 
 std::string CpuFeatures::best_isa() const {
+  if (avx512_vnni) return "avx512_vnni";
   if (avx512) return "avx512";
   if (avx2) return "avx2";
   return "scalar";

@@ -10,7 +10,7 @@ struct CpuFeatures {
   bool avx512_vnni = false;
   bool avx512_bf16 = false;
   bool amx = false;     // AMX tiles reported by cpuid and enabled in XCR0 (use needs arch_prctl)
-  std::string best_isa() const;  // "avx512" | "avx2" | "scalar"
+  std::string best_isa() const;  // "avx512_vnni" | "avx512" | "avx2" | "scalar"
 };
 
 const CpuFeatures& cpu_features();

@@ -1,10 +1,11 @@
 // Scalar reference kernels: the plainest correct loops, the yardstick the SIMD files are tested
 // against, and the path used on CPUs without AVX2.
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "backend/cpu/kernels.h"
-#include "tensor/dequantize.h"
+#include "tensor/quant_blocks.h"
 
 namespace pyserve::cpu {
 namespace {
@@ -59,27 +60,84 @@ void attend_scalar(const AttendArgs& a) {
   }
 }
 
-DType dtype_of(QFormat f) {
-  return f == QFormat::Q4_0 ? DType::Q4_0 : f == QFormat::Q4_1 ? DType::Q4_1 : DType::Q8_0;
-}
+// --- quant panels (layout in kernels.h) ------------------------------------------------------
 
-void qdequant_row_scalar(QFormat format, const uint8_t* row, int64_t k, float* out) {
-  dequantize(dtype_of(format), row, k, out);  // the reference dequantization (csrc/tensor)
-}
-
-void qmatmul_scalar(const QMatmulArgs& a) {
-  for (int64_t r = a.row_begin; r < a.row_end; ++r) {
-    float* w = a.scratch;
-    qdequant_row_scalar(a.format, a.rows[r], a.k, w);
-    for (int i = 0; i < a.m; ++i) {
-      const float* x = a.x + i * a.ldx;
-      float acc = 0.f;
-      for (int64_t c = 0; c < a.k; ++c) acc += x[c] * w[c];
-      if (a.bias) acc += a.bias[r];
-      float& y = a.y[i * a.ldy + r];
-      y = a.accumulate ? y + acc : acc;
+// One 32-block of activations: amax / 32767 per block, rounded to nearest even.
+void quantize_acts_scalar(const QuantizeActsArgs& a) {
+  const int64_t nb = a.k / kPanelBlock;
+  for (int i = 0; i < a.m; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      const float* x = a.x + i * a.ldx + b * kPanelBlock;
+      int16_t* q = a.q + i * a.k + b * kPanelBlock;
+      float amax = 0.f;
+      for (int j = 0; j < kPanelBlock; ++j) amax = std::fabs(x[j]) > amax ? std::fabs(x[j]) : amax;
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      a.scale[i * nb + b] = amax / 32767.f;
+      int32_t sums[2] = {0, 0};
+      for (int j = 0; j < kPanelBlock; ++j) {
+        q[j] = static_cast<int16_t>(std::nearbyint(x[j] * inv));
+        sums[j / 16] += q[j];
+      }
+      a.qsum[(i * nb + b) * 2] = sums[0];
+      a.qsum[(i * nb + b) * 2 + 1] = sums[1];
     }
+}
+
+// The code of weight j of lane r in a record.
+int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j) {
+  if (f.codes == PanelCodes::U4) {
+    const int c = j / 8, n = (j % 8) / 2, e = j % 2;
+    const int w = rec[c * kPanelChunk + r * 4 + e * 2] | rec[c * kPanelChunk + r * 4 + e * 2 + 1] << 8;
+    return (w >> (4 * n)) & 0xF;
   }
+  const int c = j / 4, e = j % 2, hi = (j % 4) / 2;
+  return static_cast<int8_t>(rec[c * kPanelChunk + r * 4 + e * 2 + hi]);
+}
+
+float panel_float(const PanelFormat& f, const uint8_t* p, int index) {
+  if (f.f32_scales) {
+    float v;
+    std::memcpy(&v, p + index * 4, 4);
+    return v;
+  }
+  uint16_t h;
+  std::memcpy(&h, p + index * 2, 2);
+  return f16_to_f32(h);
+}
+
+void qpanel_matmul_scalar(const QPanelArgs& a) {
+  const PanelFormat& f = a.format;
+  const int64_t nb = a.x.k / kPanelBlock;
+  const int halves = f.per16 ? 2 : 1;
+  for (int64_t p = a.panel_begin; p < a.panel_end; ++p)
+    for (int r = 0; r < kPanelLanes && p * kPanelLanes + r < a.n; ++r) {
+      const int64_t row = p * kPanelLanes + r;
+      for (int i = a.row_begin; i < a.row_end; ++i) {
+        float acc = 0.f;
+        for (int64_t b = 0; b < nb; ++b) {
+          const uint8_t* rec = a.panels + p * a.panel_bytes + b * f.record_bytes;
+          const int16_t* xq = a.x.q + i * a.x.k + b * kPanelBlock;
+          const int64_t blk = i * nb + b;
+          const float xs = a.x.scale[blk];
+          for (int h = 0; h < halves; ++h) {
+            int32_t dot = 0;
+            const int j0 = h * kPanelBlock / halves, j1 = (h + 1) * kPanelBlock / halves;
+            for (int j = j0; j < j1; ++j) dot += panel_code(f, rec, r, j) * xq[j];
+            const int32_t qsum = f.per16 ? a.x.qsum[blk * 2 + h] : a.x.qsum[blk * 2] + a.x.qsum[blk * 2 + 1];
+            if (!f.stored_min) dot += f.offset * qsum;
+            const float s = panel_float(f, rec + f.code_bytes, h * kPanelLanes + r);
+            acc = std::fma(static_cast<float>(dot), s * xs, acc);
+            if (f.stored_min)
+              acc = std::fma(panel_float(f, rec + f.code_bytes + f.scale_bytes, h * kPanelLanes + r),
+                             xs * static_cast<float>(qsum), acc);
+          }
+        }
+        float o = acc;
+        if (a.bias) o = o + a.bias[row];
+        float& y = a.y[i * a.ldy + row];
+        y = a.accumulate ? o + y : o;
+      }
+    }
 }
 
 float stream_sum_scalar(const float* x, int64_t n) {
@@ -91,8 +149,8 @@ float stream_sum_scalar(const float* x, int64_t n) {
 }  // namespace
 
 const KernelTable& kernels_scalar() {
-  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, qmatmul_scalar,
-                                    qdequant_row_scalar};
+  static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, quantize_acts_scalar,
+                                 qpanel_matmul_scalar};
   return table;
 }
 
