@@ -143,6 +143,27 @@ def test_paged_attention_matches_float64(isa, page_size, window, rng) -> None:
         )
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("window", [0, 200], ids=lambda w: f"window={w}")
+def test_split_decode_attention_matches_float64(isa, window, rng) -> None:
+    """A decode batch too small to keep the threads busy (two sequences, long contexts) is split
+    over positions (flash-decoding) and merged: the same answer as one pass."""
+    page_size, head_dim, heads, kv_heads = 16, 64, 9, 3
+    lengths = [777, 150]  # the short one has fewer positions than segments of the long one
+    need = [-(-n // page_size) for n in lengths]
+    pool = rng.permutation(sum(need) + 2).astype(np.int32)
+    tables = [pool[: need[0]], pool[need[0] : need[0] + need[1]]]
+    positions = [n - 1 for n in lengths]
+    slots = len(pool) * page_size
+    k_cache = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+    v_cache = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+    q = 3 * rng.standard_normal((2, heads, head_dim)).astype(np.float32)  # peaked softmaxes too
+    ref = attention_reference(q, k_cache, v_cache, page_size, tables, positions, window)
+    for threads in (1, 2):
+        out = _C.kernels.attention(q, k_cache, v_cache, page_size, tables, positions, window, isa=isa, threads=threads)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"threads={threads}")
+
+
 def test_attention_reference_is_not_trivial() -> None:
     """The inputs really vary by position: a kernel that read the wrong slot would be caught."""
     rng = np.random.default_rng(0)

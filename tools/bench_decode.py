@@ -16,7 +16,8 @@ Models (--models, comma-separated; default: all of them):
 A model pyserve cannot load is still measured on llama.cpp and torch; its pyserve row says why.
 
 Measured per model (medians of --repeats, after one warm-up):
-  pyserve   `_C.Session`: prefill of --prompt random tokens, then --decode greedy steps
+  pyserve   `_C.Session`: prefill of --prompt random tokens in one step; then, in a fresh context,
+            --decode greedy steps from position 0 (what llama-bench's tg test measures)
   llama.cpp llama-bench -p PROMPT -n DECODE -t THREADS -r REPEATS -o json (built by
             tools/peer_llamacpp.py outside the checkout; medians of its samples)
   torch     transformers on the same GGUF (dequantized), cast to bfloat16: prefill only; for the
@@ -118,15 +119,18 @@ def bench_pyserve(path: str, threads: int, prompt: list[int], n_decode: int, rep
     del s
     prefill, decode = [], []
     for _ in range(repeats):
-        s = _C.Session(cm, len(prompt) + n_decode + 1)
+        # Prefill: the whole prompt in one step. Decode as llama-bench's tg test runs it: a fresh
+        # context, one token a step from position 0, n_decode steps.
+        s = _C.Session(cm, len(prompt) + 1)
         t0 = time.perf_counter()
         tok = int(s.forward(prompt, False)[0].argmax())
+        prefill.append(len(prompt) / (time.perf_counter() - t0))
+        del s
+        s = _C.Session(cm, n_decode + 1)
         t1 = time.perf_counter()
         for _ in range(n_decode):
             tok = int(s.forward([tok], False)[0].argmax())
-        t2 = time.perf_counter()
-        prefill.append(len(prompt) / (t1 - t0))
-        decode.append(n_decode / (t2 - t1))
+        decode.append(n_decode / (time.perf_counter() - t1))
         del s
     out = {"prefill": median(prefill), "decode": median(decode), "weight_bytes": cm.weight_bytes,
            "backend": cm.backend, "load_s": load_s, "prefill_all": prefill, "decode_all": decode}
@@ -151,18 +155,18 @@ def bench_torch(path: str, threads: int, prompt: list[int], n_decode: int, repea
         for _ in range(repeats):
             t0 = time.perf_counter()
             out = hf(ids, use_cache=True)
+            prefill.append(len(prompt) / (time.perf_counter() - t0))
+            # Decode from an empty context, as pyserve's and llama-bench's rows are measured.
+            past, tok = None, ids[:, :1]
             t1 = time.perf_counter()
-            past = out.past_key_values
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
             for _ in range(n_decode):
                 out = hf(tok, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
             t2 = time.perf_counter()
-            prefill.append(len(prompt) / (t1 - t0))
             if n_decode:
                 decode.append(n_decode / (t2 - t1))
-    del hf, out, past
+    del hf, out
     gc.collect()
     return {"prefill": median(prefill), "decode": median(decode)}
 

@@ -314,11 +314,33 @@ void CpuBackend::attention(const AttentionBatch& b) {
     const int lo = b.window > 0 ? std::max(0, b.positions[bl.first] - b.window + 1) : 0;
     need = std::max(need, static_cast<size_t>(bl.count) * group * (hi - lo + 1));
   }
+  const int64_t items = static_cast<int64_t>(blocks.size()) * b.n_kv_heads;
+  // Decode batches with fewer (sequence, KV head) items than the pool can keep busy split each
+  // item's positions into segments (flash-decoding), merged below by their softmax statistics.
+  int splits = 1;
+  bool singles = true;
+  int max_span = 0;
+  for (const Block& bl : blocks) {
+    singles = singles && bl.count == 1;
+    const int hi = b.positions[bl.first];
+    const int lo = b.window > 0 ? std::max(0, hi - b.window + 1) : 0;
+    max_span = std::max(max_span, hi - lo + 1);
+  }
+  const int64_t want = 4 * static_cast<int64_t>(pool_.size());
+  if (singles && pool_.size() > 1 && items < want)
+    splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((want + items - 1) / items, max_span / 64)));
+  if (splits > 1) need = static_cast<size_t>(group) * ((max_span + splits - 1) / splits);
   for (auto& s : scratch_)
     if (s.size() < need) s.resize(need);
-  const int64_t items = static_cast<int64_t>(blocks.size()) * b.n_kv_heads;
-  pool_.parallel_for(items, [&](int64_t ib, int64_t ie, int t) {
-    for (int64_t it = ib; it < ie; ++it) {
+  const size_t part_floats = static_cast<size_t>(items) * splits * group * b.head_dim;
+  if (splits > 1 && split_out_.size() < part_floats) {
+    split_out_.resize(part_floats);
+    split_stats_.resize(static_cast<size_t>(items) * splits * group * 2);
+  }
+  pool_.parallel_for(items * splits, [&](int64_t ib, int64_t ie, int t) {
+    for (int64_t job = ib; job < ie; ++job) {
+      const int64_t it = job / splits;
+      const int seg = static_cast<int>(job % splits);
       const Block& bl = blocks[it / b.n_kv_heads];
       const int kvh = static_cast<int>(it % b.n_kv_heads);
       AttendArgs a;
@@ -339,9 +361,51 @@ void CpuBackend::attention(const AttentionBatch& b) {
       a.positions = b.positions + bl.first;
       a.window = b.window;
       a.scratch = scratch_[t].data();
+      if (splits > 1) {
+        const int hi = b.positions[bl.first];
+        const int lo = b.window > 0 ? std::max(0, hi - b.window + 1) : 0;
+        const int len = (hi - lo + 1 + splits - 1) / splits;
+        a.seg_lo = lo + seg * len;
+        a.seg_hi = std::min(hi, a.seg_lo + len - 1);
+        a.out = split_out_.data() + static_cast<size_t>(job) * group * b.head_dim;
+        a.out_stride = static_cast<int64_t>(group) * b.head_dim;
+        a.stats = split_stats_.data() + static_cast<size_t>(job) * group * 2;
+        if (a.seg_lo > a.seg_hi) {  // past the end of a short sequence: an empty segment
+          for (int g = 0; g < group; ++g) {
+            a.stats[2 * g] = -INFINITY;
+            a.stats[2 * g + 1] = 0.f;
+          }
+          continue;
+        }
+      }
       kernels_.attend(a);
     }
   });
+  if (splits == 1) return;
+  // out = sum_s w_s out_s / sum_s w_s, w_s = sum_s * exp(max_s - max): each segment's normalised
+  // output weighted by its share of the whole softmax.
+  const int hd = b.head_dim;
+  for (int64_t it = 0; it < items; ++it) {
+    const Block& bl = blocks[it / b.n_kv_heads];
+    const int kvh = static_cast<int>(it % b.n_kv_heads);
+    for (int g = 0; g < group; ++g) {
+      float m = -INFINITY;
+      for (int sg = 0; sg < splits; ++sg) m = std::max(m, split_stats_[((it * splits + sg) * group + g) * 2]);
+      float* out = b.out + bl.first * b.out_stride + (static_cast<int64_t>(kvh) * group + g) * hd;
+      float total = 0.f;
+      for (int d = 0; d < hd; ++d) out[d] = 0.f;
+      for (int sg = 0; sg < splits; ++sg) {
+        const float* st = &split_stats_[((it * splits + sg) * group + g) * 2];
+        if (st[1] == 0.f) continue;
+        const float w = st[1] * std::exp(st[0] - m);
+        total += w;
+        const float* part = split_out_.data() + ((it * splits + sg) * group + g) * static_cast<size_t>(hd);
+        for (int d = 0; d < hd; ++d) out[d] += w * part[d];
+      }
+      const float inv = 1.f / total;
+      for (int d = 0; d < hd; ++d) out[d] *= inv;
+    }
+  }
 }
 
 void CpuBackend::silu_mul(const float* gate_up, int m, int inter, float* out) {

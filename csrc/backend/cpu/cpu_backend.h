@@ -84,6 +84,7 @@ class CpuBackend final : public Backend {
   const KernelTable& kernels_;
   ThreadPool pool_;
   std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
+  std::vector<float> split_out_, split_stats_;  // split decode attention's partial results
   // Activations quantized for the quant panels (QActs), grown to the largest m * k seen.
   std::vector<int16_t> act_q_;
   std::vector<float> act_scale_;

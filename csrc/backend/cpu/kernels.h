@@ -52,6 +52,12 @@ struct AttendArgs {
   const int32_t* positions = nullptr;  // [n_tokens], ascending
   int window = 0;
   float* scratch = nullptr;  // >= n_tokens * group * (positions[last] - lo(positions[0]) + 1)
+  // One segment of a split decode (flash-decoding): with seg_hi >= 0, every query attends only to
+  // its positions inside [seg_lo, seg_hi] (never an empty set: the caller splits a single token's
+  // range), `out` is normalised over the segment, and stats[2 q] / stats[2 q + 1] receive the
+  // segment's max score and sum of exp(score - max) for query q = t * group + g.
+  int seg_lo = 0, seg_hi = -1;
+  float* stats = nullptr;
 };
 
 // Block-quantized weights (GGUF's formats) as *quant panels*: the file's integer codes and scales,

@@ -32,8 +32,12 @@ void gemm_scalar(const GemmArgs& a) {
 void attend_scalar(const AttendArgs& a) {
   const int64_t ps = a.page_size, hd = a.head_dim, nkv = a.n_kv_heads;
   for (int t = 0; t < a.n_tokens; ++t) {
-    const int hi = a.positions[t];
-    const int lo = a.window > 0 && hi - a.window + 1 > 0 ? hi - a.window + 1 : 0;
+    int hi = a.positions[t];
+    int lo = a.window > 0 && hi - a.window + 1 > 0 ? hi - a.window + 1 : 0;
+    if (a.seg_hi >= 0) {
+      lo = a.seg_lo > lo ? a.seg_lo : lo;
+      hi = a.seg_hi < hi ? a.seg_hi : hi;
+    }
     for (int g = 0; g < a.group; ++g) {
       const float* q = a.q + t * a.q_stride + g * hd;
       float* out = a.out + t * a.out_stride + g * hd;
@@ -49,6 +53,10 @@ void attend_scalar(const AttendArgs& a) {
       }
       float sum = 0.f;
       for (int pos = lo; pos <= hi; ++pos) sum += (s[pos - lo] = std::exp(s[pos - lo] - max_score));
+      if (a.stats) {
+        a.stats[2 * (t * a.group + g)] = max_score;
+        a.stats[2 * (t * a.group + g) + 1] = sum;
+      }
       for (int64_t d = 0; d < hd; ++d) out[d] = 0.f;
       for (int pos = lo; pos <= hi; ++pos) {
         const int64_t page = a.page_table[pos / ps], off = pos % ps;
