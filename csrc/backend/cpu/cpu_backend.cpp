@@ -17,14 +17,14 @@ AlignedFloats allocate_floats(size_t n) {
   return AlignedFloats(static_cast<float*>(p));
 }
 
-PackedMatrix::PackedMatrix(int64_t n, int64_t k)
-    : n_(n), k_(k), size_(0) {
+PackedMatrix::PackedMatrix(int64_t n, int64_t k, std::shared_ptr<WeightArena> arena)
+    : n_(n), k_(k), size_(0), arena_(std::move(arena)) {
   // Every group but the last is full; the last is padded to whole panels.
   const int64_t full = n / kGroupRows;
   const int64_t rest = n - full * kGroupRows;
   const int64_t rest_width = (rest + kPanelRows - 1) / kPanelRows * kPanelRows;
   size_ = static_cast<size_t>((full * kGroupRows + rest_width) * k);
-  data_ = allocate_floats(size_);
+  data_ = reinterpret_cast<float*>(arena_->allocate(size_ * sizeof(float)));
 }
 
 float PackedMatrix::at(int64_t row, int64_t col) const {
@@ -108,7 +108,7 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
     }
   // Quantized types become quant panels: the file's codes, regrouped, never widened to float.
   PanelFormat pf;
-  if (panel_format(parts[0]->dtype, &pf)) return std::make_unique<QuantPanels>(parts, pool_);
+  if (panel_format(parts[0]->dtype, &pf)) return std::make_unique<QuantPanels>(parts, pool_, arena_);
   int64_t n = 0;
   std::vector<std::pair<const TensorView*, int64_t>> row_owner;  // (part, first row) per part
   for (const TensorView* p : parts) {
@@ -117,7 +117,7 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
     row_owner.emplace_back(p, n);
     n += p->shape[0];
   }
-  auto m = std::make_unique<PackedMatrix>(n, k);
+  auto m = std::make_unique<PackedMatrix>(n, k, arena_);
   float* dst = m->data();
   const int64_t groups = m->groups();
   pool_.parallel_for(groups, [&](int64_t gb, int64_t ge, int) {

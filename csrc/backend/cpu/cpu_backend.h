@@ -21,19 +21,20 @@ AlignedFloats allocate_floats(size_t n);  // 64-byte aligned, uninitialised
 // W: [n, k] in the grouped panel layout described in kernels.h.
 class PackedMatrix final : public Matrix {
  public:
-  PackedMatrix(int64_t n, int64_t k);
+  PackedMatrix(int64_t n, int64_t k, std::shared_ptr<WeightArena> arena);
   int64_t rows() const override { return n_; }
   int64_t cols() const override { return k_; }
   size_t bytes() const override { return size_ * sizeof(float); }
   int64_t groups() const { return (n_ + kGroupRows - 1) / kGroupRows; }
-  float* data() { return data_.get(); }
-  const float* data() const { return data_.get(); }
+  float* data() { return data_; }
+  const float* data() const { return data_; }
   float at(int64_t row, int64_t col) const;  // element W[row][col]
 
  private:
   int64_t n_, k_;
   size_t size_;
-  AlignedFloats data_;
+  std::shared_ptr<WeightArena> arena_;  // owns data_
+  float* data_ = nullptr;
 };
 
 // Row blocks of different formats computed as one matrix (q|k|v or gate|up of a file that mixes
@@ -83,6 +84,7 @@ class CpuBackend final : public Backend {
  private:
   const KernelTable& kernels_;
   ThreadPool pool_;
+  std::shared_ptr<WeightArena> arena_ = std::make_shared<WeightArena>();  // every packed matrix
   std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
   std::vector<float> split_out_, split_stats_;  // split decode attention's partial results
   // Activations quantized for the quant panels (QActs), grown to the largest m * k seen.

@@ -222,7 +222,8 @@ bool panel_format(DType type, PanelFormat* out) {
   }
 }
 
-QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool& pool) {
+QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool& pool,
+                         std::shared_ptr<WeightArena> arena) {
   if (parts.empty()) throw std::invalid_argument("quant panels: no tensors");
   type_ = parts[0]->dtype;
   if (!panel_format(type_, &format_))
@@ -241,9 +242,8 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
   const int64_t nb = k_ / kPanelBlock;
   panels_ = (n_ + kPanelLanes - 1) / kPanelLanes;
   panel_bytes_ = nb * format_.record_bytes;
-  const size_t total = std::max<size_t>(64, (static_cast<size_t>(panel_bytes_ * panels_) + 63) / 64 * 64);
-  data_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, total)));
-  if (!data_) throw std::bad_alloc();
+  arena_ = std::move(arena);
+  data_ = arena_->allocate(static_cast<size_t>(panel_bytes_ * panels_));
   const int64_t row_bytes = dtype_bytes(type_, k_);
   const PanelFormat f = format_;
   pool.parallel_for(panels_, [&](int64_t pb, int64_t pe, int) {
@@ -264,7 +264,7 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
         const auto* src = static_cast<const uint8_t*>(parts[pi]->data) + (row - first_row[pi]) * row_bytes;
         decode_row(type_, src, k_, dst);
       }
-      uint8_t* out = data_.get() + p * panel_bytes_;
+      uint8_t* out = data_ + p * panel_bytes_;
       for (int64_t b = 0; b < nb; ++b, out += f.record_bytes) {
         if (f.codes == PanelCodes::U4) {
           for (int c = 0; c < 4; ++c)
@@ -307,7 +307,7 @@ void QuantPanels::dequantize_row(int64_t row, float* out) const {
   const PanelFormat& f = format_;
   const int64_t p = row / kPanelLanes;
   const int r = static_cast<int>(row % kPanelLanes);
-  const uint8_t* rec = data_.get() + p * panel_bytes_;
+  const uint8_t* rec = data_ + p * panel_bytes_;
   for (int64_t b = 0; b < k_ / kPanelBlock; ++b, rec += f.record_bytes) {
     for (int j = 0; j < kPanelBlock; ++j) {
       int code;
