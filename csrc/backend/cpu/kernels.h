@@ -62,37 +62,45 @@ struct AttendArgs {
 
 // Block-quantized weights (GGUF's formats) as *quant panels*: the file's integer codes and scales,
 // regrouped once at load (quant_panels.h) so that one vector lane is one output row. A panel is
-// kPanelLanes rows; per 32-weight block of k it holds one record, and the panels' records follow
-// each other in k order, so a decode step streams each panel front to back once:
+// kPanelLanes rows; per 32-weight block of k it holds one record, and the records follow each other
+// in k order, so a decode step streams each panel front to back once:
 //   codes   U4: 4 chunks of 64 bytes; in chunk c, lane r's 32-bit word holds two 16-bit words e = 0, 1
 //               of four nibbles n = 0..3: code of k = 8c + 2n + e          (formats of <= 4 bits)
 //           S8: 8 chunks of 64 bytes; in chunk c, lane r's 16-bit word e holds the int8 codes of
 //               k = 4c + e (low byte) and k = 4c + 2 + e (high byte)       (5, 6 and 8 bits)
-//   scales  per lane: f16 (the file's d) or f32 (K-quants: the exact product d * sub-block scale);
-//           per16 formats (Q2_K, Q3_K, Q6_K) have two per block, for k 0..15 and 16..31
-//   mins    as scales, when the format has its own (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K)
+//   scales  per lane: legacy formats the file's f16 d; K-quants the sub-block's 6- or 8-bit scale
+//           code as one byte (signed for Q3_K / Q6_K), multiplied by the super-block's d, which
+//           (with dmin) heads each group of 8 records as 16 lanes of f16. per16 formats (Q2_K,
+//           Q3_K, Q6_K) have two scales per record, for k 0..15 and 16..31.
+//   mins    as scales, when the format has its own: f16 m (Q4_1, Q5_1, w = d q + m) or a byte
+//           code times dmin (Q2_K, Q4_K, Q5_K, w = d sc q - dmin m)
 // A weight is scale * code + min, or scale * (code + offset) (Q4_0: offset -8), exactly the value
-// the reference dequantization gives. Activations meet the codes as int16 (QActs, one scale per
-// 32 values, round to nearest even): int16 x int16 products summed in int32 per block (VNNI
-// vpdpwssd, or vpmaddwd), then scaled in float. 16-bit activations keep the model within 1e-4 of
-// float32 logits, where llama.cpp's 8-bit ones lose ~5% of top-1 agreement.
+// the reference dequantization gives, from about as many bytes as the file holds. Activations meet
+// the codes as int16 (QActs, one scale per 32 values, round to nearest even): int16 x int16
+// products summed in int32 per block (VNNI vpdpwssd, or vpmaddwd), then scaled in float. 16-bit
+// activations keep the model within 3e-4 of float32 logits, where llama.cpp's 8-bit ones lose
+// ~5% of top-1 agreement.
 // Every output is computed by the same operations whatever the batch and tile, so a sequence's
 // logits are bit-identical alone or batched with strangers.
 constexpr int kPanelLanes = 16;   // output rows per panel
 constexpr int kPanelBlock = 32;   // weights of k per record
 constexpr int kPanelChunk = 64;   // bytes per code chunk
+constexpr int kKGroup = 8;        // K-quant records per super-block (256 weights)
 
 enum class PanelCodes : int { U4 = 0, S8 = 1 };
 
 struct PanelFormat {
   PanelCodes codes = PanelCodes::U4;
-  bool f32_scales = false;  // else f16
-  bool per16 = false;       // two scales (and mins) per block
+  bool kquant = false;      // byte scale codes times a per-group f16 d (and dmin); else f16 scales
+  bool per16 = false;       // two scales (and mins) per record
   bool stored_min = false;  // w = scale * code + min; else w = scale * (code + offset)
   int offset = 0;
+  int group_records = 1;    // records per group (kKGroup for K-quants)
+  int header_bytes = 0;     // per group: f16 d (and dmin) per lane, K-quants only
   int code_bytes = 0;       // per record: 256 (U4) or 512 (S8)
-  int scale_bytes = 0;      // per record: kPanelLanes * (per16 ? 2 : 1) * (f32 ? 4 : 2); mins the same
+  int scale_bytes = 0;      // per record: kPanelLanes * (per16 ? 2 : 1) * (kquant ? 1 : 2); mins the same
   int record_bytes = 0;
+  int group_bytes = 0;      // header + group_records records
 };
 
 // Activations quantized per 32-value block: x[i, 32 b + j] ~= scale[i, b] * q[i, 32 b + j].

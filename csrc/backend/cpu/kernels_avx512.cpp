@@ -23,6 +23,7 @@ struct Vec {
   static T fmadd(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
+  static T fnmadd(T a, T b, T c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a * b
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
   static float sum(T v) { return _mm512_reduce_add_ps(v); }
 };
@@ -55,6 +56,8 @@ struct QOps {
 #endif
   }
   static __m512 cvt(I v) { return _mm512_cvtepi32_ps(v); }
+  static __m512 u8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
+  static __m512 s8(const uint8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); }
   static __m512 f16(const uint8_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void quantize_block(const float* x, int16_t* q, float* scale, int32_t* qsum) {
     const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);

@@ -102,12 +102,7 @@ int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j) {
   return static_cast<int8_t>(rec[c * kPanelChunk + r * 4 + e * 2 + hi]);
 }
 
-float panel_float(const PanelFormat& f, const uint8_t* p, int index) {
-  if (f.f32_scales) {
-    float v;
-    std::memcpy(&v, p + index * 4, 4);
-    return v;
-  }
+float f16_at(const uint8_t* p, int index) {
   uint16_t h;
   std::memcpy(&h, p + index * 2, 2);
   return f16_to_f32(h);
@@ -123,7 +118,8 @@ void qpanel_matmul_scalar(const QPanelArgs& a) {
       for (int i = a.row_begin; i < a.row_end; ++i) {
         float acc = 0.f;
         for (int64_t b = 0; b < nb; ++b) {
-          const uint8_t* rec = a.panels + p * a.panel_bytes + b * f.record_bytes;
+          const uint8_t* group = a.panels + p * a.panel_bytes + (b / f.group_records) * f.group_bytes;
+          const uint8_t* rec = group + f.header_bytes + (b % f.group_records) * f.record_bytes;
           const int16_t* xq = a.x.q + i * a.x.k + b * kPanelBlock;
           const int64_t blk = i * nb + b;
           const float xs = a.x.scale[blk];
@@ -133,11 +129,22 @@ void qpanel_matmul_scalar(const QPanelArgs& a) {
             for (int j = j0; j < j1; ++j) dot += panel_code(f, rec, r, j) * xq[j];
             const int32_t qsum = f.per16 ? a.x.qsum[blk * 2 + h] : a.x.qsum[blk * 2] + a.x.qsum[blk * 2 + 1];
             if (!f.stored_min) dot += f.offset * qsum;
-            const float s = panel_float(f, rec + f.code_bytes, h * kPanelLanes + r);
-            acc = std::fma(static_cast<float>(dot), s * xs, acc);
-            if (f.stored_min)
-              acc = std::fma(panel_float(f, rec + f.code_bytes + f.scale_bytes, h * kPanelLanes + r),
-                             xs * static_cast<float>(qsum), acc);
+            const uint8_t* sc = rec + f.code_bytes;
+            const uint8_t* mc = sc + f.scale_bytes;
+            if (f.kquant) {
+              // scale = d * sub-block code (signed for the formats without mins), min = -(dmin * code)
+              const int code = f.stored_min ? static_cast<int>(sc[h * kPanelLanes + r])
+                                            : static_cast<int>(static_cast<int8_t>(sc[h * kPanelLanes + r]));
+              const float s = f16_at(group, r) * static_cast<float>(code);
+              acc = std::fma(static_cast<float>(dot), s * xs, acc);
+              if (f.stored_min) {
+                const float mn = f16_at(group, kPanelLanes + r) * static_cast<float>(mc[h * kPanelLanes + r]);
+                acc = std::fma(-mn, xs * static_cast<float>(qsum), acc);
+              }
+            } else {
+              acc = std::fma(static_cast<float>(dot), f16_at(sc, h * kPanelLanes + r) * xs, acc);
+              if (f.stored_min) acc = std::fma(f16_at(mc, h * kPanelLanes + r), xs * static_cast<float>(qsum), acc);
+            }
           }
         }
         float o = acc;

@@ -16,26 +16,29 @@ static_assert(kPanelLanes * 4 == kPanelChunk, "a chunk is one 32-bit word per la
 
 namespace {
 
-PanelFormat make_format(PanelCodes codes, bool f32_scales, bool per16, bool stored_min, int offset) {
+PanelFormat make_format(PanelCodes codes, bool kquant, bool per16, bool stored_min, int offset) {
   PanelFormat f;
   f.codes = codes;
-  f.f32_scales = f32_scales;
+  f.kquant = kquant;
   f.per16 = per16;
   f.stored_min = stored_min;
   f.offset = offset;
+  f.group_records = kquant ? kKGroup : 1;
+  f.header_bytes = kquant ? kPanelLanes * 2 * (stored_min ? 2 : 1) : 0;
   f.code_bytes = (codes == PanelCodes::U4 ? 4 : 8) * kPanelChunk;
-  f.scale_bytes = kPanelLanes * (per16 ? 2 : 1) * (f32_scales ? 4 : 2);
+  f.scale_bytes = kPanelLanes * (per16 ? 2 : 1) * (kquant ? 1 : 2);
   f.record_bytes = f.code_bytes + f.scale_bytes * (stored_min ? 2 : 1);
+  f.group_bytes = f.header_bytes + f.group_records * f.record_bytes;
   return f;
 }
 
-// One 32-weight block of a row, decoded: w[j] = s[h] * code[j] + mn[h] (stored min) or
-// s[h] * (code[j] + offset), h = j / 16 for per16 formats, else 0. f16 formats keep the file's
-// bits (s16, m16); the others hold exact f32 products.
+// One 32-weight block of a row, decoded. Legacy formats: w[j] = d * code[j] + m (stored min) or
+// d * (code[j] + offset), d and m the file's f16 bits. K-quants: scale = d * sc[h] and
+// min = -(dmin * mc[h]) (h = j / 16 for per16 formats, else 0), d and dmin the super-block's f16.
 struct Block32 {
   int code[kPanelBlock];
-  uint16_t s16 = 0, m16 = 0;
-  float s[2] = {0.f, 0.f}, mn[2] = {0.f, 0.f};
+  uint16_t d = 0, m = 0;  // f16 bits: legacy d, m; K-quant d, dmin
+  int sc[2] = {0, 0}, mc[2] = {0, 0};
 };
 
 void scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
@@ -62,18 +65,18 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
         Block32& o = out[b];
         if (t == DType::Q8_0) {
           const auto* blk = reinterpret_cast<const BlockQ8_0*>(row) + b;
-          o.s16 = blk->d;
+          o.d = blk->d;
           for (int j = 0; j < kQK; ++j) o.code[j] = blk->qs[j];
         } else if (t == DType::Q4_0 || t == DType::Q4_1) {
           const uint8_t* qs;
           if (t == DType::Q4_0) {
             const auto* blk = reinterpret_cast<const BlockQ4_0*>(row) + b;
-            o.s16 = blk->d;
+            o.d = blk->d;
             qs = blk->qs;
           } else {
             const auto* blk = reinterpret_cast<const BlockQ4_1*>(row) + b;
-            o.s16 = blk->d;
-            o.m16 = blk->m;
+            o.d = blk->d;
+            o.m = blk->m;
             qs = blk->qs;
           }
           for (int j = 0; j < kQK / 2; ++j) {
@@ -84,13 +87,13 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
           const uint8_t *qs, *qhp;
           if (t == DType::Q5_0) {
             const auto* blk = reinterpret_cast<const BlockQ5_0*>(row) + b;
-            o.s16 = blk->d;
+            o.d = blk->d;
             qs = blk->qs;
             qhp = blk->qh;
           } else {
             const auto* blk = reinterpret_cast<const BlockQ5_1*>(row) + b;
-            o.s16 = blk->d;
-            o.m16 = blk->m;
+            o.d = blk->d;
+            o.m = blk->m;
             qs = blk->qs;
             qhp = blk->qh;
           }
@@ -106,14 +109,15 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
     case DType::Q2_K:
       for (int64_t sb = 0; sb < k / kQK_K; ++sb) {
         const auto& blk = reinterpret_cast<const BlockQ2_K*>(row)[sb];
-        const float d = f16_to_f32(blk.d), dmin = f16_to_f32(blk.dmin);
         for (int n = 0; n < 2; ++n)
           for (int j = 0; j < 4; ++j) {
             Block32& o = out[sb * 8 + n * 4 + j];
+            o.d = blk.d;
+            o.m = blk.dmin;
             for (int half = 0; half < 2; ++half) {
               const uint8_t sc = blk.scales[n * 8 + j * 2 + half];
-              o.s[half] = d * static_cast<float>(sc & 0xF);
-              o.mn[half] = -(dmin * static_cast<float>(sc >> 4));
+              o.sc[half] = sc & 0xF;
+              o.mc[half] = sc >> 4;
               for (int l = 0; l < 16; ++l) o.code[half * 16 + l] = (blk.qs[n * 32 + l + 16 * half] >> (2 * j)) & 3;
             }
           }
@@ -132,13 +136,13 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
         aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
         int8_t scales[16];
         std::memcpy(scales, aux, 16);
-        const float d_all = f16_to_f32(blk.d);
         for (int n = 0; n < 2; ++n)
           for (int j = 0; j < 4; ++j) {
             Block32& o = out[sb * 8 + n * 4 + j];
+            o.d = blk.d;
             const uint8_t m = static_cast<uint8_t>(1u << (n * 4 + j));
             for (int half = 0; half < 2; ++half) {
-              o.s[half] = d_all * static_cast<float>(scales[n * 8 + j * 2 + half] - 32);
+              o.sc[half] = scales[n * 8 + j * 2 + half] - 32;
               for (int l = 0; l < 16; ++l) {
                 const int kk = l + 16 * half;
                 o.code[kk] = ((blk.qs[n * 32 + kk] >> (2 * j)) & 3) + ((blk.hmask[kk] & m) ? 4 : 0);
@@ -161,13 +165,14 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
           const auto& blk = reinterpret_cast<const BlockQ4_K*>(row)[sb];
           scales = blk.scales, qs = blk.qs, dd = blk.d, dm = blk.dmin;
         }
-        const float d = f16_to_f32(dd), dmin = f16_to_f32(dm);
         for (int is = 0; is < 8; ++is) {
           Block32& o = out[sb * 8 + is];
           uint8_t sc, m;
           scale_min_k4(is, scales, &sc, &m);
-          o.s[0] = o.s[1] = d * sc;
-          o.mn[0] = o.mn[1] = -(dmin * m);
+          o.d = dd;
+          o.m = dm;
+          o.sc[0] = o.sc[1] = sc;
+          o.mc[0] = o.mc[1] = m;
           const uint8_t* q = qs + (is / 2) * 32;
           for (int l = 0; l < 32; ++l) {
             int c = is % 2 ? q[l] >> 4 : q[l] & 0xF;
@@ -180,14 +185,14 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
     case DType::Q6_K:
       for (int64_t sb = 0; sb < k / kQK_K; ++sb) {
         const auto& blk = reinterpret_cast<const BlockQ6_K*>(row)[sb];
-        const float d = f16_to_f32(blk.d);
         for (int n = 0; n < 2; ++n) {
           const uint8_t* ql = blk.ql + n * 64;
           const uint8_t* qh = blk.qh + n * 32;
           const int8_t* sc = blk.scales + n * 8;
           for (int part = 0; part < 4; ++part) {  // y[n*128 + part*32 + l]
             Block32& o = out[sb * 8 + n * 4 + part];
-            for (int half = 0; half < 2; ++half) o.s[half] = d * static_cast<float>(sc[half + 2 * part]);
+            o.d = blk.d;
+            for (int half = 0; half < 2; ++half) o.sc[half] = sc[half + 2 * part];
             for (int l = 0; l < 32; ++l) {
               const uint8_t lbyte = ql[l + (part & 1) * 32];
               const int lo4 = part < 2 ? (lbyte & 0xF) : (lbyte >> 4);
@@ -241,7 +246,9 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
   }
   const int64_t nb = k_ / kPanelBlock;
   panels_ = (n_ + kPanelLanes - 1) / kPanelLanes;
-  panel_bytes_ = nb * format_.record_bytes;
+  if (nb % format_.group_records != 0)
+    throw std::invalid_argument("quant panels: k is not whole groups of " + std::to_string(format_.group_records) + " blocks");
+  panel_bytes_ = nb / format_.group_records * format_.group_bytes;
   arena_ = std::move(arena);
   data_ = arena_->allocate(static_cast<size_t>(panel_bytes_ * panels_));
   const int64_t row_bytes = dtype_bytes(type_, k_);
@@ -264,8 +271,15 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
         const auto* src = static_cast<const uint8_t*>(parts[pi]->data) + (row - first_row[pi]) * row_bytes;
         decode_row(type_, src, k_, dst);
       }
-      uint8_t* out = data_ + p * panel_bytes_;
-      for (int64_t b = 0; b < nb; ++b, out += f.record_bytes) {
+      uint8_t* panel = data_ + p * panel_bytes_;
+      for (int64_t b = 0; b < nb; ++b) {
+        uint8_t* group = panel + (b / f.group_records) * f.group_bytes;
+        uint8_t* out = group + f.header_bytes + (b % f.group_records) * f.record_bytes;
+        if (f.kquant && b % f.group_records == 0)  // the group's header: d (and dmin) per lane
+          for (int r = 0; r < kPanelLanes; ++r) {
+            std::memcpy(group + r * 2, &rows[r * nb + b].d, 2);
+            if (f.stored_min) std::memcpy(group + (kPanelLanes + r) * 2, &rows[r * nb + b].m, 2);
+          }
         if (f.codes == PanelCodes::U4) {
           for (int c = 0; c < 4; ++c)
             for (int r = 0; r < kPanelLanes; ++r)
@@ -290,12 +304,12 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
         for (int h = 0; h < halves; ++h)
           for (int r = 0; r < kPanelLanes; ++r) {
             const Block32& blk = rows[r * nb + b];
-            if (f.f32_scales) {
-              std::memcpy(scales + (h * kPanelLanes + r) * 4, &blk.s[h], 4);
-              if (f.stored_min) std::memcpy(mins + (h * kPanelLanes + r) * 4, &blk.mn[h], 4);
+            if (f.kquant) {
+              scales[h * kPanelLanes + r] = static_cast<uint8_t>(blk.sc[h]);  // int8 for Q3_K / Q6_K
+              if (f.stored_min) mins[h * kPanelLanes + r] = static_cast<uint8_t>(blk.mc[h]);
             } else {
-              std::memcpy(scales + (h * kPanelLanes + r) * 2, &blk.s16, 2);
-              if (f.stored_min) std::memcpy(mins + (h * kPanelLanes + r) * 2, &blk.m16, 2);
+              std::memcpy(scales + (h * kPanelLanes + r) * 2, &blk.d, 2);
+              if (f.stored_min) std::memcpy(mins + (h * kPanelLanes + r) * 2, &blk.m, 2);
             }
           }
       }
@@ -307,8 +321,10 @@ void QuantPanels::dequantize_row(int64_t row, float* out) const {
   const PanelFormat& f = format_;
   const int64_t p = row / kPanelLanes;
   const int r = static_cast<int>(row % kPanelLanes);
-  const uint8_t* rec = data_ + p * panel_bytes_;
-  for (int64_t b = 0; b < k_ / kPanelBlock; ++b, rec += f.record_bytes) {
+  const uint8_t* panel = data_ + p * panel_bytes_;
+  for (int64_t b = 0; b < k_ / kPanelBlock; ++b) {
+    const uint8_t* group = panel + (b / f.group_records) * f.group_bytes;
+    const uint8_t* rec = group + f.header_bytes + (b % f.group_records) * f.record_bytes;
     for (int j = 0; j < kPanelBlock; ++j) {
       int code;
       if (f.codes == PanelCodes::U4) {
@@ -322,9 +338,16 @@ void QuantPanels::dequantize_row(int64_t row, float* out) const {
       }
       const int h = f.per16 ? j / 16 : 0;
       float s, mn = 0.f;
-      if (f.f32_scales) {
-        std::memcpy(&s, rec + f.code_bytes + (h * kPanelLanes + r) * 4, 4);
-        if (f.stored_min) std::memcpy(&mn, rec + f.code_bytes + f.scale_bytes + (h * kPanelLanes + r) * 4, 4);
+      if (f.kquant) {
+        uint16_t d16, dmin16 = 0;
+        std::memcpy(&d16, group + r * 2, 2);
+        const uint8_t sc = rec[f.code_bytes + h * kPanelLanes + r];
+        // Q3_K / Q6_K (no min) have signed scale codes.
+        s = f16_to_f32(d16) * static_cast<float>(f.stored_min ? static_cast<int>(sc) : static_cast<int8_t>(sc));
+        if (f.stored_min) {
+          std::memcpy(&dmin16, group + (kPanelLanes + r) * 2, 2);
+          mn = -(f16_to_f32(dmin16) * static_cast<float>(rec[f.code_bytes + f.scale_bytes + h * kPanelLanes + r]));
+        }
       } else {
         uint16_t s16, m16 = 0;
         std::memcpy(&s16, rec + f.code_bytes + (h * kPanelLanes + r) * 2, 2);
