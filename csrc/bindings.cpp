@@ -674,6 +674,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa") = "auto");
   k.def("is_native_format", [](const std::string& f) { cpu::PanelFormat q; return cpu::panel_format(parse_dtype(f), &q); },
         "whether `format` is computed in place by quantized kernels (else dequantized at load)");
+  k.def("packed_bytes", [](const std::string& f, int64_t n, int64_t k) -> int64_t {
+    cpu::PanelFormat pf;
+    if (!cpu::panel_format(parse_dtype(f), &pf)) return n * k * 4;  // float panels
+    if (k % (cpu::kPanelBlock * pf.group_records) != 0) throw std::invalid_argument("packed_bytes: k is not whole groups");
+    return (n + cpu::kPanelLanes - 1) / cpu::kPanelLanes * (k / cpu::kPanelBlock / pf.group_records) * pf.group_bytes;
+  }, py::arg("format"), py::arg("n"), py::arg("k"), "Bytes the backend reads for one pass over W: [n, k] of `format`.");
   k.def("dequantize", &kernel_dequantize, py::arg("format"), py::arg("data"), py::arg("n"),
         "The scalar reference dequantization of n elements of `format` (e.g. q4_k) from raw block bytes");
   k.def("bench_gemm", &bench_gemm, py::arg("n"), py::arg("k"), py::arg("m"), py::arg("isa") = "auto",

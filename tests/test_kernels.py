@@ -164,6 +164,45 @@ def test_split_decode_attention_matches_float64(isa, window, rng) -> None:
         np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"threads={threads}")
 
 
+def to_bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounded to nearest even (as torch rounds)."""
+    bits = w.astype(np.float32).view(np.uint32)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def from_bf16_bits(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+@pytest.mark.parametrize("m", [1, 3, 7, 13])
+def test_16bit_weights_match_float64(isa, dtype, m, rng) -> None:
+    """f16 / bf16 checkpoints keep their dtype in the float panels (half the bytes of float32) and
+    are widened in registers: the result is the float32 path's on the same (rounded) weights."""
+    n, k = 101, 80  # n across a partial group and a partial panel
+    w32 = rng.standard_normal((n, k)).astype(np.float32)
+    if dtype == "f16":
+        raw = w32.astype(np.float16)
+        w = raw.astype(np.float64)
+    else:
+        raw = to_bf16_bits(w32)
+        w = from_bf16_bits(raw).astype(np.float64)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    y0 = rng.standard_normal((m, n)).astype(np.float32)
+    got = _C.kernels.qgemm(dtype, raw, n, k, x, bias=bias, y=y0, isa=isa, threads=2)
+    ref = x.astype(np.float64) @ w.T + bias + y0
+    scale = np.abs(x.astype(np.float64)) @ np.abs(w.T) + np.abs(bias) + np.abs(y0)
+    assert np.max(np.abs(got - ref) / scale) < 1e-6
+    # The same weights packed as float32 give the same answer (same kernel, widened loads).
+    same = _C.kernels.qgemm("f32", w.astype(np.float32), n, k, x, bias=bias, y=y0, isa=isa, threads=2)
+    np.testing.assert_array_equal(got, same)
+    # The embedding gather reads them back exactly.
+    ids = [0, 50, 100, 17]
+    np.testing.assert_array_equal(_C.kernels.qgather(dtype, raw, n, k, ids, isa=isa), w[ids].astype(np.float32))
+
+
 def test_attention_reference_is_not_trivial() -> None:
     """The inputs really vary by position: a kernel that read the wrong slot would be caught."""
     rng = np.random.default_rng(0)

@@ -7,6 +7,7 @@
 #include <thread>
 
 #include "backend/cpu/cpu_features.h"
+#include "tensor/quant_blocks.h"
 
 namespace pyserve::cpu {
 
@@ -17,21 +18,29 @@ AlignedFloats allocate_floats(size_t n) {
   return AlignedFloats(static_cast<float*>(p));
 }
 
-PackedMatrix::PackedMatrix(int64_t n, int64_t k, std::shared_ptr<WeightArena> arena)
-    : n_(n), k_(k), size_(0), arena_(std::move(arena)) {
+PackedMatrix::PackedMatrix(int64_t n, int64_t k, FloatType type, std::shared_ptr<WeightArena> arena)
+    : n_(n), k_(k), size_(0), type_(type), arena_(std::move(arena)) {
   // Every group but the last is full; the last is padded to whole panels.
   const int64_t full = n / kGroupRows;
   const int64_t rest = n - full * kGroupRows;
   const int64_t rest_width = (rest + kPanelRows - 1) / kPanelRows * kPanelRows;
   size_ = static_cast<size_t>((full * kGroupRows + rest_width) * k);
-  data_ = reinterpret_cast<float*>(arena_->allocate(size_ * sizeof(float)));
+  data_ = arena_->allocate(size_ * element_bytes());
 }
 
 float PackedMatrix::at(int64_t row, int64_t col) const {
   const int64_t g = row / kGroupRows, j = row % kGroupRows;
   const int64_t valid = std::min<int64_t>(kGroupRows, n_ - g * kGroupRows);
   const int64_t width = (valid + kPanelRows - 1) / kPanelRows * kPanelRows;
-  return data_[g * kGroupRows * k_ + col * width + j];
+  const int64_t i = g * kGroupRows * k_ + col * width + j;
+  if (type_ == FloatType::F32) return reinterpret_cast<const float*>(data_)[i];
+  uint16_t h;
+  std::memcpy(&h, data_ + i * 2, 2);
+  if (type_ == FloatType::F16) return f16_to_f32(h);
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
 }
 
 const KernelTable& select_kernels(const std::string& isa) {
@@ -117,23 +126,36 @@ std::unique_ptr<Matrix> CpuBackend::pack(const std::vector<const TensorView*>& p
     row_owner.emplace_back(p, n);
     n += p->shape[0];
   }
-  auto m = std::make_unique<PackedMatrix>(n, k, arena_);
-  float* dst = m->data();
+  // Float weights keep their type: f16 / bf16 rows are copied bit for bit, anything else (only
+  // F32 reaches here) as float32.
+  const DType dt = parts[0]->dtype;
+  const FloatType ft = dt == DType::F16 ? FloatType::F16 : dt == DType::BF16 ? FloatType::BF16 : FloatType::F32;
+  auto m = std::make_unique<PackedMatrix>(n, k, ft, arena_);
+  uint8_t* dst = m->data();
+  const int64_t eb = m->element_bytes();
   const int64_t groups = m->groups();
   pool_.parallel_for(groups, [&](int64_t gb, int64_t ge, int) {
     std::vector<float> row(static_cast<size_t>(k));
     for (int64_t g = gb; g < ge; ++g) {
       const int64_t valid = std::min<int64_t>(kGroupRows, n - g * kGroupRows);
       const int64_t width = (valid + kPanelRows - 1) / kPanelRows * kPanelRows;
-      float* base = dst + g * kGroupRows * k;
-      std::fill(base, base + width * k, 0.f);
+      uint8_t* base = dst + g * kGroupRows * k * eb;
+      std::memset(base, 0, static_cast<size_t>(width * k * eb));
       for (int64_t j = 0; j < valid; ++j) {
         const int64_t r = g * kGroupRows + j;
         size_t pi = row_owner.size() - 1;
         while (row_owner[pi].second > r) --pi;
         const TensorView* part = row_owner[pi].first;
-        part->to_f32((r - row_owner[pi].second) * k, k, row.data());
-        for (int64_t c = 0; c < k; ++c) base[c * width + j] = row[c];
+        const int64_t first = (r - row_owner[pi].second) * k;
+        if (ft == FloatType::F32) {
+          part->to_f32(first, k, row.data());
+          float* out = reinterpret_cast<float*>(base);
+          for (int64_t c = 0; c < k; ++c) out[c * width + j] = row[c];
+        } else {
+          const uint16_t* src = static_cast<const uint16_t*>(part->data) + first;
+          uint16_t* out = reinterpret_cast<uint16_t*>(base);
+          for (int64_t c = 0; c < k; ++c) out[c * width + j] = src[c];
+        }
       }
     }
   });
@@ -211,6 +233,7 @@ void CpuBackend::matmul(const Matrix& w, const float* x, int64_t ldx, int m, flo
   a.x = x;
   a.ldx = ldx;
   a.w = pw.data();
+  a.wtype = pw.type();
   a.bias = bias;
   a.y = y;
   a.ldy = ldy;

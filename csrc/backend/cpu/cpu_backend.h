@@ -18,23 +18,26 @@ struct FreeDeleter {
 using AlignedFloats = std::unique_ptr<float[], FreeDeleter>;
 AlignedFloats allocate_floats(size_t n);  // 64-byte aligned, uninitialised
 
-// W: [n, k] in the grouped panel layout described in kernels.h.
+// W: [n, k] in the grouped panel layout described in kernels.h, elements of one FloatType.
 class PackedMatrix final : public Matrix {
  public:
-  PackedMatrix(int64_t n, int64_t k, std::shared_ptr<WeightArena> arena);
+  PackedMatrix(int64_t n, int64_t k, FloatType type, std::shared_ptr<WeightArena> arena);
   int64_t rows() const override { return n_; }
   int64_t cols() const override { return k_; }
-  size_t bytes() const override { return size_ * sizeof(float); }
+  size_t bytes() const override { return size_ * element_bytes(); }
   int64_t groups() const { return (n_ + kGroupRows - 1) / kGroupRows; }
-  float* data() { return data_; }
-  const float* data() const { return data_; }
+  FloatType type() const { return type_; }
+  size_t element_bytes() const { return type_ == FloatType::F32 ? 4 : 2; }
+  uint8_t* data() { return data_; }
+  const uint8_t* data() const { return data_; }
   float at(int64_t row, int64_t col) const;  // element W[row][col]
 
  private:
   int64_t n_, k_;
-  size_t size_;
+  size_t size_;  // elements, padding included
+  FloatType type_;
   std::shared_ptr<WeightArena> arena_;  // owns data_
-  float* data_ = nullptr;
+  uint8_t* data_ = nullptr;
 };
 
 // Row blocks of different formats computed as one matrix (q|k|v or gate|up of a file that mixes

@@ -15,10 +15,17 @@ constexpr int kPanelRows = 16;
 constexpr int kGroupPanels = 3;
 constexpr int kGroupRows = kPanelRows * kGroupPanels;
 
+// Element type of float panels: a checkpoint's own dtype by default (bf16 stays bf16, read at half
+// the bytes of float32). 16-bit weights are widened to float32 in registers and meet float32
+// activations, so the arithmetic is the float32 path's exactly (AVX512-BF16's vdpbf16ps would
+// round the activations to bf16 too).
+enum class FloatType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
 struct GemmArgs {
   const float* x = nullptr;  // x: [m, k], row stride ldx
   int64_t ldx = 0;
-  const float* w = nullptr;  // packed W: [n, k]
+  const void* w = nullptr;   // packed W: [n, k] of wtype
+  FloatType wtype = FloatType::F32;
   const float* bias = nullptr;  // [n] or null
   float* y = nullptr;        // y: [m, n], row stride ldy;  y = x · Wᵀ (+ bias) (+ y if accumulate)
   int64_t ldy = 0;

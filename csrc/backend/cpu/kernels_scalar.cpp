@@ -10,6 +10,17 @@
 namespace pyserve::cpu {
 namespace {
 
+// Element i of the packed weights, widened to float.
+float weight_at(const GemmArgs& a, int64_t i) {
+  if (a.wtype == FloatType::F32) return static_cast<const float*>(a.w)[i];
+  const uint16_t h = static_cast<const uint16_t*>(a.w)[i];
+  if (a.wtype == FloatType::F16) return f16_to_f32(h);
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 void gemm_scalar(const GemmArgs& a) {
   const int row_begin = a.group_begin * kGroupRows;
   const int row_end = a.group_end * kGroupRows < a.n ? a.group_end * kGroupRows : a.n;
@@ -17,11 +28,11 @@ void gemm_scalar(const GemmArgs& a) {
     const int g = r / kGroupRows, j = r % kGroupRows;
     const int rows_in_group = (a.n - g * kGroupRows) < kGroupRows ? (a.n - g * kGroupRows) : kGroupRows;
     const int width = (rows_in_group + kPanelRows - 1) / kPanelRows * kPanelRows;
-    const float* wg = a.w + static_cast<int64_t>(g) * kGroupRows * a.k;
+    const int64_t g0 = static_cast<int64_t>(g) * kGroupRows * a.k;
     for (int i = 0; i < a.m; ++i) {
       const float* x = a.x + i * a.ldx;
       float acc = 0.f;
-      for (int c = 0; c < a.k; ++c) acc += x[c] * wg[static_cast<int64_t>(c) * width + j];
+      for (int c = 0; c < a.k; ++c) acc += x[c] * weight_at(a, g0 + static_cast<int64_t>(c) * width + j);
       if (a.bias) acc += a.bias[r];
       float& y = a.y[i * a.ldy + r];
       y = a.accumulate ? y + acc : acc;
