@@ -37,6 +37,8 @@ from pyserve.config import (
 log = logging.getLogger("pyserve")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# pyserve.model.quantize.SCHEMES, spelled out so that parsing flags imports no numpy.
+QUANTIZATION_SCHEMES = ("q0f32", "q0f16", "q0bf16", "q8f16_1", "q4f16_1")
 # Flags that are also --overrides keys: giving both is ambiguous, so it is an error.
 _FLAG_FIELDS = ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size", "num_threads")
 
@@ -146,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='engine settings as "key=value;key=value" (e.g. "max_num_sequence=8;max_total_seq_length=4096")',
     )
     p.add_argument("--num-threads", type=_positive_int, help="CPU threads (default: all CPUs available to us)")
+    p.add_argument("--quantization", choices=QUANTIZATION_SCHEMES, default=None,
+                   help="MLC's weight schemes, applied to a HF checkpoint at load: q0f32 / q0f16 / q0bf16 "
+                        "(float matrices), q8f16_1 / q4f16_1 (groups of 32, f16 scales). Default: the "
+                        "checkpoint's own dtype, or a GGUF file's own blocks")
     p.add_argument("--prefix-cache-mode", choices=PREFIX_CACHE_MODES, default="radix",
                    help="prompt prefix caching, as MLC's flag. NOT IMPLEMENTED YET: 'radix' is accepted and "
                    "currently behaves like 'disable' (every prompt is prefilled in full) (default: %(default)s)")
@@ -374,6 +380,10 @@ def build_app(args: argparse.Namespace) -> Any:
         path = args.model or default_model_path()
         t0 = time.perf_counter()
         model = load_model(path)
+        if args.quantization:
+            from pyserve.model.quantize import quantize_model
+
+            quantize_model(model, args.quantization)
     except ModelLoadError as e:
         raise BuildError(str(e), 1) from e
     load_s = time.perf_counter() - t0
