@@ -179,11 +179,12 @@ class Server:
 
 @contextlib.contextmanager
 def llama_server(model: str, peer_dir: str, threads: int = 2, ctx: int = 2048,
-                 extra: tuple[str, ...] = (), start_timeout: float = 120) -> Iterator[Server]:
-    """A llama-server on 127.0.0.1 (a free port), one slot, stopped on exit."""
+                 extra: tuple[str, ...] = (), start_timeout: float = 120, slots: int = 1) -> Iterator[Server]:
+    """A llama-server on 127.0.0.1 (a free port), `slots` parallel sequences sharing a context of
+    `ctx` tokens (-np, -c), stopped on exit."""
     port = _free_port()
     cmd = [binary("llama-server", peer_dir), "-m", model, "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(threads), "-c", str(ctx), "-np", "1", *extra]
+           "-t", str(threads), "-c", str(ctx), "-np", str(slots), *extra]
     # Its log goes to a file: a pipe nobody drains fills up and blocks the server mid-request.
     os.makedirs(os.path.join(peer_dir, "logs"), exist_ok=True)
     log_path = os.path.join(peer_dir, "logs", f"llama-server-{port}.log")
