@@ -89,19 +89,8 @@ struct PyModel {
   std::shared_ptr<LlamaModel> model;
 };
 
-// Python buffers the model reads in place (quantized weights stay in the loader's memory map):
-// released with the GIL held, whichever thread drops the model last.
-struct PyBuffers {
-  std::vector<py::object> objects;
-  ~PyBuffers() {
-    py::gil_scoped_acquire gil;
-    objects.clear();
-  }
-};
-
 PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa) {
   ModelConfig c = model_config_from(config);
-  auto keep = std::make_shared<PyBuffers>();
   std::vector<py::buffer_info> infos;
   infos.reserve(tensors.size());
   TensorMap map;
@@ -111,7 +100,6 @@ PyModel make_model(const py::dict& config, const py::list& tensors, int num_thre
     TensorView v;
     v.name = t[0].cast<std::string>();
     v.dtype = parse_dtype(t[1].cast<std::string>());
-    keep->objects.push_back(py::reinterpret_borrow<py::object>(t[2]));
     infos.push_back(t[2].cast<py::buffer>().request());
     const py::buffer_info& info = infos.back();
     v.data = info.ptr;
@@ -132,7 +120,8 @@ PyModel make_model(const py::dict& config, const py::list& tensors, int num_thre
     py::gil_scoped_release release;
     m.model = std::make_shared<LlamaModel>(c, map, backend);
   }
-  m.model->keep_alive(std::move(keep));
+  // The backend packed copies of everything (quant panels, float panels, norm vectors): the
+  // caller's buffers, and the file mapping behind them, may go as soon as this returns.
   return m;
 }
 

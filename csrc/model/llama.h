@@ -30,9 +30,6 @@ class LlamaModel {
   LlamaModel(const ModelConfig& config, const TensorMap& tensors, std::shared_ptr<Backend> backend);
 
   const ModelConfig& config() const { return config_; }
-  // Whatever owns the memory the weights are read from in place (a memory-mapped file): kept
-  // alive as long as the model.
-  void keep_alive(std::shared_ptr<const void> storage) { storage_ = std::move(storage); }
   Backend& backend() { return *backend_; }
   // Bytes of weights one decode step reads (every matrix once, the LM head included).
   size_t weight_bytes() const { return weight_bytes_; }
@@ -79,7 +76,6 @@ class LlamaModel {
   std::vector<Layer> layers_;
   size_t weight_bytes_ = 0;
   Workspace ws_;
-  std::shared_ptr<const void> storage_;
   std::mutex forward_mu_;  // the workspace and thread pool serve one forward at a time
 };
 

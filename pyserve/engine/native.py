@@ -11,8 +11,9 @@ from pyserve.model.loader import LoadedModel
 def native_model(model: LoadedModel, num_threads: int = 0, isa: str = "auto", *,
                  release_tensors: bool = False) -> Any:
     """Packs the model's weights for the C++ backend (`num_threads` 0: all cores; `isa` "auto":
-    the best the CPU and OS allow). With release_tensors the loader's own tensors are dropped
-    afterwards: the engine holds its packed copy, and ours may be 4x the file (GGUF dequantised)."""
+    the best the CPU and OS allow). The engine packs copies of every weight (quant panels, float
+    panels); with release_tensors the loader's own tensors are dropped afterwards, and with them
+    the file's memory map, whose pages would otherwise count a second time in the RSS."""
     from pyserve import _C
 
     tensors = [(name, r.format, r.data, tuple(r.shape)) for name, r in model.tensors.items()]
