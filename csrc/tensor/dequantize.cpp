@@ -34,6 +34,28 @@ float f16_to_f32(f16_bits h) {
   return f;
 }
 
+void scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
+  if (j < 4) {
+    *d = q[j] & 63;
+    *m = q[j + 4] & 63;
+  } else {
+    *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+void q3_k_scales(const uint8_t* packed, int8_t out[16]) {
+  constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
+  uint32_t aux[4];
+  std::memcpy(aux, packed, kScaleBytesK);
+  const uint32_t tmp = aux[2];
+  aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
+  aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
+  aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
+  aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
+  std::memcpy(out, aux, 16);
+}
+
 namespace {
 
 void q4_0(const BlockQ4_0* b, int64_t nb, float* y) {
@@ -107,21 +129,13 @@ void q2_k(const BlockQ2_K* b, int64_t nb, float* y) {
 }
 
 void q3_k(const BlockQ3_K* b, int64_t nb, float* y) {
-  constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
   for (int64_t i = 0; i < nb; ++i) {
     const float d_all = f16_to_f32(b[i].d);
     const uint8_t* q = b[i].qs;
     const uint8_t* hm = b[i].hmask;
     uint8_t m = 1;
-    uint32_t aux[4];
-    std::memcpy(aux, b[i].scales, kScaleBytesK);
-    const uint32_t tmp = aux[2];
-    aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
-    aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
-    aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
-    aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
     int8_t scales[16];
-    std::memcpy(scales, aux, 16);
+    q3_k_scales(b[i].scales, scales);
     int is = 0;
     for (int n = 0; n < kQK_K; n += 128) {
       int shift = 0;
@@ -138,17 +152,6 @@ void q3_k(const BlockQ3_K* b, int64_t nb, float* y) {
       }
       q += 32;
     }
-  }
-}
-
-// The 6-bit scale and min of sub-block j in Q4_K / Q5_K's 12 packed bytes.
-void scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
-  if (j < 4) {
-    *d = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
   }
 }
 

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "tensor/dequantize.h"
 #include "tensor/quant_blocks.h"
 
 namespace pyserve::cpu {
@@ -40,16 +41,6 @@ struct Block32 {
   uint16_t d = 0, m = 0;  // f16 bits: legacy d, m; K-quant d, dmin
   int sc[2] = {0, 0}, mc[2] = {0, 0};
 };
-
-void scale_min_k4(int j, const uint8_t* q, uint8_t* d, uint8_t* m) {
-  if (j < 4) {
-    *d = q[j] & 63;
-    *m = q[j + 4] & 63;
-  } else {
-    *d = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
 
 // out: the k / 32 blocks of one row (the same arithmetic as csrc/tensor/dequantize.cpp, which
 // the tests hold both to).
@@ -126,16 +117,8 @@ void decode_row(DType t, const uint8_t* row, int64_t k, Block32* out) {
     case DType::Q3_K:
       for (int64_t sb = 0; sb < k / kQK_K; ++sb) {
         const auto& blk = reinterpret_cast<const BlockQ3_K*>(row)[sb];
-        constexpr uint32_t kmask1 = 0x03030303, kmask2 = 0x0f0f0f0f;
-        uint32_t aux[4];
-        std::memcpy(aux, blk.scales, kScaleBytesK);
-        const uint32_t tmp = aux[2];
-        aux[2] = ((aux[0] >> 4) & kmask2) | (((tmp >> 4) & kmask1) << 4);
-        aux[3] = ((aux[1] >> 4) & kmask2) | (((tmp >> 6) & kmask1) << 4);
-        aux[0] = (aux[0] & kmask2) | (((tmp >> 0) & kmask1) << 4);
-        aux[1] = (aux[1] & kmask2) | (((tmp >> 2) & kmask1) << 4);
         int8_t scales[16];
-        std::memcpy(scales, aux, 16);
+        q3_k_scales(blk.scales, scales);
         for (int n = 0; n < 2; ++n)
           for (int j = 0; j < 4; ++j) {
             Block32& o = out[sb * 8 + n * 4 + j];
