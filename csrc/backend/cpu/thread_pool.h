@@ -31,8 +31,10 @@ class ThreadPool {
   // Calls f(begin, end, thread_index) on disjoint slices covering [0, n). One caller at a time.
   // If f throws (on any thread), the first exception is rethrown here once every thread has left
   // the job; the slices not yet claimed are skipped.
+  // chunks_per_thread: how finely [0, n) is cut (more: better balance when a thread is late;
+  // fewer: longer contiguous runs per thread).
   template <class F>
-  void parallel_for(int64_t n, F&& f) {
+  void parallel_for(int64_t n, F&& f, int chunks_per_thread = 4) {
     if (n <= 0) return;
     if (num_threads_ == 1 || n == 1) {
       f(int64_t{0}, n, 0);
@@ -43,7 +45,7 @@ class ThreadPool {
     job.fn = [](void* ctx, int64_t b, int64_t e, int t) { (*static_cast<Fn*>(ctx))(b, e, t); };
     job.ctx = const_cast<void*>(static_cast<const void*>(&f));
     job.n = n;
-    job.chunks = std::min<int64_t>(n, 4 * num_threads_);
+    job.chunks = std::min<int64_t>(n, static_cast<int64_t>(chunks_per_thread) * num_threads_);
     run(job);
   }
 
