@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import mmap
 import os
 import shutil
@@ -413,6 +414,24 @@ def test_gguf_errors(tmp_path) -> None:
     w.close()
     with pytest.raises(ModelLoadError, match="'gpt2' is not supported; supported: llama, qwen2"):
         load_model(p)
+
+
+def test_gguf_types_without_a_kernel_are_a_logged_fallback(caplog) -> None:
+    """A block type the engine cannot run natively is dequantized to float32, and the load says so
+    once, naming the type, its tensor count and what is run natively."""
+    from pyserve.model.gguf_file import read_gguf
+
+    path = tm.tiny_gguf("llama", "Q8_0")
+    with caplog.at_level(logging.WARNING, logger="pyserve.model.gguf_file"):
+        parts = read_gguf(path, keep_blocks={"q4_0"})  # as if Q8_0 had no kernel
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    n = sum(r.format == "f32" and len(r.shape) == 2 for r in parts.tensors.values())
+    assert f"no native kernel for Q8_0 ({n} tensors)" in warnings[0] and "Q4_0" in warnings[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pyserve.model.gguf_file"):
+        load_model(path)  # the real set: everything native, nothing said
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_gguf_keep_blocks_hands_on_raw_block_views() -> None:

@@ -382,6 +382,7 @@ def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[s
     tensors: dict[str, TensorRecord] = {}
     if load_tensors:
         keep = {k.lower() for k in keep_blocks}
+        widened: Counter[str] = Counter()  # quantized types the engine has no kernel for: tensors each
         for t in g.tensors.values():
             if t.name == "rope_freqs.weight":
                 continue  # folded into config.rope_scaling
@@ -389,6 +390,8 @@ def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[s
             if hf is None:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is not part of a {arch} model we support")
             rec = _tensor_record(g, t, keep)
+            if t.type.name not in _FLOAT_FORMATS and t.type.name not in ELEMENT_DTYPES and t.type.name.lower() not in keep:
+                widened[t.type.name] += 1
             if arch == "llama" and ".attn_q." in t.name:
                 rec = _permuted(rec, config.num_attention_heads)
             elif arch == "llama" and ".attn_k." in t.name:
@@ -397,6 +400,12 @@ def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[s
                 rec = _gemma_norm(rec)
             tensors[hf] = rec
         check_tensors(tensors, config, path)
+        if widened:  # an explicit fallback: correct, but these tensors cost float32's bytes
+            log.warning(
+                "%s: no native kernel for %s; those tensors were dequantized to float32 at load "
+                "(natively run: F32, F16, BF16, %s)", path,
+                ", ".join(f"{name} ({n} tensors)" for name, n in sorted(widened.items())),
+                ", ".join(sorted(k.upper() for k in keep)))
     t_tensors = time.perf_counter()
 
     tokenizer = build_tokenizer(md, path, config.eos_token_ids)
