@@ -663,6 +663,15 @@ PYBIND11_MODULE(_C, m) {
         py::arg("isa") = "auto");
   k.def("is_native_format", [](const std::string& f) { cpu::PanelFormat q; return cpu::panel_format(parse_dtype(f), &q); },
         "whether `format` is computed in place by quantized kernels (else dequantized at load)");
+  k.def("silu_mul", [](FArray gate_up, const std::string& isa, int threads) {
+    if (gate_up.ndim() != 2 || gate_up.shape(1) % 2 != 0) throw std::invalid_argument("silu_mul: need gate_up [m, 2 inter]");
+    const int m = static_cast<int>(gate_up.shape(0)), inter = static_cast<int>(gate_up.shape(1) / 2);
+    cpu::CpuBackend be(threads, cpu::select_kernels(isa));
+    py::array_t<float> out({m, inter});
+    be.silu_mul(gate_up.data(), m, inter, out.mutable_data());
+    return out;
+  }, py::arg("gate_up"), py::arg("isa") = "auto", py::arg("threads") = 1,
+     "out: [m, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:], through CpuBackend::silu_mul.");
   k.def("packed_bytes", [](const std::string& f, int64_t n, int64_t k) -> int64_t {
     cpu::PanelFormat pf;
     if (!cpu::panel_format(parse_dtype(f), &pf)) return n * k * 4;  // float panels

@@ -439,7 +439,7 @@ void CpuBackend::silu_mul(const float* gate_up, int m, int inter, float* out) {
       const float* g = gate_up + i * 2 * inter;
       const float* u = g + inter;
       float* o = out + i * inter;
-      for (int d = 0; d < inter; ++d) o[d] = g[d] / (1.f + std::exp(-g[d])) * u[d];
+      kernels_.silu_mul(g, u, o, inter);
     }
   };
   if (m < 4) body(0, m, 0); else pool_.parallel_for(m, body);

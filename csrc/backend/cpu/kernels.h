@@ -150,6 +150,8 @@ struct KernelTable {
   float (*stream_sum)(const float* x, int64_t n);  // sum of x: the read-bandwidth yardstick
   void (*quantize_acts)(const QuantizeActsArgs&);
   void (*qpanel_matmul)(const QPanelArgs&);
+  // out[i] = silu(gate[i]) * up[i] = gate[i] / (1 + e^-gate[i]) * up[i], i < n (SwiGLU)
+  void (*silu_mul)(const float* gate, const float* up, float* out, int64_t n);
 };
 
 const KernelTable& kernels_scalar();

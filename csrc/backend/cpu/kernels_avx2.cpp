@@ -28,12 +28,13 @@ struct Vec {
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
   static T mul(T a, T b) { return _mm256_mul_ps(a, b); }
   static T sub(T a, T b) { return _mm256_sub_ps(a, b); }
-  // e^x for x <= 0 (softmax), within ~2 ulp: x = n ln2 + r, e^r by Cephes' expf polynomial,
+  static T div(T a, T b) { return _mm256_div_ps(a, b); }
+  // e^x for x <= 88 (softmax, SiLU), within ~2 ulp: x = n ln2 + r, e^r by Cephes' expf polynomial,
   // times 2^n built in the exponent bits; below -87.3 the result is 0 (n >= -126 stays normal).
   static T exp(T x) {
     const T lo = _mm256_set1_ps(-87.3f);
     const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.f));  // 2^n stays a normal float
     const T n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     T r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
     r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
@@ -121,7 +122,7 @@ constexpr int kQPanelRows = 4;
 
 const KernelTable& kernels_avx2() {
   static const KernelTable table{"avx2", gemm_simd, attend_simd, stream_sum_simd, quantize_acts_simd,
-                                 qpanel_matmul_simd};
+                                 qpanel_matmul_simd, silu_mul_simd};
   return table;
 }
 

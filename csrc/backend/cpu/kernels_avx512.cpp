@@ -30,11 +30,12 @@ struct Vec {
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static T mul(T a, T b) { return _mm512_mul_ps(a, b); }
   static T sub(T a, T b) { return _mm512_sub_ps(a, b); }
-  // e^x for x <= 0 (softmax), within ~2 ulp: x = n ln2 + r, e^r by Cephes' expf polynomial,
+  static T div(T a, T b) { return _mm512_div_ps(a, b); }
+  // e^x for x <= 88 (softmax, SiLU), within ~2 ulp: x = n ln2 + r, e^r by Cephes' expf polynomial,
   // times 2^n (vscalefps); below -87.3 the result is 0.
   static T exp(T x) {
     const __mmask16 normal = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.f));
     const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     T r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
@@ -106,13 +107,13 @@ constexpr int kQPanelRows = 8;
 #if defined(PYSERVE_AVX512_VNNI)
 const KernelTable& kernels_avx512_vnni() {
   static const KernelTable table{"avx512_vnni", gemm_simd, attend_simd, stream_sum_simd, quantize_acts_simd,
-                                 qpanel_matmul_simd};
+                                 qpanel_matmul_simd, silu_mul_simd};
   return table;
 }
 #else
 const KernelTable& kernels_avx512() {
   static const KernelTable table{"avx512", gemm_simd, attend_simd, stream_sum_simd, quantize_acts_simd,
-                                 qpanel_matmul_simd};
+                                 qpanel_matmul_simd, silu_mul_simd};
   return table;
 }
 #endif

@@ -166,6 +166,10 @@ void qpanel_matmul_scalar(const QPanelArgs& a) {
     }
 }
 
+void silu_mul_scalar(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
 float stream_sum_scalar(const float* x, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += x[i];
@@ -176,7 +180,7 @@ float stream_sum_scalar(const float* x, int64_t n) {
 
 const KernelTable& kernels_scalar() {
   static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, quantize_acts_scalar,
-                                 qpanel_matmul_scalar};
+                                 qpanel_matmul_scalar, silu_mul_scalar};
   return table;
 }
 
