@@ -87,10 +87,8 @@ def test_quantized_matmul_matches_float64(isa: str, fmt: str, m: int) -> None:
     float_err = 1e-6 * (np.abs(x.astype(np.float64)) @ np.abs(w.T) + np.abs(bias) + np.abs(y0) + 1.0)
     bound = activation_error_bound(x, w) + float_err
     excess = np.abs(got - ref) - bound
+    # (8-bit activations, llama.cpp's choice, would be ~256x this bound's typical use: they fail.)
     assert excess.max() <= 0, f"worst excess {excess.max():.3g} over a bound of {bound.max():.3g}"
-    # ...and the int16 activations are not coarser than they should be: the error is well below
-    # an 8-bit activation step's bound.
-    assert np.abs(got - ref).max() < activation_error_bound(x, w).max() * 256 / 4
 
 
 @pytest.mark.parametrize("isa", SIMD_ISAS)
