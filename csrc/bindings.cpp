@@ -662,7 +662,7 @@ PYBIND11_MODULE(_C, m) {
   k.def("qgather", &kernel_qgather, py::arg("format"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("ids"),
         py::arg("isa") = "auto");
   k.def("is_native_format", [](const std::string& f) { cpu::PanelFormat q; return cpu::panel_format(parse_dtype(f), &q); },
-        "whether `format` is computed in place by quantized kernels (else dequantized at load)");
+        "whether `format` runs natively as quant panels (float formats take the float panels)");
   k.def("silu_mul", [](FArray gate_up, const std::string& isa, int threads) {
     if (gate_up.ndim() != 2 || gate_up.shape(1) % 2 != 0) throw std::invalid_argument("silu_mul: need gate_up [m, 2 inter]");
     const int m = static_cast<int>(gate_up.shape(0)), inter = static_cast<int>(gate_up.shape(1) / 2);
@@ -673,10 +673,15 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("gate_up"), py::arg("isa") = "auto", py::arg("threads") = 1,
      "out: [m, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:], through CpuBackend::silu_mul.");
   k.def("packed_bytes", [](const std::string& f, int64_t n, int64_t k) -> int64_t {
-    cpu::PanelFormat pf;
-    if (!cpu::panel_format(parse_dtype(f), &pf)) return n * k * 4;  // float panels
-    if (k % (cpu::kPanelBlock * pf.group_records) != 0) throw std::invalid_argument("packed_bytes: k is not whole groups");
-    return (n + cpu::kPanelLanes - 1) / cpu::kPanelLanes * (k / cpu::kPanelBlock / pf.group_records) * pf.group_bytes;
+    // What the backend really builds for W (zeros: the layout does not depend on the values).
+    TensorView tv;
+    tv.name = "w";
+    tv.dtype = parse_dtype(f);
+    tv.shape = {n, k};
+    std::vector<uint8_t> zeros(static_cast<size_t>(tv.bytes()));
+    tv.data = zeros.data();
+    cpu::CpuBackend be(1, cpu::select_kernels("scalar"));
+    return static_cast<int64_t>(be.pack({&tv})->bytes());
   }, py::arg("format"), py::arg("n"), py::arg("k"), "Bytes the backend reads for one pass over W: [n, k] of `format`.");
   k.def("dequantize", &kernel_dequantize, py::arg("format"), py::arg("data"), py::arg("n"),
         "The scalar reference dequantization of n elements of `format` (e.g. q4_k) from raw block bytes");

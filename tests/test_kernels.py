@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from pyserve import _C
+from pyserve.model.quantize import bf16_bits
+from pyserve.model.tensor import TensorRecord
 
 ISAS = ["scalar"] + [isa for isa in ("avx2", "avx512") if _C.cpu_features()[isa]]
 
@@ -164,16 +166,6 @@ def test_split_decode_attention_matches_float64(isa, window, rng) -> None:
         np.testing.assert_allclose(out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"threads={threads}")
 
 
-def to_bf16_bits(w: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bits, rounded to nearest even (as torch rounds)."""
-    bits = w.astype(np.float32).view(np.uint32)
-    return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-
-
-def from_bf16_bits(b: np.ndarray) -> np.ndarray:
-    return (b.astype(np.uint32) << 16).view(np.float32)
-
-
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
 @pytest.mark.parametrize("m", [1, 3, 7, 13])
@@ -186,8 +178,8 @@ def test_16bit_weights_match_float64(isa, dtype, m, rng) -> None:
         raw = w32.astype(np.float16)
         w = raw.astype(np.float64)
     else:
-        raw = to_bf16_bits(w32)
-        w = from_bf16_bits(raw).astype(np.float64)
+        raw = bf16_bits(w32)
+        w = TensorRecord("bf16", raw, raw.shape).to_float32().astype(np.float64)
     x = rng.standard_normal((m, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)
     y0 = rng.standard_normal((m, n)).astype(np.float32)

@@ -56,6 +56,13 @@ void q3_k_scales(const uint8_t* packed, int8_t out[16]) {
   std::memcpy(out, aux, 16);
 }
 
+float bf16_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
 namespace {
 
 void q4_0(const BlockQ4_0* b, int64_t nb, float* y) {
@@ -230,10 +237,7 @@ void dequantize(DType type, const void* src, int64_t n, float* out) {
     }
     case DType::BF16: {
       const auto* p = static_cast<const uint16_t*>(src);
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-        std::memcpy(out + i, &bits, 4);
-      }
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
       return;
     }
     case DType::Q4_0: return q4_0(static_cast<const BlockQ4_0*>(src), nb, out);

@@ -12,6 +12,7 @@ using f16_bits = uint16_t;  // IEEE half, as stored
 // Defined in dequantize.cpp, not inline: the per-ISA kernel files include this header with their
 // own -m flags, and an inline definition compiled there could be the one the linker keeps.
 float f16_to_f32(f16_bits h);
+float bf16_to_f32(uint16_t h);  // bfloat16 is the top half of a float32
 
 // --- 32 weights a block ---------------------------------------------------------------------------
 constexpr int kQK = 32;

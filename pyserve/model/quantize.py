@@ -32,7 +32,7 @@ SCHEMES = ("q0f32", "q0f16", "q0bf16", "q8f16_1", "q4f16_1")
 GROUP = 32
 
 
-def _bf16_bits(w: np.ndarray) -> np.ndarray:
+def bf16_bits(w: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits, rounded to nearest even (torch's rounding)."""
     bits = np.ascontiguousarray(w, dtype=np.float32).view(np.uint32)
     return ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
@@ -88,7 +88,7 @@ def quantize_model(model: LoadedModel, scheme: str) -> None:
         elif scheme == "q0f16":
             out[name] = TensorRecord("f16", w.astype(np.float16), rec.shape)
         elif scheme == "q0bf16":
-            out[name] = TensorRecord("bf16", _bf16_bits(w), rec.shape)
+            out[name] = TensorRecord("bf16", bf16_bits(w), rec.shape)
         else:
             if rec.shape[1] % GROUP:
                 raise ModelLoadError(f"--quantization {scheme}: {name} has {rec.shape[1]} input features, "

@@ -36,11 +36,7 @@ float PackedMatrix::at(int64_t row, int64_t col) const {
   if (type_ == FloatType::F32) return reinterpret_cast<const float*>(data_)[i];
   uint16_t h;
   std::memcpy(&h, data_ + i * 2, 2);
-  if (type_ == FloatType::F16) return f16_to_f32(h);
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return type_ == FloatType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
 const KernelTable& select_kernels(const std::string& isa) {
@@ -320,6 +316,8 @@ void CpuBackend::write_kv(const float* k, const float* v, int64_t ld, int m, int
 
 void CpuBackend::attention(const AttentionBatch& b) {
   const int group = b.n_heads / b.n_kv_heads;
+  // The first position a token at `pos` attends to (its sliding window's start, or 0).
+  auto window_start = [&](int pos) { return b.window > 0 ? std::max(0, pos - b.window + 1) : 0; };
   const int max_block = std::max(1, std::min(8, kMaxAttendQueries / group));
   // Blocks of consecutive tokens of one sequence share each K/V load (prefill chunks); a decode
   // batch is one token per block.
@@ -336,7 +334,7 @@ void CpuBackend::attention(const AttentionBatch& b) {
   size_t need = 0;
   for (const Block& bl : blocks) {
     const int hi = b.positions[bl.first + bl.count - 1];
-    const int lo = b.window > 0 ? std::max(0, b.positions[bl.first] - b.window + 1) : 0;
+    const int lo = window_start(b.positions[bl.first]);
     need = std::max(need, static_cast<size_t>(bl.count) * group * (hi - lo + 1));
   }
   const int64_t items = static_cast<int64_t>(blocks.size()) * b.n_kv_heads;
@@ -348,7 +346,7 @@ void CpuBackend::attention(const AttentionBatch& b) {
   for (const Block& bl : blocks) {
     singles = singles && bl.count == 1;
     const int hi = b.positions[bl.first];
-    const int lo = b.window > 0 ? std::max(0, hi - b.window + 1) : 0;
+    const int lo = window_start(hi);
     max_span = std::max(max_span, hi - lo + 1);
   }
   const int64_t want = 4 * static_cast<int64_t>(pool_.size());
@@ -388,7 +386,7 @@ void CpuBackend::attention(const AttentionBatch& b) {
       a.scratch = scratch_[t].data();
       if (splits > 1) {
         const int hi = b.positions[bl.first];
-        const int lo = b.window > 0 ? std::max(0, hi - b.window + 1) : 0;
+        const int lo = window_start(hi);
         const int len = (hi - lo + 1 + splits - 1) / splits;
         a.seg_lo = lo + seg * len;
         a.seg_hi = std::min(hi, a.seg_lo + len - 1);

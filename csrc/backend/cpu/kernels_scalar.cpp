@@ -14,11 +14,7 @@ namespace {
 float weight_at(const GemmArgs& a, int64_t i) {
   if (a.wtype == FloatType::F32) return static_cast<const float*>(a.w)[i];
   const uint16_t h = static_cast<const uint16_t*>(a.w)[i];
-  if (a.wtype == FloatType::F16) return f16_to_f32(h);
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return a.wtype == FloatType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
 }
 
 void gemm_scalar(const GemmArgs& a) {
