@@ -73,8 +73,13 @@ struct AttendArgs {
 // in k order, so a decode step streams each panel front to back once:
 //   codes   U4: 4 chunks of 64 bytes; in chunk c, lane r's 32-bit word holds two 16-bit words e = 0, 1
 //               of four nibbles n = 0..3: code of k = 8c + 2n + e          (formats of <= 4 bits)
+//           U5, U6: the U4 chunks hold each code's low 4 bits; a plane after them holds the
+//               high bits (HB = 1 or 2 of them): 64 * HB bytes, plane chunk c / (4 / HB) for code
+//               chunk c. In lane r's 16-bit word e of that plane chunk, byte n / 2 holds nibble
+//               n's high bits at bit 2 * HB * (c % (4 / HB)) + HB * (n % 2)   (5 and 6 bits:
+//               the file's own bytes per weight, and code bytes the kernel splits with shifts)
 //           S8: 8 chunks of 64 bytes; in chunk c, lane r's 16-bit word e holds the int8 codes of
-//               k = 4c + e (low byte) and k = 4c + 2 + e (high byte)       (5, 6 and 8 bits)
+//               k = 4c + e (low byte) and k = 4c + 2 + e (high byte)       (8 bits)
 //   scales  per lane: legacy formats the file's f16 d; K-quants the sub-block's 6- or 8-bit scale
 //           code as one byte (signed for Q3_K / Q6_K), multiplied by the super-block's d, which
 //           (with dmin) heads each group of 8 records as 16 lanes of f16. per16 formats (Q2_K,
@@ -94,7 +99,7 @@ constexpr int kPanelBlock = 32;   // weights of k per record
 constexpr int kPanelChunk = 64;   // bytes per code chunk
 constexpr int kKGroup = 8;        // K-quant records per super-block (256 weights)
 
-enum class PanelCodes : int { U4 = 0, S8 = 1 };
+enum class PanelCodes : int { U4 = 0, S8 = 1, U5 = 2, U6 = 3 };
 
 struct PanelFormat {
   PanelCodes codes = PanelCodes::U4;
@@ -104,7 +109,7 @@ struct PanelFormat {
   int offset = 0;
   int group_records = 1;    // records per group (kKGroup for K-quants)
   int header_bytes = 0;     // per group: f16 d (and dmin) per lane, K-quants only
-  int code_bytes = 0;       // per record: 256 (U4) or 512 (S8)
+  int code_bytes = 0;       // per record: 256 (U4), 320 (U5), 384 (U6) or 512 (S8)
   int scale_bytes = 0;      // per record: kPanelLanes * (per16 ? 2 : 1) * (kquant ? 1 : 2); mins the same
   int record_bytes = 0;
   int group_bytes = 0;      // header + group_records records
@@ -117,6 +122,10 @@ struct QActs {
   const int32_t* qsum = nullptr;  // [m, k / 32, 2]: sums of q over j 0..15 and 16..31
   int64_t k = 0;
 };
+
+// The code of weight j (0..31) of lane r in a record: the layout above, read one value at a time
+// (the scalar kernel and QuantPanels::dequantize_row both read codes through it).
+int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j);
 
 struct QuantizeActsArgs {
   const float* x = nullptr;  // x: [m, k], row stride ldx

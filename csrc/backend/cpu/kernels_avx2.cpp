@@ -76,6 +76,13 @@ struct QOps {
   }
   static I s8lo(I w) { return _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8); }
   static I s8hi(I w) { return _mm256_srai_epi16(w, 8); }
+  static I u8lo(I w) { return _mm256_and_si256(w, _mm256_set1_epi16(0xFF)); }
+  static I u8hi(I w) { return _mm256_srli_epi16(w, 8); }
+  static I and16(I w, uint16_t m) { return _mm256_and_si256(w, _mm256_set1_epi16(static_cast<short>(m))); }
+  static I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static I shift16(I w, int s) {  // constant after unrolling: an immediate shift
+    return s >= 0 ? _mm256_slli_epi16(w, s) : _mm256_srli_epi16(w, -s);
+  }
   static I dot(I acc, I w, const int16_t* x) {
     int32_t pair;
     std::memcpy(&pair, x, 4);

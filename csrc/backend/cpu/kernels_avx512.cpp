@@ -71,6 +71,13 @@ struct QOps {
   }
   static I s8lo(I w) { return _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8); }
   static I s8hi(I w) { return _mm512_srai_epi16(w, 8); }
+  static I u8lo(I w) { return _mm512_and_si512(w, _mm512_set1_epi16(0xFF)); }
+  static I u8hi(I w) { return _mm512_srli_epi16(w, 8); }
+  static I and16(I w, uint16_t m) { return _mm512_and_si512(w, _mm512_set1_epi16(static_cast<short>(m))); }
+  static I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static I shift16(I w, int s) {  // constant after unrolling: an immediate shift
+    return s >= 0 ? _mm512_slli_epi16(w, s) : _mm512_srli_epi16(w, -s);
+  }
   static I dot(I acc, I w, const int16_t* x) {
     int32_t pair;
     std::memcpy(&pair, x, 4);

@@ -98,17 +98,6 @@ void quantize_acts_scalar(const QuantizeActsArgs& a) {
     }
 }
 
-// The code of weight j of lane r in a record.
-int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j) {
-  if (f.codes == PanelCodes::U4) {
-    const int c = j / 8, n = (j % 8) / 2, e = j % 2;
-    const int w = rec[c * kPanelChunk + r * 4 + e * 2] | rec[c * kPanelChunk + r * 4 + e * 2 + 1] << 8;
-    return (w >> (4 * n)) & 0xF;
-  }
-  const int c = j / 4, e = j % 2, hi = (j % 4) / 2;
-  return static_cast<int8_t>(rec[c * kPanelChunk + r * 4 + e * 2 + hi]);
-}
-
 float f16_at(const uint8_t* p, int index) {
   uint16_t h;
   std::memcpy(&h, p + index * 2, 2);
@@ -173,6 +162,22 @@ float stream_sum_scalar(const float* x, int64_t n) {
 }
 
 }  // namespace
+
+int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j) {
+  if (f.codes == PanelCodes::S8) {
+    const int c = j / 4, e = j % 2, hi = (j % 4) / 2;
+    return static_cast<int8_t>(rec[c * kPanelChunk + r * 4 + e * 2 + hi]);
+  }
+  const int c = j / 8, n = (j % 8) / 2, e = j % 2;
+  const uint8_t* word = rec + c * kPanelChunk + r * 4 + e * 2;
+  const int low = ((word[0] | word[1] << 8) >> (4 * n)) & 0xF;
+  if (f.codes == PanelCodes::U4) return low;
+  const int hb = f.codes == PanelCodes::U5 ? 1 : 2;
+  const int per_plane = 4 / hb;  // code chunks per plane chunk
+  const uint8_t plane_byte = rec[4 * kPanelChunk + (c / per_plane) * kPanelChunk + r * 4 + e * 2 + n / 2];
+  const int high = (plane_byte >> (2 * hb * (c % per_plane) + hb * (n % 2))) & ((1 << hb) - 1);
+  return low | high << 4;
+}
 
 const KernelTable& kernels_scalar() {
   static const KernelTable table{"scalar", gemm_scalar, attend_scalar, stream_sum_scalar, quantize_acts_scalar,

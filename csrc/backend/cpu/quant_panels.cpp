@@ -17,6 +17,9 @@ static_assert(kPanelLanes * 4 == kPanelChunk, "a chunk is one 32-bit word per la
 
 namespace {
 
+// Bits of a code above the low nibble that U5 / U6 keep in their plane.
+int high_bits(PanelCodes codes) { return codes == PanelCodes::U5 ? 1 : codes == PanelCodes::U6 ? 2 : 0; }
+
 PanelFormat make_format(PanelCodes codes, bool kquant, bool per16, bool stored_min, int offset) {
   PanelFormat f;
   f.codes = codes;
@@ -26,7 +29,7 @@ PanelFormat make_format(PanelCodes codes, bool kquant, bool per16, bool stored_m
   f.offset = offset;
   f.group_records = kquant ? kKGroup : 1;
   f.header_bytes = kquant ? kPanelLanes * 2 * (stored_min ? 2 : 1) : 0;
-  f.code_bytes = (codes == PanelCodes::U4 ? 4 : 8) * kPanelChunk;
+  f.code_bytes = (codes == PanelCodes::S8 ? 8 : 4 + high_bits(codes)) * kPanelChunk;
   f.scale_bytes = kPanelLanes * (per16 ? 2 : 1) * (kquant ? 1 : 2);
   f.record_bytes = f.code_bytes + f.scale_bytes * (stored_min ? 2 : 1);
   f.group_bytes = f.header_bytes + f.group_records * f.record_bytes;
@@ -198,14 +201,14 @@ bool panel_format(DType type, PanelFormat* out) {
   switch (type) {
     case DType::Q4_0: *out = make_format(C::U4, false, false, false, -8); return true;
     case DType::Q4_1: *out = make_format(C::U4, false, false, true, 0); return true;
-    case DType::Q5_0: *out = make_format(C::S8, false, false, false, -16); return true;
-    case DType::Q5_1: *out = make_format(C::S8, false, false, true, 0); return true;
+    case DType::Q5_0: *out = make_format(C::U5, false, false, false, -16); return true;
+    case DType::Q5_1: *out = make_format(C::U5, false, false, true, 0); return true;
     case DType::Q8_0: *out = make_format(C::S8, false, false, false, 0); return true;
     case DType::Q2_K: *out = make_format(C::U4, true, true, true, 0); return true;
     case DType::Q3_K: *out = make_format(C::U4, true, true, false, -4); return true;
     case DType::Q4_K: *out = make_format(C::U4, true, false, true, 0); return true;
-    case DType::Q5_K: *out = make_format(C::S8, true, false, true, 0); return true;
-    case DType::Q6_K: *out = make_format(C::S8, true, true, false, -32); return true;
+    case DType::Q5_K: *out = make_format(C::U5, true, false, true, 0); return true;
+    case DType::Q6_K: *out = make_format(C::U6, true, true, false, -32); return true;
     default: return false;
   }
 }
@@ -263,13 +266,21 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
             std::memcpy(group + r * 2, &rows[r * nb + b].d, 2);
             if (f.stored_min) std::memcpy(group + (kPanelLanes + r) * 2, &rows[r * nb + b].m, 2);
           }
-        if (f.codes == PanelCodes::U4) {
+        if (f.codes != PanelCodes::S8) {
+          const int hb = high_bits(f.codes), per_plane = hb ? 4 / hb : 0;
+          std::memset(out + 4 * kPanelChunk, 0, static_cast<size_t>(hb) * kPanelChunk);
           for (int c = 0; c < 4; ++c)
             for (int r = 0; r < kPanelLanes; ++r)
               for (int e = 0; e < 2; ++e) {
                 const int* code = rows[r * nb + b].code;
                 uint16_t w = 0;
-                for (int n = 0; n < 4; ++n) w |= static_cast<uint16_t>(code[8 * c + 2 * n + e] << (4 * n));
+                for (int n = 0; n < 4; ++n) {
+                  const int v = code[8 * c + 2 * n + e];
+                  w |= static_cast<uint16_t>((v & 0xF) << (4 * n));
+                  if (hb)  // the high bits into the plane (layout in kernels.h)
+                    out[4 * kPanelChunk + (c / per_plane) * kPanelChunk + r * 4 + e * 2 + n / 2] |=
+                        static_cast<uint8_t>((v >> 4) << (2 * hb * (c % per_plane) + hb * (n % 2)));
+                }
                 std::memcpy(out + c * kPanelChunk + r * 4 + e * 2, &w, 2);
               }
         } else {
@@ -309,16 +320,7 @@ void QuantPanels::dequantize_row(int64_t row, float* out) const {
     const uint8_t* group = panel + (b / f.group_records) * f.group_bytes;
     const uint8_t* rec = group + f.header_bytes + (b % f.group_records) * f.record_bytes;
     for (int j = 0; j < kPanelBlock; ++j) {
-      int code;
-      if (f.codes == PanelCodes::U4) {
-        const int c = j / 8, n = (j % 8) / 2, e = j % 2;
-        uint16_t w;
-        std::memcpy(&w, rec + c * kPanelChunk + r * 4 + e * 2, 2);
-        code = (w >> (4 * n)) & 0xF;
-      } else {
-        const int c = j / 4, e = j % 2, hi = (j % 4) / 2;
-        code = static_cast<int8_t>(rec[c * kPanelChunk + r * 4 + e * 2 + hi]);
-      }
+      const int code = panel_code(f, rec, r, j);
       const int h = f.per16 ? j / 16 : 0;
       float s, mn = 0.f;
       if (f.kquant) {
