@@ -11,6 +11,7 @@
 
 #include "backend/cpu/cpu_backend.h"
 #include "backend/cpu/cpu_features.h"
+#include "cache/radix_tree.h"
 #include "engine/engine.h"
 #include "model/llama.h"
 #include "tensor/dequantize.h"
@@ -216,6 +217,8 @@ EngineConfig engine_config_from(const py::dict& d) {
   c.eos_token_ids = get_or<std::vector<int32_t>>(d, "eos_token_ids", {});
   c.notify_fd = get_or<int>(d, "notify_fd", -1);
   c.prompt_logit_rows = get_or<int>(d, "prompt_logit_rows", c.prompt_logit_rows);
+  c.prefix_cache = get_or<bool>(d, "prefix_cache", c.prefix_cache);
+  c.prefix_cache_max_recycling = get_or<int>(d, "prefix_cache_max_recycling", c.prefix_cache_max_recycling);
   return c;
 }
 
@@ -253,7 +256,7 @@ py::list lp_list(const std::vector<TokenLogprob>& v) {
 }
 
 // (request_id, index, new_token_ids, finished, finish_reason, num_prompt_tokens, logprobs,
-//  prompt_logprobs, error)
+//  prompt_logprobs, error, num_cached_tokens)
 py::list outputs_list(std::vector<EngineOutput> outputs) {
   py::list out;
   for (EngineOutput& o : outputs)
@@ -262,13 +265,13 @@ py::list outputs_list(std::vector<EngineOutput> outputs) {
         o.finished ? py::object(py::str(o.finish_reason)) : py::object(py::none()), o.num_prompt_tokens,
         o.logprobs.empty() ? py::object(py::none()) : py::object(lp_list(o.logprobs)),
         o.has_prompt_logprobs ? py::object(lp_list(o.prompt_logprobs)) : py::object(py::none()),
-        o.error.empty() ? py::object(py::none()) : py::object(py::str(o.error))));
+        o.error.empty() ? py::object(py::none()) : py::object(py::str(o.error)), o.num_cached_tokens));
   return out;
 }
 
 const char* kOutputsDoc =
     "[(request_id, index, new_token_ids, finished, finish_reason, num_prompt_tokens, logprobs, "
-    "prompt_logprobs, error)]; logprobs entries are (token, logprob, [(token, logprob), ...]); "
+    "prompt_logprobs, error, num_cached_tokens)]; logprobs entries are (token, logprob, [(token, logprob), ...]); "
     "finish_reason is stop | length | abort | error, and error says what went wrong";
 
 py::dict stats_dict(const EngineStats& s) {
@@ -277,6 +280,9 @@ py::dict stats_dict(const EngineStats& s) {
   d["num_waiting"] = s.num_waiting;
   d["kv_pages_used"] = s.kv_pages_used;
   d["kv_pages_total"] = s.kv_pages_total;
+  d["kv_pages_cached"] = s.kv_pages_cached;
+  d["kv_pages_free"] = s.kv_pages_free;
+  d["prefix_cache_nodes"] = s.prefix_cache_nodes;
   d["page_size"] = s.page_size;
   d["kv_capacity_tokens"] = s.kv_capacity_tokens;
   d["steps"] = s.steps;
@@ -515,27 +521,45 @@ double read_bandwidth_gbps(int64_t nbytes, int threads, int repeats) {
 // Scheduler + BlockPool without a model, for unit tests of the scheduling policy.
 class SchedulerHarness {
  public:
-  SchedulerHarness(int num_pages, int page_size, int max_num_seqs, int max_batch_tokens)
-      : pool_(num_pages), scheduler_({max_num_seqs, max_batch_tokens, page_size}, pool_) {}
+  // prefix_cache: a PrefixCache keeping max_recycling finished sequences (-1: any number).
+  SchedulerHarness(int num_pages, int page_size, int max_num_seqs, int max_batch_tokens, bool prefix_cache,
+                   int max_recycling)
+      : pool_(num_pages),
+        cache_(prefix_cache ? std::make_unique<PrefixCache>(pool_, page_size, max_recycling) : nullptr),
+        scheduler_({max_num_seqs, max_batch_tokens, page_size}, pool_, cache_.get()) {}
+  // A prompt of distinct tokens (no prefix in common with any other sequence).
   void add(int64_t id, int num_prompt_tokens) {
-    auto s = std::make_unique<Sequence>();
-    s->id = id;
-    s->num_tokens = num_prompt_tokens;
-    scheduler_.add(s.get());
-    seqs_[id] = std::move(s);
+    std::vector<int32_t> tokens(static_cast<size_t>(num_prompt_tokens));
+    for (int i = 0; i < num_prompt_tokens; ++i) tokens[i] = static_cast<int32_t>(id * 100000 + i);
+    add_tokens(id, std::move(tokens));
+  }
+  void add_tokens(int64_t id, std::vector<int32_t> tokens) {
+    auto e = std::make_unique<Entry>();
+    e->tokens = std::move(tokens);
+    e->seq.id = id;
+    e->seq.num_tokens = static_cast<int>(e->tokens.size());
+    e->seq.tokens = &e->tokens;
+    scheduler_.add(&e->seq);
+    seqs_[id] = std::move(e);
   }
   void remove(int64_t id) {
-    scheduler_.remove(seqs_.at(id).get());
+    scheduler_.remove(&seqs_.at(id)->seq);
     seqs_.erase(id);
   }
   // Runs one step: returns [(id, start, count, sample)] and applies it as the engine would
-  // (computed tokens advance; a sampled chunk appends one token).
+  // (computed tokens advance and enter the cache; a sampled chunk appends a token: 7 + the
+  // sequence's length, the same for every sequence, so equal prompts stay equal).
   std::vector<std::tuple<int64_t, int, int, bool>> step() {
     std::vector<std::tuple<int64_t, int, int, bool>> out;
     for (const ScheduledChunk& c : scheduler_.schedule()) {
       out.emplace_back(c.seq->id, c.start, c.count, c.sample);
       c.seq->num_computed += c.count;
-      if (c.sample) c.seq->num_tokens += 1;
+      scheduler_.computed(c.seq);
+      if (c.sample) {
+        Entry& e = *seqs_.at(c.seq->id);
+        e.tokens.push_back(7 + c.seq->num_tokens);
+        c.seq->num_tokens += 1;
+      }
     }
     return out;
   }
@@ -554,16 +578,28 @@ class SchedulerHarness {
     for (Sequence* s : scheduler_.waiting()) ids.push_back(s->id);
     return ids;
   }
-  std::vector<int32_t> pages(int64_t id) const { return seqs_.at(id)->pages; }
-  int num_tokens(int64_t id) const { return seqs_.at(id)->num_tokens; }
-  int num_computed(int64_t id) const { return seqs_.at(id)->num_computed; }
+  std::vector<int32_t> pages(int64_t id) const { return seqs_.at(id)->seq.pages; }
+  std::vector<int32_t> tokens(int64_t id) const { return seqs_.at(id)->tokens; }
+  int num_tokens(int64_t id) const { return seqs_.at(id)->seq.num_tokens; }
+  int num_computed(int64_t id) const { return seqs_.at(id)->seq.num_computed; }
+  int num_cached_tokens(int64_t id) const { return seqs_.at(id)->seq.num_cached_tokens; }
   int free_pages() const { return pool_.num_free(); }
+  int cached_pages() const { return cache_ ? static_cast<int>(cache_->cached_pages()) : 0; }
+  int used_pages() const { return pool_.num_used() - cached_pages(); }
+  int total_pages() const { return pool_.num_pages(); }
+  int refcount(int32_t page) const { return pool_.refcount(page); }
+  int64_t tree_pages() const { return cache_ ? cache_->tree().num_pages() : 0; }
   int64_t preemptions() const { return scheduler_.num_preemptions(); }
 
  private:
+  struct Entry {
+    std::vector<int32_t> tokens;
+    Sequence seq;
+  };
   BlockPool pool_;
+  std::unique_ptr<PrefixCache> cache_;
   Scheduler scheduler_;
-  std::map<int64_t, std::unique_ptr<Sequence>> seqs_;
+  std::map<int64_t, std::unique_ptr<Entry>> seqs_;
 };
 
 }  // namespace
@@ -693,17 +729,62 @@ PYBIND11_MODULE(_C, m) {
 
   py::module_ t = m.def_submodule("testing", "pure-logic pieces, exposed for unit tests");
   py::class_<SchedulerHarness>(t, "Scheduler")
-      .def(py::init<int, int, int, int>(), py::arg("num_pages"), py::arg("page_size"), py::arg("max_num_seqs"),
-           py::arg("max_batch_tokens"))
+      .def(py::init<int, int, int, int, bool, int>(), py::arg("num_pages"), py::arg("page_size"),
+           py::arg("max_num_seqs"), py::arg("max_batch_tokens"), py::arg("prefix_cache") = false,
+           py::arg("max_recycling") = -1)
       .def("add", &SchedulerHarness::add)
+      .def("add_tokens", &SchedulerHarness::add_tokens)
       .def("remove", &SchedulerHarness::remove)
       .def("step", &SchedulerHarness::step)
       .def("rejected", &SchedulerHarness::rejected)
       .def("running", &SchedulerHarness::running)
       .def("waiting", &SchedulerHarness::waiting)
       .def("pages", &SchedulerHarness::pages)
+      .def("tokens", &SchedulerHarness::tokens)
       .def("num_tokens", &SchedulerHarness::num_tokens)
       .def("num_computed", &SchedulerHarness::num_computed)
+      .def("num_cached_tokens", &SchedulerHarness::num_cached_tokens)
       .def("free_pages", &SchedulerHarness::free_pages)
+      .def("cached_pages", &SchedulerHarness::cached_pages)
+      .def("used_pages", &SchedulerHarness::used_pages)
+      .def("total_pages", &SchedulerHarness::total_pages)
+      .def("refcount", &SchedulerHarness::refcount)
+      .def("tree_pages", &SchedulerHarness::tree_pages)
       .def("preemptions", &SchedulerHarness::preemptions);
+
+  using Tree = RadixTree;
+  py::class_<Tree>(t, "RadixTree", "The prefix cache's radix tree over token ids (pure logic; page ids only)")
+      .def(py::init<int>(), py::arg("page_size"))
+      .def("match", [](Tree& tr, const std::vector<int32_t>& tokens, int64_t max_pages) {
+        Tree::Match m = tr.match(tokens.data(), static_cast<int64_t>(tokens.size()), max_pages);
+        return py::make_tuple(m.pages, m.node);
+      }, py::arg("tokens"), py::arg("max_pages") = int64_t{1} << 40, "-> (pages, node)")
+      .def("insert", [](Tree& tr, const std::vector<int32_t>& tokens, const std::vector<int32_t>& pages) {
+        if (tokens.size() < pages.size() * static_cast<size_t>(tr.page_size()))
+          throw std::invalid_argument("insert: fewer tokens than the pages hold");
+        Tree::Insertion i = tr.insert(tokens.data(), pages);
+        return py::make_tuple(i.node, i.adopted_from);
+      }, py::arg("tokens"), py::arg("pages"), "-> (node, adopted_from)")
+      .def("lock", &Tree::lock)
+      .def("unlock", &Tree::unlock)
+      .def("evict", [](Tree& tr, int64_t pages) {
+        std::vector<int32_t> out;
+        tr.evict(pages, out);
+        return out;
+      })
+      .def("evict_path", [](Tree& tr, int64_t node, const std::vector<int64_t>& keep) {
+        std::vector<int32_t> out;
+        tr.evict_path(node, [&](int64_t id) { return std::find(keep.begin(), keep.end(), id) != keep.end(); }, out);
+        return out;
+      }, py::arg("node"), py::arg("keep") = std::vector<int64_t>{})
+      .def("clear", [](Tree& tr) {
+        std::vector<int32_t> out;
+        tr.clear(out);
+        return out;
+      })
+      .def("contains", &Tree::contains)
+      .def("lock_count", &Tree::lock_count)
+      .def_property_readonly("num_pages", &Tree::num_pages)
+      .def_property_readonly("evictable_pages", &Tree::evictable_pages)
+      .def_property_readonly("num_nodes", &Tree::num_nodes);
 }

@@ -59,6 +59,7 @@ def _number(kind: type, check: Callable[[Any], bool], expected: str, bound: str)
 
 
 _positive_int = _number(int, lambda v: v >= 1, "an integer", "must be >= 1")
+_recycling_count = _number(int, lambda v: v >= -1, "an integer", "must be >= -1 (-1: unlimited)")
 _non_negative_int = _number(int, lambda v: v >= 0, "an integer", "must be >= 0")
 _port = _number(int, lambda v: 0 <= v <= 65535, "a port number", "port must be in 0..65535")
 _positive_float = _number(float, lambda v: 0 < v < float("inf"), "a number of seconds", "must be > 0")
@@ -153,8 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(float matrices), q8f16_1 / q4f16_1 (groups of 32, f16 scales). Default: the "
                         "checkpoint's own dtype, or a GGUF file's own blocks")
     p.add_argument("--prefix-cache-mode", choices=PREFIX_CACHE_MODES, default="radix",
-                   help="prompt prefix caching, as MLC's flag. NOT IMPLEMENTED YET: 'radix' is accepted and "
-                   "currently behaves like 'disable' (every prompt is prefilled in full) (default: %(default)s)")
+                   help="prompt prefix caching, as MLC's flag: 'radix' keeps computed KV pages in a radix tree "
+                   "so a request starts from the longest cached whole-page prefix of its prompt (system "
+                   "prompts, earlier turns of a chat); 'disable' prefills every prompt in full "
+                   "(default: %(default)s)")
+    p.add_argument("--prefix-cache-max-num-recycling-seqs", type=_recycling_count, default=None, metavar="N",
+                   help="finished sequences whose KV pages (prompt and output) stay in the prefix cache, as "
+                   "MLC's flag: 0 keeps none once finished, -1 any number (evicted least recently used "
+                   "when pages are needed) (default: max_num_sequence)")
     p.add_argument("--prefill-mode", choices=PREFILL_MODES, default="hybrid",
                    help="how prompts are prefilled, as MLC's flag. Every engine step is hybrid today: prompt "
                    "chunks (up to --prefill-chunk-size tokens per step) run in the same batch as the other "
@@ -250,6 +257,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         prefill_chunk_size=args.prefill_chunk_size,
         num_threads=args.num_threads,
         prefix_cache_mode=args.prefix_cache_mode,
+        prefix_cache_max_num_recycling_seqs=args.prefix_cache_max_num_recycling_seqs,
         prefill_mode=args.prefill_mode,
     )
     cfg = apply_overrides(cfg, overrides)
@@ -415,7 +423,7 @@ def build_app(args: argparse.Namespace) -> Any:
              "; --prefill-mode chunked is not implemented and behaves like hybrid"
              if engine_config.prefill_mode == "chunked" else "")
     log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
-             else "radix requested, but not implemented yet: behaves like disable (every prompt is prefilled in full)")
+             else f"radix (finished sequences kept: {engine_config.prefix_cache_max_num_recycling_seqs}, -1: any)")
     limits = output_limits_from_args(args)  # checked above (parse_args); logged below
 
     from pyserve.api import create_app

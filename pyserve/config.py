@@ -57,6 +57,9 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV pool size; given: caps the memory-derived capacity
     memory_utilization: float | None = None  # share of free memory for the KV cache
     prefix_cache_mode: str = "radix"
+    # Finished sequences whose KV pages stay in the prefix cache (MLC's meaning): 0 none, -1
+    # unlimited; None: max_num_sequence.
+    prefix_cache_max_num_recycling_seqs: int | None = None
     prefill_mode: str = "hybrid"
 
     def resolved(self) -> bool:
@@ -195,6 +198,8 @@ def resolve_engine_config(
 
     if cfg.max_num_sequence is None:
         cfg.max_num_sequence = preset_seqs
+    if cfg.prefix_cache_max_num_recycling_seqs is None:
+        cfg.prefix_cache_max_num_recycling_seqs = cfg.max_num_sequence
     if cfg.max_total_sequence_length is None:
         cfg.max_total_sequence_length = preset_total
     # A single sequence cannot outgrow the whole cache.
@@ -238,6 +243,9 @@ def validate(cfg: EngineConfig) -> None:
         raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
     if cfg.prefix_cache_mode not in PREFIX_CACHE_MODES:
         raise ConfigError(f"prefix_cache_mode must be one of {', '.join(PREFIX_CACHE_MODES)}, got {cfg.prefix_cache_mode!r}")
+    recycling = cfg.prefix_cache_max_num_recycling_seqs
+    if recycling is not None and recycling < -1:
+        raise ConfigError(f"prefix_cache_max_num_recycling_seqs must be >= -1 (-1: unlimited), got {recycling}")
     if cfg.prefill_mode not in PREFILL_MODES:
         raise ConfigError(f"prefill_mode must be one of {', '.join(PREFILL_MODES)}, got {cfg.prefill_mode!r}")
     for name in OVERRIDABLE:

@@ -225,8 +225,8 @@ def metrics(url: str) -> dict[str, float]:
 
 
 def busy_pages(m: dict[str, float]) -> float:
-    """KV pages held by requests (pages only the prefix cache holds are idle memory)."""
-    return m.get("pyserve:kv_pages_used", 0.0) - m.get("pyserve:kv_pages_cached", 0.0)
+    """KV pages held by requests (kv_pages_used leaves out what only the prefix cache holds)."""
+    return m.get("pyserve:kv_pages_used", 0.0)
 
 
 def is_idle(m: dict[str, float]) -> bool:

@@ -51,6 +51,7 @@ def test_all_flags():
             "--served-model-name", "smol",
             "--log-level", "debug",
             "--prefix-cache-mode", "disable",
+            "--prefix-cache-max-num-recycling-seqs", "-1",
             "--prefill-mode", "chunked",
             "-n", "64",
             "--max-tokens-default", "32",
@@ -60,6 +61,7 @@ def test_all_flags():
     cfg = args.engine_config
     assert (cfg.mode, cfg.max_num_sequence, cfg.max_total_sequence_length, cfg.prefill_chunk_size, cfg.num_threads) == ("server", 8, 4096, 256, 2)
     assert (cfg.prefix_cache_mode, cfg.prefill_mode) == ("disable", "chunked")
+    assert cfg.prefix_cache_max_num_recycling_seqs == -1
     assert cli.output_limits_from_args(args) == OutputLimits(default_max_tokens=32, max_tokens_limit=64)
 
 
@@ -206,7 +208,8 @@ def test_help_is_instant_and_imports_nothing_heavy():
     assert "usage: python -m pyserve" in out and "HEAVY []" in out
     # The help tells the truth about the MLC flags that do nothing yet.
     flat = " ".join(out.split())
-    assert "NOT IMPLEMENTED YET: 'radix' is accepted and currently behaves like 'disable'" in flat
+    assert "NOT IMPLEMENTED" not in flat.split("--prefix-cache-mode")[1].split("--prefill-mode")[0]
+    assert "--prefix-cache-max-num-recycling-seqs N" in flat
     assert "'chunked' is accepted and currently behaves like 'hybrid'" in flat
 
 
@@ -466,7 +469,7 @@ def test_main_wires_model_engine_app_and_server(monkeypatch, caplog):
     assert app.auth is not None and app.cors is None and app.ctx.max_body_bytes == 1000
     assert "KV cache 1024 tokens" in caplog.text and "gguf Q4_1" in caplog.text
     # What the MLC flags do today, said at startup.
-    assert "prefix cache: radix requested, but not implemented yet: behaves like disable" in caplog.text
+    assert "prefix cache: radix (finished sequences kept: 1, -1: any)" in caplog.text  # max_num_sequence
     assert "prefill: hybrid" in caplog.text and "max_tokens default chat: up to the context" in caplog.text
     assert app.ctx.limits == OutputLimits()
 

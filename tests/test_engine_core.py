@@ -59,7 +59,7 @@ def drain(engine, seen: dict[tuple[int, int], Choice], max_steps: int = 1000) ->
 
 
 def collect(engine, seen: dict[tuple[int, int], Choice]) -> None:
-    for rid, index, toks, finished, reason, _n, _lp, plp, error in engine.take_outputs():
+    for rid, index, toks, finished, reason, _n, _lp, plp, error, _cached in engine.take_outputs():
         c = seen.setdefault((rid, index), Choice())
         c.tokens += toks
         if plp is not None:

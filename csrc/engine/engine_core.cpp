@@ -20,7 +20,13 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
              pages_for(at_least_one(config_.kv_capacity_tokens), at_least_one(config_.page_size)),
              at_least_one(config_.page_size), model_->config().kv_dim()),
       pool_(cache_.num_pages()),
-      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size}, pool_) {
+      prefix_cache_(config_.prefix_cache
+                        ? std::make_unique<PrefixCache>(pool_, at_least_one(config_.page_size),
+                                                        config_.prefix_cache_max_recycling == -2
+                                                            ? config_.max_num_seqs
+                                                            : config_.prefix_cache_max_recycling)
+                        : nullptr),
+      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size}, pool_, prefix_cache_.get()) {
   if (config_.page_size < 1) throw std::invalid_argument("page_size must be >= 1");
   if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
   config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
@@ -80,6 +86,8 @@ void EngineCore::add_request(int64_t id, std::vector<int32_t> prompt, SamplingPa
   r->tokens = std::move(prompt);
   r->params = std::move(params);
   r->prompt_logprobs_done = r->params.prompt_logprobs < 0;
+  r->seq.tokens = &r->tokens;
+  r->seq.share_prefix = r->prompt_logprobs_done;  // prompt logprobs need every prompt row computed
   if (r->params.penalised()) {
     r->history = std::make_unique<TokenHistory>();
     r->history->add_prompt(r->tokens, vocab);
@@ -114,6 +122,7 @@ EngineOutput& EngineCore::emit(const Request& r) {
   o.id = r.id;
   o.index = r.index;
   o.num_prompt_tokens = r.num_prompt;
+  o.num_cached_tokens = std::max(r.seq.num_cached_tokens, 0);
   outputs_.push_back(std::move(o));
   return outputs_.back();
 }
@@ -247,6 +256,7 @@ void EngineCore::end_all(const char* reason, const std::string& message) {
   for (int64_t k : left) end_choice(k / 256, static_cast<int>(k % 256), 0, reason, message);
   if (bookkeeping_broken) {
     scheduler_.reset();
+    if (prefix_cache_) prefix_cache_->reset(false);
     pool_.reset();
   }
 }
@@ -264,6 +274,7 @@ void EngineCore::recover_from_plan_failure(const std::string& message) {
   }
   requests_.clear();
   scheduler_.reset();
+  if (prefix_cache_) prefix_cache_->reset(false);
   pool_.reset();
 }
 
@@ -439,6 +450,7 @@ void EngineCore::commit() {
     try {
       faults_.check(Phase::commit, step_index_, r.id);
       r.seq.num_computed += a.count;
+      scheduler_.computed(&r.seq);
       if (!r.prompt_logprobs_done && r.seq.num_computed >= r.num_prompt) r.prompt_logprobs_done = true;
       if (a.tokens.empty()) continue;
       if (r.params.n > 1 && !r.forked) fork(r);
@@ -486,6 +498,8 @@ void EngineCore::fork(Request& parent) {
       c->index = i;
       c->seq.id = request_key(parent.id, i);
       c->tokens.assign(parent.tokens.begin(), parent.tokens.begin() + parent.num_prompt);
+      c->seq.tokens = &c->tokens;
+      c->seq.num_cached_tokens = parent.seq.num_cached_tokens;
       c->num_prompt = parent.num_prompt;
       c->seq.num_tokens = parent.num_prompt;
       c->params = parent.params;
@@ -500,12 +514,7 @@ void EngineCore::fork(Request& parent) {
       Request* raw = c.get();
       requests_[raw->seq.id] = std::move(c);
       children.push_back(raw);
-      raw->seq.pages.reserve(static_cast<size_t>(shared_pages));  // no throw between retain and push
-      for (int p = 0; p < shared_pages && p < static_cast<int>(parent.seq.pages.size()); ++p) {
-        pool_.retain(parent.seq.pages[p]);
-        raw->seq.pages.push_back(parent.seq.pages[p]);
-      }
-      raw->seq.num_computed = static_cast<int>(raw->seq.pages.size()) * ps;
+      scheduler_.fork(&parent.seq, &raw->seq, shared_pages);
     }
     // Front of the queue in index order.
     for (auto it = children.rbegin(); it != children.rend(); ++it) scheduler_.add_front(&(*it)->seq);
@@ -521,7 +530,10 @@ EngineStats EngineCore::stats() const {
   EngineStats s = counters_;
   s.num_running = static_cast<int>(scheduler_.running().size());
   s.num_waiting = static_cast<int>(scheduler_.waiting().size());
-  s.kv_pages_used = pool_.num_used();
+  s.kv_pages_cached = prefix_cache_ ? static_cast<int>(prefix_cache_->cached_pages()) : 0;
+  s.kv_pages_used = pool_.num_used() - s.kv_pages_cached;
+  s.kv_pages_free = pool_.num_free();
+  s.prefix_cache_nodes = prefix_cache_ ? prefix_cache_->tree().num_nodes() : 0;
   s.preemptions = scheduler_.num_preemptions();
   s.live_choices = static_cast<int>(open_choices_.size());
   s.step_index = step_index_;

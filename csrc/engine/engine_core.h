@@ -27,6 +27,7 @@
 
 #include "cache/block_pool.h"
 #include "cache/kv_cache.h"
+#include "cache/prefix_cache.h"
 #include "engine/fault_switch.h"
 #include "engine/request.h"
 #include "engine/sampler.h"
@@ -44,6 +45,10 @@ struct EngineConfig {
   std::vector<int32_t> eos_token_ids;
   int notify_fd = -1;           // Engine only: it writes to its own dup of this fd
   int prompt_logit_rows = 32;   // prompt-logprob rows scored per LM-head call (bounds that buffer)
+  bool prefix_cache = true;     // radix prefix sharing (MLC's --prefix-cache-mode radix)
+  // Finished sequences whose pages stay cached (MLC's prefix_cache_max_num_recycling_seqs):
+  // 0 none, -1 unlimited, -2 (the default) max_num_seqs.
+  int prefix_cache_max_recycling = -2;
 };
 
 struct EngineOutput {
@@ -54,6 +59,7 @@ struct EngineOutput {
   std::string finish_reason;    // "stop" | "length" | "abort" | "error" once finished
   std::string error;            // what went wrong, with finish_reason "error"
   int num_prompt_tokens = 0;
+  int num_cached_tokens = 0;    // prompt tokens the prefix cache supplied
   std::vector<TokenLogprob> logprobs;  // aligned with tokens, when asked for
   bool has_prompt_logprobs = false;    // once, with the first output of choice 0
   std::vector<TokenLogprob> prompt_logprobs;  // for prompt positions 1.. (position 0 has none)
@@ -62,6 +68,9 @@ struct EngineOutput {
 struct EngineStats {
   int num_running = 0, num_waiting = 0;
   int kv_pages_used = 0, kv_pages_total = 0, page_size = 0;
+  // used (held by requests) + cached (held only by the prefix cache: evictable) + free = total
+  int kv_pages_cached = 0, kv_pages_free = 0;
+  int64_t prefix_cache_nodes = 0;
   int64_t kv_capacity_tokens = 0;
   int64_t steps = 0, prompt_tokens_computed = 0, tokens_generated = 0, preemptions = 0;
   int64_t requests_failed = 0;  // choices ended with "error"
@@ -155,6 +164,7 @@ class EngineCore {
   EngineConfig config_;
   KVCache cache_;
   BlockPool pool_;
+  std::unique_ptr<PrefixCache> prefix_cache_;  // null when disabled
   Scheduler scheduler_;
   Sampler sampler_;
   FaultSwitch faults_;

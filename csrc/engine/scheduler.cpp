@@ -5,7 +5,8 @@
 
 namespace pyserve {
 
-Scheduler::Scheduler(SchedulerConfig config, BlockPool& pool) : config_(config), pool_(pool) {
+Scheduler::Scheduler(SchedulerConfig config, BlockPool& pool, PrefixCache* cache)
+    : config_(config), pool_(pool), cache_(cache) {
   if (config_.max_num_seqs < 1 || config_.max_batch_tokens < 1 || config_.page_size < 1)
     throw std::invalid_argument("scheduler: max_num_seqs, max_batch_tokens and page_size must be >= 1");
   // Every running sequence must be able to decode one token per step.
@@ -15,7 +16,14 @@ Scheduler::Scheduler(SchedulerConfig config, BlockPool& pool) : config_(config),
 void Scheduler::add(Sequence* s) { waiting_.push_back(s); }
 void Scheduler::add_front(Sequence* s) { waiting_.push_front(s); }
 
-void Scheduler::free_pages(Sequence* s) {
+void Scheduler::free_pages(Sequence* s, bool finished) {
+  if (s->cache_node >= 0) {
+    computed(s);  // what it computed stays cached
+    const PrefixCache::NodeId node = s->cache_node;
+    s->cache_node = -1;
+    s->cached_pages = 0;
+    cache_->release(node, finished);
+  }
   for (int32_t p : s->pages) pool_.release(p);
   s->pages.clear();
 }
@@ -25,7 +33,44 @@ void Scheduler::remove(Sequence* s) {
   if (r != running_.end()) running_.erase(r);
   auto w = std::find(waiting_.begin(), waiting_.end(), s);
   if (w != waiting_.end()) waiting_.erase(w);
-  free_pages(s);
+  free_pages(s, true);
+}
+
+void Scheduler::computed(Sequence* s) {
+  if (!cache_ || s->cache_node < 0 || !s->tokens) return;
+  const int full = std::min(s->num_computed / config_.page_size, static_cast<int>(s->pages.size()));
+  if (full <= s->cached_pages) return;
+  const std::vector<int32_t> pages(s->pages.begin(), s->pages.begin() + full);
+  s->cache_node = cache_->insert(s->tokens->data(), pages, s->cache_node);
+  s->cached_pages = full;
+}
+
+void Scheduler::fork(Sequence* parent, Sequence* child, int pages) {
+  pages = std::min(pages, static_cast<int>(parent->pages.size()));
+  child->pages.reserve(static_cast<size_t>(pages));
+  for (int p = 0; p < pages; ++p) {
+    pool_.retain(parent->pages[p]);
+    child->pages.push_back(parent->pages[p]);
+  }
+  child->num_computed = pages * config_.page_size;
+  if (parent->cache_node >= 0) {  // the parent's lock covers the shared pages the tree owns
+    cache_->lock(parent->cache_node);
+    child->cache_node = parent->cache_node;
+    child->cached_pages = std::min(parent->cached_pages, pages);
+  }
+}
+
+void Scheduler::reuse_prefix(Sequence* s) {
+  if (!cache_ || !s->tokens || s->num_computed > 0 || !s->pages.empty() || s->cache_node >= 0) return;
+  const int ps = config_.page_size;
+  // At least the last token is computed: its logits are what the sequence samples from.
+  const int64_t max_pages = s->share_prefix ? (s->num_tokens - 1) / ps : 0;
+  PrefixCache::Hit hit = cache_->match(s->tokens->data(), s->num_tokens, max_pages);
+  s->pages = std::move(hit.pages);
+  s->cache_node = hit.node;
+  s->cached_pages = static_cast<int>(s->pages.size());
+  s->num_computed = s->cached_pages * ps;
+  if (s->num_cached_tokens < 0) s->num_cached_tokens = s->num_computed;
 }
 
 void Scheduler::reset() {
@@ -36,7 +81,8 @@ void Scheduler::reset() {
 
 bool Scheduler::grow(Sequence* s, int tokens) {
   const int need = pages_for(tokens) - static_cast<int>(s->pages.size());
-  return need <= 0 || pool_.allocate(need, s->pages);
+  if (need <= 0) return true;
+  return cache_ ? cache_->allocate(need, s->pages) : pool_.allocate(need, s->pages);
 }
 
 bool Scheduler::reclaim_waiting(const Sequence* keep) {
@@ -79,7 +125,7 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
     int n = std::min(s->num_tokens - s->num_computed, budget);
     bool preempted_self = false;
     while (!grow(s, s->num_computed + n)) {
-      const int can = (static_cast<int>(s->pages.size()) + pool_.num_free()) * ps - s->num_computed;
+      const int can = (static_cast<int>(s->pages.size()) + available_pages()) * ps - s->num_computed;
       if (can > 0) {  // a prompt chunk shrinks to the pages there are
         n = std::min(n, can);
         continue;
@@ -109,11 +155,17 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
       rejected_.push_back(s);
       continue;
     }
+    reuse_prefix(s);
     const int reserve = static_cast<int>(running_.size());
-    const int can = (static_cast<int>(s->pages.size()) + pool_.num_free() - reserve) * ps - s->num_computed;
+    const int can = (static_cast<int>(s->pages.size()) + available_pages() - reserve) * ps - s->num_computed;
     const int n = std::min({s->num_tokens - s->num_computed, budget, can});
     if (n <= 0) {
       if (reclaim_waiting(s)) continue;
+      if (s->cache_node >= 0 && s->num_computed == s->cached_pages * ps) {
+        // Not admitted after all: let go of the prefix it matched, for the cache to keep or evict.
+        free_pages(s);
+        s->num_computed = 0;
+      }
       break;
     }
     if (!grow(s, s->num_computed + n)) throw std::logic_error("scheduler: page accounting is off");

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "cache/block_pool.h"
+#include "cache/prefix_cache.h"
 
 namespace pyserve {
 
@@ -15,6 +16,12 @@ struct Sequence {
   int num_tokens = 0;    // prompt + generated so far
   int num_computed = 0;  // tokens whose K/V are in the cache
   std::vector<int32_t> pages;  // page table: token t lives in pages[t / page_size]
+  // Prefix sharing (with a PrefixCache). tokens: prompt + generated, owned by the request.
+  const std::vector<int32_t>* tokens = nullptr;
+  bool share_prefix = true;    // false: always compute from token 0 (prompt logprobs need every row)
+  PrefixCache::NodeId cache_node = -1;  // the tree node this sequence locks, or -1
+  int cached_pages = 0;        // pages[0 : cached_pages] are in the tree, on the path to cache_node
+  int num_cached_tokens = -1;  // prompt tokens found cached when first admitted (-1: not yet)
 };
 
 struct ScheduledChunk {
@@ -34,13 +41,21 @@ struct SchedulerConfig {
 // then new sequences from the waiting queue while the token budget, the sequence limit and free
 // pages allow. When a running sequence needs a page and none is free, the most recently admitted
 // one is preempted: its pages are freed and it re-enters the front of the queue to be recomputed.
+// With a PrefixCache: an admitted sequence starts from the longest cached whole-page prefix of its
+// tokens, its pages enter the cache as they are computed (computed()), and what it leaves behind
+// when it finishes or is preempted stays cached; cached pages count as available and are evicted
+// only when a page is needed.
 class Scheduler {
  public:
-  Scheduler(SchedulerConfig config, BlockPool& pool);
+  Scheduler(SchedulerConfig config, BlockPool& pool, PrefixCache* cache = nullptr);
 
   void add(Sequence* s);        // to the back of the waiting queue
   void add_front(Sequence* s);  // to the front (forked choices: next in line, pages already held)
   void remove(Sequence* s);  // finished or aborted: frees its pages; a no-op if unknown
+  // After a step advanced s->num_computed: its newly completed pages enter the prefix cache.
+  void computed(Sequence* s);
+  // `child` starts as a copy of `parent`'s first `pages` pages (n > 1 choices share the prompt).
+  void fork(Sequence* parent, Sequence* child, int pages);
   // Forgets every sequence without touching the pool (the engine resets both after a fault that
   // left the bookkeeping in doubt).
   void reset();
@@ -58,13 +73,16 @@ class Scheduler {
 
  private:
   bool grow(Sequence* s, int tokens);  // pages for the first `tokens` tokens; false if not free
+  int available_pages() const { return cache_ ? static_cast<int>(cache_->available_pages()) : pool_.num_free(); }
+  void reuse_prefix(Sequence* s);  // a sequence about to be admitted starts from its cached prefix
   void preempt(Sequence* s);
   bool reclaim_waiting(const Sequence* keep);  // frees one waiting sequence's pages, if any holds some
-  void free_pages(Sequence* s);
+  void free_pages(Sequence* s, bool finished = false);
   int pages_for(int tokens) const { return (tokens + config_.page_size - 1) / config_.page_size; }
 
   SchedulerConfig config_;
   BlockPool& pool_;
+  PrefixCache* cache_;
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;
   std::vector<Sequence*> rejected_;

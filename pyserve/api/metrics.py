@@ -175,7 +175,7 @@ class ServingMetrics:
             Gauge("num_requests_running", "Number of requests in model execution batches.", labels, stat("num_running")),
             Gauge("num_requests_waiting", "Number of requests waiting to be processed.", labels, stat("num_waiting")),
             Gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, kv_usage),
-            Gauge("kv_pages_used", "KV-cache pages in use (held by requests or the prefix cache).", labels,
+            Gauge("kv_pages_used", "KV-cache pages held by requests (pages only the prefix cache holds are not counted).", labels,
                   stat("kv_pages_used")),
             Gauge("kv_pages_cached", "KV-cache pages held only by the prefix cache (evictable).", labels,
                   stat("kv_pages_cached")),

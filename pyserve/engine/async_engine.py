@@ -141,11 +141,12 @@ class AsyncEngine:
             pass
 
     def _dispatch(self, outputs: list[tuple]) -> None:
-        for rid, index, tokens, finished, reason, num_prompt, logprobs, prompt_logprobs, error in outputs:
+        for rid, index, tokens, finished, reason, num_prompt, logprobs, prompt_logprobs, error, cached in outputs:
             box = self._live.get(rid)
             if box is None:  # the consumer has gone (aborted); nothing to deliver
                 continue
-            out = RequestOutput(tokens, finished, reason, num_prompt, index=index, request_id=rid, error=error)
+            out = RequestOutput(tokens, finished, reason, num_prompt, index=index, request_id=rid, error=error,
+                                num_cached_tokens=cached)
             if logprobs is not None:
                 out.logprobs = [TokenLogprob(t, lp, list(top)) for t, lp, top in logprobs]
             if prompt_logprobs is not None:

@@ -1,0 +1,82 @@
+#include "cache/prefix_cache.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace pyserve {
+
+PrefixCache::PrefixCache(BlockPool& pool, int page_size, int max_recycling)
+    : pool_(pool), tree_(page_size), max_recycling_(max_recycling) {
+  if (max_recycling < -1) throw std::invalid_argument("prefix cache: max_recycling must be >= -1");
+}
+
+void PrefixCache::release_pages(const std::vector<int32_t>& pages) {
+  for (int32_t p : pages) pool_.release(p);
+}
+
+bool PrefixCache::allocate(int n, std::vector<int32_t>& out) {
+  if (n < 0 || n > available_pages()) return false;
+  if (n > pool_.num_free()) {
+    scratch_.clear();
+    tree_.evict(n - pool_.num_free(), scratch_);
+    // Drop recycled entries that went with them (ids are never reused, so stale ones are harmless
+    // but would hold the deque's room).
+    recycled_.erase(std::remove_if(recycled_.begin(), recycled_.end(), [&](NodeId id) { return !tree_.contains(id); }),
+                    recycled_.end());
+    release_pages(scratch_);
+  }
+  if (!pool_.allocate(n, out)) throw std::logic_error("prefix cache: evictable pages were not free-able");
+  return true;
+}
+
+PrefixCache::Hit PrefixCache::match(const int32_t* tokens, int64_t n, int64_t max_pages) {
+  RadixTree::Match m = tree_.match(tokens, n, max_pages);
+  tree_.lock(m.node);
+  for (int32_t p : m.pages) pool_.retain(p);
+  return Hit{std::move(m.pages), m.node};
+}
+
+PrefixCache::NodeId PrefixCache::insert(const int32_t* tokens, const std::vector<int32_t>& pages, NodeId held) {
+  const RadixTree::Insertion ins = tree_.insert(tokens, pages);
+  for (size_t i = static_cast<size_t>(ins.adopted_from); i < pages.size(); ++i) pool_.retain(pages[i]);
+  tree_.lock(ins.node);
+  tree_.unlock(held);
+  return ins.node;
+}
+
+bool PrefixCache::is_recycled(NodeId node) const {
+  return std::find(recycled_.begin(), recycled_.end(), node) != recycled_.end();
+}
+
+void PrefixCache::release(NodeId node, bool finished) {
+  tree_.unlock(node);
+  if (!finished) return;
+  scratch_.clear();
+  const auto keep = [this](NodeId id) { return is_recycled(id); };
+  if (max_recycling_ != 0 && node != RadixTree::kRoot) {
+    recycled_.push_back(node);
+    while (max_recycling_ > 0 && static_cast<int>(recycled_.size()) > max_recycling_) {
+      const NodeId oldest = recycled_.front();
+      recycled_.pop_front();
+      tree_.evict_path(oldest, keep, scratch_);
+    }
+  } else {
+    tree_.evict_path(node, keep, scratch_);
+  }
+  release_pages(scratch_);
+}
+
+void PrefixCache::pin(NodeId node) {
+  tree_.lock(node);
+  pinned_.push_back(node);
+}
+
+void PrefixCache::reset(bool release) {
+  scratch_.clear();
+  tree_.clear(scratch_);
+  if (release) release_pages(scratch_);
+  recycled_.clear();
+  pinned_.clear();
+}
+
+}  // namespace pyserve

@@ -1,0 +1,70 @@
+#pragma once
+// The prefix cache: a RadixTree of KV pages over a BlockPool. A page is in one of three states:
+//   in use     a sequence holds it (refcount >= 1; the tree may own it too, on a locked path)
+//   cached     only the tree holds it (refcount 1, on an unlocked path): evictable
+//   free       nobody holds it
+// Allocation takes free pages first and evicts cached ones, least recently used first, only when
+// it must, so counting cached pages as available never makes a request wait or fail that would
+// have run without the cache. Pure bookkeeping over page ids: unit-tested without a model.
+//
+// Invariant (what makes `cached` pages truly free-able): a sequence holding a page the tree owns
+// holds a lock on a node whose path contains that page.
+#include <cstdint>
+#include <deque>
+#include <vector>
+
+#include "cache/block_pool.h"
+#include "cache/radix_tree.h"
+
+namespace pyserve {
+
+class PrefixCache {
+ public:
+  using NodeId = RadixTree::NodeId;
+
+  // max_recycling: finished sequences whose pages stay cached (MLC's
+  // prefix_cache_max_num_recycling_seqs: 0 none, -1 unlimited); older ones are evicted first.
+  PrefixCache(BlockPool& pool, int page_size, int max_recycling);
+
+  int64_t available_pages() const { return pool_.num_free() + tree_.evictable_pages(); }
+  int64_t cached_pages() const { return tree_.evictable_pages(); }
+  // Appends n pages (evicting cached ones if needed); all or nothing.
+  bool allocate(int n, std::vector<int32_t>& out);
+
+  struct Hit {
+    std::vector<int32_t> pages;  // retained for the caller, which now holds a reference on each
+    NodeId node = RadixTree::kRoot;  // locked for the caller
+  };
+  // The longest cached prefix of tokens[0 : n] in at most max_pages whole pages.
+  Hit match(const int32_t* tokens, int64_t n, int64_t max_pages);
+  // Caches tokens[0 : pages.size() * page_size] (computed, in the caller's `pages`) and moves the
+  // caller's lock from `held` to the node that ends there, which is returned.
+  NodeId insert(const int32_t* tokens, const std::vector<int32_t>& pages, NodeId held);
+  // Takes one more lock on `node` (a fork shares its parent's prefix).
+  void lock(NodeId node) { tree_.lock(node); }
+  // The caller lets go of `node`; its pages stay cached. A finished sequence's stay as one of the
+  // max_recycling recycled ones (past that, the oldest one's unshared pages are evicted now); a
+  // preempted one's stay until evicted, so its recompute is mostly a hit.
+  void release(NodeId node, bool finished);
+  // Pinned prefixes (MLC's debug_config.pinned_system_prompt): locked until reset().
+  void pin(NodeId node);
+  // Empties the tree (pinned prefixes too); with release_pages, hands its pages back to the pool
+  // (false when the pool is being reset as well).
+  void reset(bool release_pages);
+
+  const RadixTree& tree() const { return tree_; }
+  int max_recycling() const { return max_recycling_; }
+
+ private:
+  void release_pages(const std::vector<int32_t>& pages);
+  bool is_recycled(NodeId node) const;
+
+  BlockPool& pool_;
+  RadixTree tree_;
+  int max_recycling_;
+  std::deque<NodeId> recycled_;  // ends of finished sequences kept, oldest first
+  std::vector<NodeId> pinned_;
+  std::vector<int32_t> scratch_;
+};
+
+}  // namespace pyserve

@@ -1,0 +1,143 @@
+"""The prefix cache in the engine, on a tiny random Llama: greedy outputs are identical with the
+cache on and off over shared and unshared prompts at several concurrencies and under a KV budget far
+smaller than the working set; cached_tokens is the shared whole-page prefix; every page comes back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tiny_models
+from engine_helpers import c_model
+from pyserve import _C
+from pyserve.engine.sampling import SamplingParams
+from pyserve.model.loader import load_model
+
+PAGE = 4
+
+
+@pytest.fixture(scope="module")
+def cm(tmp_path_factory):
+    return c_model(load_model(tiny_models.make_llama(tmp_path_factory.mktemp("prefix-llama"))))
+
+
+def core(cm, cache: bool, **cfg) -> "_C.EngineCore":
+    options = {"max_num_seqs": 4, "max_batch_tokens": 32, "page_size": PAGE, "kv_capacity_tokens": 512,
+               "max_model_len": 256, "eos_token_ids": [], "prefix_cache": cache, "prefix_cache_max_recycling": -1}
+    options.update(cfg)
+    return _C.EngineCore(cm, options)
+
+
+def greedy(max_tokens: int, **kw) -> dict:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw).to_engine()
+
+
+def workload(seed: int, n: int) -> list[list[int]]:
+    """Prompts behind three system prompts (token ids 5..99) with distinct questions (100..299),
+    and some prompts that share nothing."""
+    rng = np.random.default_rng(seed)
+    systems = [[int(t) for t in rng.integers(5, 100, length)] for length in (20, 37, 9)]
+    prompts = []
+    for i in range(n):
+        question = [int(t) for t in rng.integers(100, 300, int(rng.integers(3, 12)))]
+        prompts.append(question if i % 5 == 4 else systems[i % 3] + question)
+    return prompts
+
+
+def run(engine, prompts: list[list[int]], concurrency: int, max_tokens: int = 6) -> dict[int, tuple[list[int], int]]:
+    """Keeps `concurrency` requests in flight until all are done; returns id -> (tokens, cached)."""
+    out: dict[int, tuple[list[int], int]] = {i: ([], 0) for i in range(len(prompts))}
+    pending = list(range(len(prompts)))
+    live: set[int] = set()
+    for _ in range(10_000):
+        while pending and len(live) < concurrency:
+            rid = pending.pop(0)
+            engine.add_request(rid, prompts[rid], greedy(max_tokens))
+            live.add(rid)
+        if not live:
+            return out
+        engine.step()
+        for rid, _index, toks, finished, reason, _n, _lp, _plp, error, cached in engine.take_outputs():
+            assert error is None, error
+            tokens, _ = out[rid]
+            out[rid] = (tokens + list(toks), cached)
+            if finished:
+                live.discard(rid)
+    raise AssertionError("the engine did not finish")
+
+
+def assert_no_leak(engine) -> None:
+    s = engine.stats()
+    assert s["kv_pages_used"] == 0 and s["live_choices"] == 0 and s["num_running"] == s["num_waiting"] == 0
+    assert s["kv_pages_used"] + s["kv_pages_cached"] + s["kv_pages_free"] == s["kv_pages_total"]
+
+
+@pytest.mark.parametrize("concurrency", [1, 3, 8])
+def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(cm, concurrency: int) -> None:
+    prompts = workload(concurrency, 20)
+    off = run(core(cm, cache=False), prompts, concurrency)
+    on_engine = core(cm, cache=True)
+    on = run(on_engine, prompts, concurrency)
+    assert {k: v[0] for k, v in on.items()} == {k: v[0] for k, v in off.items()}
+    assert all(cached == 0 for _tokens, cached in off.values())
+    assert sum(cached for _tokens, cached in on.values()) > 0
+    assert on_engine.stats()["kv_pages_cached"] > 0
+    assert_no_leak(on_engine)
+
+
+def test_cached_tokens_are_the_shared_whole_pages(cm) -> None:
+    prompts = workload(7, 8)  # requests 0..2 each open one system prompt; 3, 5 and 7 reuse them
+    e = core(cm, cache=True)
+    res = run(e, prompts, concurrency=1)
+    assert [res[i][1] for i in range(3)] == [0, 0, 0]
+    assert res[3][1] == 20  # system prompt 0: 20 tokens, five whole pages
+    assert res[7][1] == 36  # system prompt 1 of 37 tokens: nine whole pages (the tenth mixes in the question)
+    assert res[5][1] == 8   # system prompt 2 of 9 tokens: two whole pages
+    assert res[4][1] == 0   # shares nothing
+    assert_no_leak(e)
+
+
+def test_a_kv_budget_far_below_the_working_set_still_serves_everyone(cm) -> None:
+    prompts = workload(11, 30)
+    reference = run(core(cm, cache=False), prompts, 4)
+    small = core(cm, cache=True, kv_capacity_tokens=96, max_model_len=96)  # 24 pages for 4 sequences
+    got = run(small, prompts, 4)
+    assert {k: v[0] for k, v in got.items()} == {k: v[0] for k, v in reference.items()}
+    assert_no_leak(small)
+
+
+def test_a_repeated_prompt_is_served_from_the_cache_and_prompt_logprobs_still_compute_everything(cm) -> None:
+    e = core(cm, cache=True)
+    p = workload(3, 1)[0]
+    first = run(e, [p], 1)[0]
+    again = run(e, [p], 1)[0]
+    assert again[0] == first[0] and again[1] == (len(p) - 1) // PAGE * PAGE
+    # Prompt logprobs need every prompt position's logits: such a request reuses nothing.
+    e.add_request(9, p, greedy(2, prompt_logprobs=1))
+    rows = []
+    cached = []
+    while not e.idle:
+        e.step()
+        for _rid, _i, _toks, _fin, _reason, _n, _lp, plp, _err, c in e.take_outputs():
+            cached.append(c)
+            if plp is not None:
+                rows = plp
+    assert set(cached) == {0} and len(rows) == len(p) - 1
+    assert_no_leak(e)
+
+
+def test_n_choices_share_the_prompt_through_the_cache(cm) -> None:
+    p = workload(5, 1)[0]
+    outs = {}
+    for cache in (False, True):
+        e = core(cm, cache=cache)
+        e.add_request(1, p, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, n=3).to_engine())
+        tokens: dict[int, list[int]] = {}
+        while not e.idle:
+            e.step()
+            for _rid, index, toks, _fin, _reason, _n, _lp, _plp, err, _c in e.take_outputs():
+                assert err is None
+                tokens.setdefault(index, []).extend(toks)
+        outs[cache] = tokens
+        assert_no_leak(e)
+    assert outs[True] == outs[False] and outs[True][0] == outs[True][1] == outs[True][2]
