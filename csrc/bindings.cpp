@@ -217,6 +217,7 @@ EngineConfig engine_config_from(const py::dict& d) {
   c.eos_token_ids = get_or<std::vector<int32_t>>(d, "eos_token_ids", {});
   c.notify_fd = get_or<int>(d, "notify_fd", -1);
   c.prompt_logit_rows = get_or<int>(d, "prompt_logit_rows", c.prompt_logit_rows);
+  c.chunked_prefill = get_or<bool>(d, "chunked_prefill", c.chunked_prefill);
   c.prefix_cache = get_or<bool>(d, "prefix_cache", c.prefix_cache);
   c.prefix_cache_max_recycling = get_or<int>(d, "prefix_cache_max_recycling", c.prefix_cache_max_recycling);
   return c;
@@ -523,10 +524,10 @@ class SchedulerHarness {
  public:
   // prefix_cache: a PrefixCache keeping max_recycling finished sequences (-1: any number).
   SchedulerHarness(int num_pages, int page_size, int max_num_seqs, int max_batch_tokens, bool prefix_cache,
-                   int max_recycling)
+                   int max_recycling, bool chunked_prefill)
       : pool_(num_pages),
         cache_(prefix_cache ? std::make_unique<PrefixCache>(pool_, page_size, max_recycling) : nullptr),
-        scheduler_({max_num_seqs, max_batch_tokens, page_size}, pool_, cache_.get()) {}
+        scheduler_({max_num_seqs, max_batch_tokens, page_size, chunked_prefill}, pool_, cache_.get()) {}
   // A prompt of distinct tokens (no prefix in common with any other sequence).
   void add(int64_t id, int num_prompt_tokens) {
     std::vector<int32_t> tokens(static_cast<size_t>(num_prompt_tokens));
@@ -551,7 +552,10 @@ class SchedulerHarness {
   // sequence's length, the same for every sequence, so equal prompts stay equal).
   std::vector<std::tuple<int64_t, int, int, bool>> step() {
     std::vector<std::tuple<int64_t, int, int, bool>> out;
-    for (const ScheduledChunk& c : scheduler_.schedule()) {
+    const std::vector<ScheduledChunk> plan = scheduler_.schedule();
+    for (const PageCopy& c : scheduler_.pending_copies()) copies_.emplace_back(c.seq->id, c.src, c.dst);
+    scheduler_.copies_done();
+    for (const ScheduledChunk& c : plan) {
       out.emplace_back(c.seq->id, c.start, c.count, c.sample);
       c.seq->num_computed += c.count;
       scheduler_.computed(c.seq);
@@ -590,8 +594,15 @@ class SchedulerHarness {
   int refcount(int32_t page) const { return pool_.refcount(page); }
   int64_t tree_pages() const { return cache_ ? cache_->tree().num_pages() : 0; }
   int64_t preemptions() const { return scheduler_.num_preemptions(); }
+  // The page copies the steps so far asked for: [(id, src, dst)].
+  std::vector<std::tuple<int64_t, int32_t, int32_t>> take_copies() {
+    auto out = std::move(copies_);
+    copies_.clear();
+    return out;
+  }
 
  private:
+  std::vector<std::tuple<int64_t, int32_t, int32_t>> copies_;
   struct Entry {
     std::vector<int32_t> tokens;
     Sequence seq;
@@ -729,9 +740,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::module_ t = m.def_submodule("testing", "pure-logic pieces, exposed for unit tests");
   py::class_<SchedulerHarness>(t, "Scheduler")
-      .def(py::init<int, int, int, int, bool, int>(), py::arg("num_pages"), py::arg("page_size"),
+      .def(py::init<int, int, int, int, bool, int, bool>(), py::arg("num_pages"), py::arg("page_size"),
            py::arg("max_num_seqs"), py::arg("max_batch_tokens"), py::arg("prefix_cache") = false,
-           py::arg("max_recycling") = -1)
+           py::arg("max_recycling") = -1, py::arg("chunked_prefill") = false)
       .def("add", &SchedulerHarness::add)
       .def("add_tokens", &SchedulerHarness::add_tokens)
       .def("remove", &SchedulerHarness::remove)
@@ -750,7 +761,8 @@ PYBIND11_MODULE(_C, m) {
       .def("total_pages", &SchedulerHarness::total_pages)
       .def("refcount", &SchedulerHarness::refcount)
       .def("tree_pages", &SchedulerHarness::tree_pages)
-      .def("preemptions", &SchedulerHarness::preemptions);
+      .def("preemptions", &SchedulerHarness::preemptions)
+      .def("take_copies", &SchedulerHarness::take_copies);
 
   using Tree = RadixTree;
   py::class_<Tree>(t, "RadixTree", "The prefix cache's radix tree over token ids (pure logic; page ids only)")
@@ -767,6 +779,15 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("tokens"), py::arg("pages"), "-> (node, adopted_from)")
       .def("lock", &Tree::lock)
       .def("unlock", &Tree::unlock)
+      .def("match_partial", [](Tree& tr, int64_t node, const std::vector<int32_t>& tokens) {
+        Tree::Partial p = tr.match_partial(node, tokens.data(), static_cast<int64_t>(tokens.size()));
+        return py::make_tuple(p.page, p.tokens, p.owner);
+      }, py::arg("node"), py::arg("tokens"), "-> (page, tokens, owner)")
+      .def("insert_tail", [](Tree& tr, int64_t node, const std::vector<int32_t>& tokens, int32_t page) {
+        std::vector<int32_t> released;
+        const bool adopted = tr.insert_tail(node, tokens.data(), static_cast<int>(tokens.size()), page, released);
+        return py::make_tuple(adopted, released);
+      }, py::arg("node"), py::arg("tokens"), py::arg("page"), "-> (adopted, released pages)")
       .def("evict", [](Tree& tr, int64_t pages) {
         std::vector<int32_t> out;
         tr.evict(pages, out);

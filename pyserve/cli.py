@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "MLC's flag: 0 keeps none once finished, -1 any number (evicted least recently used "
                    "when pages are needed) (default: max_num_sequence)")
     p.add_argument("--prefill-mode", choices=PREFILL_MODES, default="hybrid",
-                   help="how prompts are prefilled, as MLC's flag. Every engine step is hybrid today: prompt "
-                   "chunks (up to --prefill-chunk-size tokens per step) run in the same batch as the other "
-                   "sequences' decodes; 'chunked' is accepted and currently behaves like 'hybrid' "
+                   help="how prompts are prefilled, as MLC's flag: 'hybrid' runs prompt chunks (up to "
+                   "--prefill-chunk-size tokens a step) in the same batch as the other sequences' decodes; "
+                   "'chunked' makes each step all prefill or all decode, alternating while both wait "
                    "(default: %(default)s)")
     p.add_argument("--served-model-name", help="model id in the API (default: directory name or GGUF file stem)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging verbosity (default: %(default)s)")
@@ -419,9 +419,8 @@ def build_app(args: argparse.Namespace) -> Any:
         engine_config.prefill_chunk_size,
         engine_config.num_threads,
     )
-    log.info("prefill: hybrid (prompt chunks batched with decodes)%s",
-             "; --prefill-mode chunked is not implemented and behaves like hybrid"
-             if engine_config.prefill_mode == "chunked" else "")
+    log.info("prefill: %s", "chunked (prefill steps and decode steps alternate)" if engine_config.prefill_mode == "chunked"
+             else "hybrid (prompt chunks batched with decodes)")
     log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
              else f"radix (finished sequences kept: {engine_config.prefix_cache_max_num_recycling_seqs}, -1: any)")
     limits = output_limits_from_args(args)  # checked above (parse_args); logged below

@@ -210,7 +210,7 @@ def test_help_is_instant_and_imports_nothing_heavy():
     flat = " ".join(out.split())
     assert "NOT IMPLEMENTED" not in flat.split("--prefix-cache-mode")[1].split("--prefill-mode")[0]
     assert "--prefix-cache-max-num-recycling-seqs N" in flat
-    assert "'chunked' is accepted and currently behaves like 'hybrid'" in flat
+    assert "'chunked' makes each step all prefill or all decode" in flat
 
 
 # --- the build: engine extension and device, checked before any model loads ------------------------
@@ -480,7 +480,7 @@ def test_main_passes_the_max_tokens_bounds_to_the_app(monkeypatch, caplog):
     assert served["app"].ctx.limits == OutputLimits(default_max_tokens=200, max_tokens_limit=300)
     assert "max_tokens default 200, limit 300" in caplog.text
     assert "prefix cache: disabled" in caplog.text
-    assert "--prefill-mode chunked is not implemented and behaves like hybrid" in caplog.text
+    assert "prefill: chunked (prefill steps and decode steps alternate)" in caplog.text
 
 
 def _run_main_with_fakes(monkeypatch, argv, caplog) -> dict:

@@ -1,6 +1,7 @@
 """The prefix cache in the engine, on a tiny random Llama: greedy outputs are identical with the
 cache on and off over shared and unshared prompts at several concurrencies and under a KV budget far
-smaller than the working set; cached_tokens is the shared whole-page prefix; every page comes back."""
+smaller than the working set; cached_tokens is the shared prefix (whole pages shared, part of a page
+copied); every page comes back."""
 
 from __future__ import annotations
 
@@ -85,14 +86,14 @@ def test_greedy_outputs_are_the_same_with_the_cache_on_and_off(cm, concurrency: 
     assert_no_leak(on_engine)
 
 
-def test_cached_tokens_are_the_shared_whole_pages(cm) -> None:
+def test_cached_tokens_are_the_shared_prefix(cm) -> None:
     prompts = workload(7, 8)  # requests 0..2 each open one system prompt; 3, 5 and 7 reuse them
     e = core(cm, cache=True)
     res = run(e, prompts, concurrency=1)
     assert [res[i][1] for i in range(3)] == [0, 0, 0]
     assert res[3][1] == 20  # system prompt 0: 20 tokens, five whole pages
-    assert res[7][1] == 36  # system prompt 1 of 37 tokens: nine whole pages (the tenth mixes in the question)
-    assert res[5][1] == 8   # system prompt 2 of 9 tokens: two whole pages
+    assert res[7][1] == 37  # system prompt 1: nine whole pages shared, 1 token copied from the tenth
+    assert res[5][1] == 9   # system prompt 2: two whole pages, 1 token copied
     assert res[4][1] == 0   # shares nothing
     assert_no_leak(e)
 
@@ -111,7 +112,7 @@ def test_a_repeated_prompt_is_served_from_the_cache_and_prompt_logprobs_still_co
     p = workload(3, 1)[0]
     first = run(e, [p], 1)[0]
     again = run(e, [p], 1)[0]
-    assert again[0] == first[0] and again[1] == (len(p) - 1) // PAGE * PAGE
+    assert again[0] == first[0] and again[1] == len(p) - 1  # all but the last token, which samples
     # Prompt logprobs need every prompt position's logits: such a request reuses nothing.
     e.add_request(9, p, greedy(2, prompt_logprobs=1))
     rows = []
@@ -141,3 +142,13 @@ def test_n_choices_share_the_prompt_through_the_cache(cm) -> None:
         outs[cache] = tokens
         assert_no_leak(e)
     assert outs[True] == outs[False] and outs[True][0] == outs[True][1] == outs[True][2]
+
+
+@pytest.mark.parametrize("concurrency", [2, 6])
+def test_chunked_prefill_gives_the_same_greedy_outputs_as_hybrid(cm, concurrency: int) -> None:
+    prompts = workload(20 + concurrency, 12)
+    hybrid = run(core(cm, cache=False, max_batch_tokens=16), prompts, concurrency)
+    chunked_engine = core(cm, cache=True, max_batch_tokens=16, chunked_prefill=True)
+    chunked = run(chunked_engine, prompts, concurrency)
+    assert {k: v[0] for k, v in chunked.items()} == {k: v[0] for k, v in hybrid.items()}
+    assert_no_leak(chunked_engine)

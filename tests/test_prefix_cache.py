@@ -43,10 +43,27 @@ def test_a_new_sequence_starts_from_the_cached_whole_pages() -> None:
     run_to_length(s, 1, len(sys_p) + 3 + 4)
     s.remove(1)
     assert s.used_pages() == 0 and s.cached_pages() > 0
+    s.take_copies()
     s.add_tokens(2, sys_p + [7, 8])
     plan = s.step()
-    assert plan == [(2, 3 * PS, len(sys_p) + 2 - 3 * PS, True)]  # the 3 shared pages are not recomputed
-    assert s.num_cached_tokens(2) == 3 * PS
+    # The 3 whole pages are shared; the 5 tokens on the fourth page come from a copy of the
+    # finished sequence's page, which is never shared because 2 writes the rest of it.
+    assert plan == [(2, len(sys_p), 2, True)]
+    assert s.num_cached_tokens(2) == len(sys_p)
+    ((sid, src, dst),) = s.take_copies()
+    assert sid == 2 and dst == s.pages(2)[3] and src != dst and s.pages(2)[:3] == s.pages(2)[:3]
+    check_pages(s)
+
+
+def test_part_of_a_page_is_copied_from_a_running_sequences_page_too() -> None:
+    s = sched()
+    sys_p = system_prompt(2 * PS + 6)
+    s.add_tokens(1, sys_p + [1] * 20)  # its third page starts with sys_p's last 6 tokens
+    s.step()
+    s.add_tokens(2, sys_p + [2] * 3)
+    assert s.step() == [(1, len(sys_p) + 20, 1, True), (2, len(sys_p), 3, True)]
+    ((sid, src, dst),) = s.take_copies()
+    assert (sid, src) == (2, s.pages(1)[2]) and dst == s.pages(2)[2] and s.pages(1)[:2] == s.pages(2)[:2]
     check_pages(s)
 
 
@@ -57,8 +74,9 @@ def test_the_last_token_is_always_computed() -> None:
     run_to_length(s, 1, len(p) + 2)
     s.remove(1)
     s.add_tokens(2, list(p))  # the same prompt, exactly two pages
-    assert s.step() == [(2, PS, PS, True)]  # one page reused; the last page recomputed to sample
-    assert s.num_cached_tokens(2) == PS
+    # One page shared, 15 tokens of the second copied: the last token is computed, to sample.
+    assert s.step() == [(2, 2 * PS - 1, 1, True)]
+    assert s.num_cached_tokens(2) == 2 * PS - 1
 
 
 def test_sequences_in_flight_share_pages_as_soon_as_they_are_computed() -> None:
@@ -80,7 +98,7 @@ def test_finished_and_preempted_pages_stay_cached_until_needed() -> None:
     s.add(1, 3 * PS)  # distinct tokens: no sharing
     run_to_length(s, 1, 3 * PS + 2)
     s.remove(1)
-    assert s.used_pages() == 0 and s.cached_pages() == 3  # the pages of its computed tokens
+    assert s.used_pages() == 0 and s.cached_pages() == 4  # its 49 computed tokens: 3 pages and a tail
     # A newcomer that needs the whole pool evicts what it must: the cache never refuses it.
     s.add(2, 8 * PS - 1)
     s.step()
@@ -108,7 +126,7 @@ def test_a_preempted_sequence_recomputes_mostly_from_the_cache() -> None:
 
 
 def test_recycling_limits_what_finished_sequences_leave() -> None:
-    for limit, kept in ((0, 0), (1, 3), (-1, 6)):
+    for limit, kept in ((0, 0), (1, 4), (-1, 8)):  # 3 whole pages and a tail each
         s = sched(max_recycling=limit)
         for sid in (1, 2):
             s.add(sid, 3 * PS + 4)

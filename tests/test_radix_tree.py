@@ -96,11 +96,50 @@ def test_evict_path_removes_a_finished_branch_up_to_what_others_use() -> None:
     assert t.evict_path(shared) == []  # gone: a no-op
 
 
+def test_tails_and_first_pages_are_sources_for_part_of_a_page() -> None:
+    t = RadixTree(PS)
+    end, _ = t.insert(toks(1, 2), [10, 11])
+    t.insert(toks(1, 2) + [3, 3, 3, 3], [10, 11, 12])  # child [3] of end
+    assert t.insert_tail(end, [5, 6, 7], 20) == (True, [])
+    assert t.num_pages == 4 and t.evictable_pages == 4
+    assert t.match_partial(end, [3, 3, 9]) == (12, 2, t.match(toks(1, 2, 3))[1])  # a child's first page
+    assert t.match_partial(end, [5, 6, 0, 0])[:2] == (20, 2)  # a tail
+    assert t.match_partial(end, [5, 6, 7, 8])[:2] == (20, 3)
+    assert t.match_partial(end, [5, 6, 7], )[:2] == (20, 3)
+    assert t.match_partial(end, [8])[:2] == (-1, 0)
+    assert t.match_partial(end, [5])[:2] == (20, 1)  # no more than the caller has
+    # A shorter tail that ours contains is replaced; one that contains ours makes ours redundant.
+    assert t.insert_tail(end, [5, 6], 21) == (False, [])
+    assert t.insert_tail(end, [5, 6, 7], 22) == (False, [])
+    assert t.insert_tail(end, [4], 23) == (True, [])
+    assert t.num_pages == 5
+    # Tails go before nodes, least recently used first; a locked node keeps its tails.
+    t.match(toks(1, 2, 3))
+    t.match_partial(end, [5, 6, 7])  # tail 20 is now the most recently used, then the child [3]
+    assert t.evict(1) == [23]
+    t.lock(end)
+    assert t.evictable_pages == 1 and t.evict(5) == [12]
+    t.unlock(end)
+    assert sorted(t.evict(5)) == [10, 11, 20] and t.num_pages == 0
+
+
+def test_evict_path_and_clear_take_the_tails_along() -> None:
+    t = RadixTree(PS)
+    end, _ = t.insert(toks(1), [10])
+    t.insert_tail(end, [2], 20)
+    assert sorted(t.evict_path(end)) == [10, 20]
+    end, _ = t.insert(toks(1), [30])
+    t.insert_tail(end, [2], 40)
+    t.insert_tail(0, [3], 50)  # a tail at the root: a prompt shorter than a page
+    assert sorted(t.clear()) == [30, 40, 50]
+
+
 class Reference:
     """Every cached whole-page prefix (a tuple of tokens) -> its page, and the locked prefixes."""
 
     def __init__(self) -> None:
         self.pages: dict[tuple[int, ...], int] = {}
+        self.tails: dict[tuple[tuple[int, ...], tuple[int, ...]], int] = {}  # (prefix, tail tokens) -> page
         self.locks: list[tuple[int, ...]] = []
 
     def match(self, tokens: list[int], max_pages: int) -> list[int]:
@@ -124,8 +163,33 @@ class Reference:
     def locked(self, key: tuple[int, ...]) -> bool:
         return any(lock[: len(key)] == key for lock in self.locks)
 
+    def insert_tail(self, prefix: tuple[int, ...], tail: tuple[int, ...], page: int) -> tuple[bool, list[int]]:
+        for (p, have), old in list(self.tails.items()):
+            if p != prefix or have[: len(tail)] != tail[: len(have)]:
+                continue
+            if len(have) >= len(tail):
+                return False, []
+            del self.tails[(p, have)]
+            self.tails[(prefix, tail)] = page
+            return True, [old]
+        self.tails[(prefix, tail)] = page
+        return True, []
+
+    def best_partial(self, prefix: tuple[int, ...], tokens: list[int]) -> int:
+        want = tokens[: PS - 1]
+        sources = [key[len(prefix):] for key in self.pages if len(key) == len(prefix) + PS and key[: len(prefix)] == prefix]
+        sources += [tail for (p, tail) in self.tails if p == prefix]
+        best = 0
+        for src in sources:
+            r = 0
+            while r < min(len(src), len(want)) and src[r] == want[r]:
+                r += 1
+            best = max(best, r)
+        return best
+
     def evictable(self) -> int:
-        return sum(1 for key in self.pages if not self.locked(key))
+        return (sum(1 for key in self.pages if not self.locked(key))
+                + sum(1 for (p, _tail) in self.tails if not self.locked(p)))  # a node's lock pins its tails
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -158,6 +222,20 @@ def test_random_operations_agree_with_a_dict_of_prefixes(seed: int) -> None:
             max_pages = rng.choice([1 << 40, rng.randint(0, 8)])
             pages, node = t.match(tokens, max_pages)
             assert pages == ref.match(tokens, max_pages)
+            prefix = tuple(tokens[: len(pages) * PS])
+            rest = tokens[len(pages) * PS:]
+            page, r, _owner = t.match_partial(node, rest)
+            assert r == ref.best_partial(prefix, rest)
+            if r:  # the page holds those tokens: a tail's or a child's first page
+                holders = [tail for (p, tail), pg in ref.tails.items() if p == prefix and pg == page]
+                holders += [key[len(prefix):] for key, pg in ref.pages.items() if pg == page and key[: len(prefix)] == prefix]
+                assert any(list(h[:r]) == rest[:r] for h in holders)
+            if op < 0.45 and len(rest) % PS:  # cache this prompt's partly filled last page
+                tail = tuple(rest[: len(rest) % PS]) if len(rest) < PS else None
+                if tail:
+                    adopted, released = t.insert_tail(node, list(tail), next_page)
+                    assert (adopted, released) == ref.insert_tail(prefix, tail, next_page)
+                    next_page += 1
             if rng.random() < 0.3:
                 t.lock(node)
                 held.append((node, tuple(tokens[: len(pages) * PS])))
@@ -172,16 +250,25 @@ def test_random_operations_agree_with_a_dict_of_prefixes(seed: int) -> None:
             evicted = t.evict(want)
             assert len(evicted) >= min(want, before) or len(evicted) == before
             by_page = {page: key for key, page in ref.pages.items()}
+            tail_by_page = {page: key for key, page in ref.tails.items()}
             for page in evicted:
+                if page in tail_by_page:
+                    prefix, _tail = tail_by_page[page]
+                    assert not ref.locked(prefix), "a locked node's tail was evicted"
+                    del ref.tails[tail_by_page[page]]
+                    continue
                 key = by_page[page]
                 assert not ref.locked(key), "a locked prefix was evicted"
+                assert not any(p == key for p, _tail in ref.tails), "a node went before its tails"
                 del ref.pages[key]
             # What is left is still closed under prefixes: only leaves went.
             for key in ref.pages:
                 assert len(key) == PS or key[:-PS] in ref.pages
+            for prefix, _tail in ref.tails:
+                assert not prefix or prefix in ref.pages
         else:
             evicted_all = t.clear()
-            assert sorted(evicted_all) == sorted(ref.pages.values())
+            assert sorted(evicted_all) == sorted([*ref.pages.values(), *ref.tails.values()])
             ref, held = Reference(), []
-        assert t.num_pages == len(ref.pages)
+        assert t.num_pages == len(ref.pages) + len(ref.tails)
         assert t.evictable_pages == ref.evictable()

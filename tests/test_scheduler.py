@@ -103,3 +103,36 @@ def test_many_sequences_all_complete_without_leaking_pages() -> None:
             break
     assert not target
     assert s.free_pages() == 20
+
+
+# --- --prefill-mode chunked ------------------------------------------------------------------------
+
+
+def test_chunked_prefill_alternates_prefill_steps_and_decode_steps() -> None:
+    s = Scheduler(num_pages=64, page_size=16, max_num_seqs=4, max_batch_tokens=32, chunked_prefill=True)
+    s.add(1, 10)
+    assert s.step() == [(1, 0, 10, True)]  # prefill (nothing else to do)
+    s.add(2, 70)
+    steps = [s.step() for _ in range(7)]
+    assert steps == [
+        [(1, 10, 1, True)],    # decode step (the last one prefilled): 2's prompt waits
+        [(2, 0, 32, False)],   # prefill step: 1's decode waits
+        [(1, 11, 1, True)],
+        [(2, 32, 32, False)],
+        [(1, 12, 1, True)],
+        [(2, 64, 6, True)],    # 2's last chunk samples
+        [(1, 13, 1, True), (2, 70, 1, True)],  # both decode together
+    ]
+
+
+def test_chunked_prefill_never_leaves_a_step_empty_when_work_waits() -> None:
+    # Only decodes: every step decodes; a prompt that cannot be admitted (sequence limit) does not
+    # make a "prefill step" that does nothing.
+    s = Scheduler(num_pages=64, page_size=16, max_num_seqs=1, max_batch_tokens=32, chunked_prefill=True)
+    s.add(1, 5)
+    s.add(2, 5)
+    assert s.step() == [(1, 0, 5, True)]
+    for i in range(4):
+        assert s.step() == [(1, 5 + i, 1, True)]
+    s.remove(1)
+    assert s.step() == [(2, 0, 5, True)]

@@ -1,5 +1,6 @@
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
 #include "backend/backend.h"
@@ -34,6 +35,17 @@ class KVCache {
   size_t bytes() const { return buffer_->bytes(); }
   float* k(int layer) { return buffer_->data() + 2 * layer * layer_floats_; }
   float* v(int layer) { return k(layer) + layer_floats_; }
+
+  // Page dst of every layer becomes a copy of page src (a prefix-cache hit on part of a page). A
+  // page is one contiguous block of page_size * kv_dim values in K and in V, whatever the order
+  // inside it.
+  void copy_page(int src, int dst) {
+    const size_t page = static_cast<size_t>(page_size_) * kv_dim_;
+    for (int l = 0; l < num_layers_; ++l) {
+      std::memcpy(k(l) + dst * page, k(l) + src * page, page * sizeof(float));
+      std::memcpy(v(l) + dst * page, v(l) + src * page, page * sizeof(float));
+    }
+  }
 
   // Bytes per cached token, for sizing the cache from a memory budget.
   static size_t bytes_per_token(int num_layers, int kv_dim) {

@@ -44,6 +44,18 @@ PrefixCache::NodeId PrefixCache::insert(const int32_t* tokens, const std::vector
   return ins.node;
 }
 
+RadixTree::Partial PrefixCache::match_partial(NodeId node, const int32_t* tokens, int64_t n) {
+  RadixTree::Partial p = tree_.match_partial(node, tokens, n);
+  if (p.tokens > 0) tree_.lock(p.owner);
+  return p;
+}
+
+void PrefixCache::insert_tail(NodeId node, const int32_t* tokens, int n, int32_t page) {
+  scratch_.clear();
+  if (tree_.insert_tail(node, tokens, n, page, scratch_)) pool_.retain(page);
+  release_pages(scratch_);
+}
+
 bool PrefixCache::is_recycled(NodeId node) const {
   return std::find(recycled_.begin(), recycled_.end(), node) != recycled_.end();
 }

@@ -115,7 +115,7 @@ RadixTree::Insertion RadixTree::insert(const int32_t* tokens, const std::vector<
 
 void RadixTree::lock(NodeId id) {
   for (Node* n = at(id); n != nullptr; n = n->parent)
-    if (n->locks++ == 0) evictable_pages_ -= static_cast<int64_t>(n->pages.size());
+    if (n->locks++ == 0) evictable_pages_ -= n->held();
 }
 
 void RadixTree::unlock(NodeId id) {
@@ -123,10 +123,18 @@ void RadixTree::unlock(NodeId id) {
   for (Node* n = node; n != nullptr; n = n->parent)
     if (n->locks <= 0) throw std::logic_error("radix tree: unlock of an unlocked node " + std::to_string(id));
   for (Node* n = node; n != nullptr; n = n->parent)
-    if (--n->locks == 0) evictable_pages_ += static_cast<int64_t>(n->pages.size());
+    if (--n->locks == 0) evictable_pages_ += n->held();
+}
+
+void RadixTree::remove_tail(Node* node, size_t index, std::vector<int32_t>& out) {
+  out.push_back(node->tails[index].page);
+  node->tails.erase(node->tails.begin() + static_cast<std::ptrdiff_t>(index));
+  num_pages_ -= 1;
+  if (node->locks == 0) evictable_pages_ -= 1;
 }
 
 void RadixTree::remove_leaf(Node* node, std::vector<int32_t>& out) {
+  while (!node->tails.empty()) remove_tail(node, node->tails.size() - 1, out);
   out.insert(out.end(), node->pages.begin(), node->pages.end());
   num_pages_ -= static_cast<int64_t>(node->pages.size());
   evictable_pages_ -= static_cast<int64_t>(node->pages.size());
@@ -135,24 +143,103 @@ void RadixTree::remove_leaf(Node* node, std::vector<int32_t>& out) {
 }
 
 int64_t RadixTree::evict(int64_t pages, std::vector<int32_t>& out) {
-  // A min-heap of unlocked leaves by last use; a parent joins it when its last child goes.
-  using Entry = std::pair<uint64_t, Node*>;
-  auto later = [](const Entry& a, const Entry& b) { return a.first > b.first || (a.first == b.first && a.second->id > b.second->id); };
-  std::priority_queue<Entry, std::vector<Entry>, decltype(later)> leaves(later);
-  for (const auto& kv : nodes_) {
-    Node* n = kv.second.get();
-    if (n != root_ && n->children.empty() && n->locks == 0) leaves.emplace(n->last_use, n);
-  }
+  // A min-heap by last use of the tails of unlocked nodes and of unlocked leaves without tails; a
+  // node joins it when its last child and tail go.
+  struct Entry {
+    uint64_t last_use;
+    NodeId id;
+    bool tail;  // the node's least recently used tail, else the node itself
+  };
+  auto later = [](const Entry& a, const Entry& b) { return a.last_use > b.last_use || (a.last_use == b.last_use && a.id > b.id); };
+  std::priority_queue<Entry, std::vector<Entry>, decltype(later)> heap(later);
+  auto oldest_tail = [](const Node* n) {
+    size_t best = 0;
+    for (size_t i = 1; i < n->tails.size(); ++i)
+      if (n->tails[i].last_use < n->tails[best].last_use) best = i;
+    return best;
+  };
+  auto offer = [&](Node* n) {
+    if (n->locks != 0) return;
+    if (!n->tails.empty()) heap.push({n->tails[oldest_tail(n)].last_use, n->id, true});
+    else if (n->children.empty() && n != root_) heap.push({n->last_use, n->id, false});
+  };
+  for (const auto& kv : nodes_) offer(kv.second.get());
   int64_t evicted = 0;
-  while (evicted < pages && !leaves.empty()) {
-    Node* n = leaves.top().second;
-    leaves.pop();
+  while (evicted < pages && !heap.empty()) {
+    const Entry e = heap.top();
+    heap.pop();
+    // An entry goes stale when its node changed after it was offered (a node can be offered
+    // again): skip unless it is still the node's current candidate.
+    auto it = nodes_.find(e.id);
+    if (it == nodes_.end()) continue;
+    Node* n = it->second.get();
+    if (e.tail ? n->tails.empty() || n->tails[oldest_tail(n)].last_use != e.last_use
+               : !n->tails.empty() || !n->children.empty())
+      continue;
+    if (e.tail) {
+      remove_tail(n, oldest_tail(n), out);
+      evicted += 1;
+      offer(n);  // its next tail, or the node itself
+      continue;
+    }
+    if (n == root_) continue;
     Node* parent = n->parent;
     evicted += static_cast<int64_t>(n->pages.size());
     remove_leaf(n, out);
-    if (parent != root_ && parent->children.empty() && parent->locks == 0) leaves.emplace(parent->last_use, parent);
+    if (parent->children.empty()) offer(parent);
   }
   return evicted;
+}
+
+RadixTree::Partial RadixTree::match_partial(NodeId id, const int32_t* tokens, int64_t n) {
+  Partial best;
+  Node* node = at(id);
+  const int limit = static_cast<int>(std::min<int64_t>(n, page_size_ - 1));
+  auto common = [&](const std::vector<int32_t>& have) {
+    const int m = std::min(limit, static_cast<int>(have.size()));
+    int r = 0;
+    while (r < m && have[r] == tokens[r]) ++r;
+    return r;
+  };
+  Node::Tail* best_tail = nullptr;
+  for (auto& kv : node->children) {
+    const int r = common(kv.first);
+    if (r > best.tokens) best = Partial{kv.second->pages.front(), r, kv.second->id};
+  }
+  for (Node::Tail& t : node->tails) {
+    const int r = common(t.tokens);
+    if (r > best.tokens) {
+      best = Partial{t.page, r, node->id};
+      best_tail = &t;
+    }
+  }
+  if (best.tokens > 0) {
+    const uint64_t now = ++clock_;
+    if (best_tail) best_tail->last_use = now;
+    else at(best.owner)->last_use = now;
+  }
+  return best;
+}
+
+bool RadixTree::insert_tail(NodeId id, const int32_t* tokens, int n, int32_t page, std::vector<int32_t>& released) {
+  if (n <= 0 || n >= page_size_) throw std::invalid_argument("radix tree: a tail is 1 to page_size - 1 tokens");
+  Node* node = at(id);
+  const uint64_t now = ++clock_;
+  for (size_t i = 0; i < node->tails.size(); ++i) {
+    Node::Tail& t = node->tails[i];
+    const size_t m = std::min(t.tokens.size(), static_cast<size_t>(n));
+    if (!std::equal(t.tokens.begin(), t.tokens.begin() + static_cast<std::ptrdiff_t>(m), tokens)) continue;
+    if (t.tokens.size() >= static_cast<size_t>(n)) {  // it holds ours already
+      t.last_use = now;
+      return false;
+    }
+    remove_tail(node, i, released);  // ours extends it
+    break;
+  }
+  node->tails.push_back(Node::Tail{std::vector<int32_t>(tokens, tokens + n), page, now});
+  num_pages_ += 1;
+  if (node->locks == 0) evictable_pages_ += 1;
+  return true;
 }
 
 int64_t RadixTree::evict_path(NodeId id, const std::function<bool(NodeId)>& keep, std::vector<int32_t>& out) {
@@ -162,7 +249,7 @@ int64_t RadixTree::evict_path(NodeId id, const std::function<bool(NodeId)>& keep
   Node* n = it->second.get();
   while (n != root_ && n->children.empty() && n->locks == 0 && !(keep && keep(n->id))) {
     Node* parent = n->parent;
-    evicted += static_cast<int64_t>(n->pages.size());
+    evicted += n->held();
     remove_leaf(n, out);
     n = parent;
   }
@@ -170,7 +257,10 @@ int64_t RadixTree::evict_path(NodeId id, const std::function<bool(NodeId)>& keep
 }
 
 void RadixTree::clear(std::vector<int32_t>& out) {
-  for (const auto& kv : nodes_) out.insert(out.end(), kv.second->pages.begin(), kv.second->pages.end());
+  for (const auto& kv : nodes_) {
+    out.insert(out.end(), kv.second->pages.begin(), kv.second->pages.end());
+    for (const Node::Tail& t : kv.second->tails) out.push_back(t.page);
+  }
   nodes_.clear();
   auto root = std::make_unique<Node>();
   root_ = root.get();

@@ -5,8 +5,11 @@
 // adopts and gives back the pages it evicts.
 //
 // Every node but the root holds a run of whole pages: tokens.size() == pages.size() * page_size.
-// Children are keyed by their first page of tokens, so two children never share it. A node's lock
-// count is the number of lock() calls on it or on a descendant: a locked path is never evicted.
+// Children are keyed by their first page of tokens, so two children never share it. A node may also
+// hold *tails*: partly filled last pages of finished sequences that ended right after it (their
+// first tokens, fewer than a page). Whole pages are shared; a tail, or the first page of a child
+// that matches only in part, is a source to copy from (match_partial). A node's lock count is the
+// number of lock() calls on it or on a descendant: a locked path (tails included) is never evicted.
 // Node ids are never reused; a split keeps the lower part under the old id, so a handle to the
 // end of a sequence stays valid for as long as the node exists.
 #include <cstdint>
@@ -41,6 +44,19 @@ class RadixTree {
   // already the tree keeps its own pages (the caller keeps any duplicates of its own).
   Insertion insert(const int32_t* tokens, const std::vector<int32_t>& pages);
 
+  struct Partial {
+    int32_t page = -1;    // a page whose first `tokens` slots hold what the caller needs next
+    int tokens = 0;       // 0: nothing useful
+    NodeId owner = kRoot; // the node holding that page (lock it while copying)
+  };
+  // After a whole-page match ending at `node`: the longest run of tokens[0 : n] (fewer than a page)
+  // found at the start of one of its children's first page or of one of its tails.
+  Partial match_partial(NodeId node, const int32_t* tokens, int64_t n);
+  // Caches a partly filled page: tokens[0 : n] (0 < n < page_size) after `node`. Returns false
+  // (nothing adopted) when a tail already holds them; a tail it extends is replaced, and its page
+  // appended to `released`.
+  bool insert_tail(NodeId node, const int32_t* tokens, int n, int32_t page, std::vector<int32_t>& released);
+
   void lock(NodeId node);    // pins the path root..node
   void unlock(NodeId node);
 
@@ -56,8 +72,8 @@ class RadixTree {
   bool contains(NodeId node) const { return nodes_.count(node) != 0; }
   int lock_count(NodeId node) const;
   int page_size() const { return page_size_; }
-  int64_t num_pages() const { return num_pages_; }              // pages the tree owns
-  int64_t evictable_pages() const { return evictable_pages_; }  // pages in unlocked nodes
+  int64_t num_pages() const { return num_pages_; }              // pages the tree owns (tails too)
+  int64_t evictable_pages() const { return evictable_pages_; }  // pages of unlocked nodes
   int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size()) - 1; }  // root excluded
 
  private:
@@ -67,8 +83,15 @@ class RadixTree {
     std::vector<int32_t> tokens;  // pages.size() * page_size of them
     std::vector<int32_t> pages;
     std::map<std::vector<int32_t>, Node*> children;  // by the child's first page of tokens
+    struct Tail {
+      std::vector<int32_t> tokens;  // fewer than page_size
+      int32_t page;
+      uint64_t last_use;
+    };
+    std::vector<Tail> tails;
     int locks = 0;
     uint64_t last_use = 0;
+    int64_t held() const { return static_cast<int64_t>(pages.size() + tails.size()); }
   };
 
   std::vector<int32_t> first_page(const int32_t* tokens) const {
@@ -79,7 +102,8 @@ class RadixTree {
   // Cuts `node` after its first `pages` pages; returns the new upper node (the lower part keeps
   // the id).
   Node* split(Node* node, int64_t pages);
-  void remove_leaf(Node* node, std::vector<int32_t>& out);
+  void remove_leaf(Node* node, std::vector<int32_t>& out);  // with its tails
+  void remove_tail(Node* node, size_t index, std::vector<int32_t>& out);
   Node* at(NodeId id) const;
 
   int page_size_;

@@ -26,7 +26,8 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
                                                             ? config_.max_num_seqs
                                                             : config_.prefix_cache_max_recycling)
                         : nullptr),
-      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size}, pool_, prefix_cache_.get()) {
+      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size, config_.chunked_prefill}, pool_,
+                 prefix_cache_.get()) {
   if (config_.page_size < 1) throw std::invalid_argument("page_size must be >= 1");
   if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
   config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
@@ -323,6 +324,9 @@ bool EngineCore::step() {
 std::vector<ScheduledChunk> EngineCore::plan() {
   faults_.check(Phase::plan, step_index_);
   std::vector<ScheduledChunk> chunks = scheduler_.schedule();
+  // Prefix-cache hits on part of a page: the new sequence's own copy of it, before anyone writes.
+  for (const PageCopy& c : scheduler_.pending_copies()) cache_.copy_page(c.src, c.dst);
+  scheduler_.copies_done();
   const std::vector<Sequence*> rejected = scheduler_.take_rejected();
   rejected_last_plan_ = static_cast<int>(rejected.size());
   for (Sequence* s : rejected) finish(*requests_.at(s->id), "length");

@@ -45,6 +45,7 @@ struct EngineConfig {
   std::vector<int32_t> eos_token_ids;
   int notify_fd = -1;           // Engine only: it writes to its own dup of this fd
   int prompt_logit_rows = 32;   // prompt-logprob rows scored per LM-head call (bounds that buffer)
+  bool chunked_prefill = false; // MLC's --prefill-mode chunked (else hybrid): see SchedulerConfig
   bool prefix_cache = true;     // radix prefix sharing (MLC's --prefix-cache-mode radix)
   // Finished sequences whose pages stay cached (MLC's prefix_cache_max_num_recycling_seqs):
   // 0 none, -1 unlimited, -2 (the default) max_num_seqs.

@@ -18,7 +18,11 @@ void Scheduler::add_front(Sequence* s) { waiting_.push_front(s); }
 
 void Scheduler::free_pages(Sequence* s, bool finished) {
   if (s->cache_node >= 0) {
-    computed(s);  // what it computed stays cached
+    computed(s);  // what it computed stays cached, its partly filled last page too
+    const int ps = config_.page_size, tail = s->num_computed % ps, last = s->num_computed / ps;
+    if (tail > 0 && s->tokens && last < static_cast<int>(s->pages.size()) && last == s->cached_pages &&
+        (!finished || cache_->max_recycling() != 0))
+      cache_->insert_tail(s->cache_node, s->tokens->data() + last * ps, tail, s->pages[last]);
     const PrefixCache::NodeId node = s->cache_node;
     s->cache_node = -1;
     s->cached_pages = 0;
@@ -60,8 +64,8 @@ void Scheduler::fork(Sequence* parent, Sequence* child, int pages) {
   }
 }
 
-void Scheduler::reuse_prefix(Sequence* s) {
-  if (!cache_ || !s->tokens || s->num_computed > 0 || !s->pages.empty() || s->cache_node >= 0) return;
+bool Scheduler::reuse_prefix(Sequence* s) {
+  if (!cache_ || !s->tokens || s->num_computed > 0 || !s->pages.empty() || s->cache_node >= 0) return false;
   const int ps = config_.page_size;
   // At least the last token is computed: its logits are what the sequence samples from.
   const int64_t max_pages = s->share_prefix ? (s->num_tokens - 1) / ps : 0;
@@ -70,13 +74,44 @@ void Scheduler::reuse_prefix(Sequence* s) {
   s->cache_node = hit.node;
   s->cached_pages = static_cast<int>(s->pages.size());
   s->num_computed = s->cached_pages * ps;
+  // The next page in part: copied from a cached page that starts with the same tokens.
+  const int64_t rest = s->num_tokens - 1 - s->num_computed;
+  if (s->share_prefix && rest > 0) {
+    const RadixTree::Partial part = cache_->match_partial(s->cache_node, s->tokens->data() + s->num_computed, rest);
+    if (part.tokens > 0) {
+      if (cache_->allocate(1, s->pages)) {
+        copies_.push_back({part.page, s->pages.back(), part.owner, s});
+        s->num_computed += part.tokens;
+      } else {
+        cache_->unlock(part.owner);
+      }
+    }
+  }
   if (s->num_cached_tokens < 0) s->num_cached_tokens = s->num_computed;
+  return true;
+}
+
+void Scheduler::drop_copies(const Sequence* s) {
+  for (auto it = copies_.begin(); it != copies_.end();) {
+    if (it->seq == s) {
+      cache_->unlock(it->owner);
+      it = copies_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+}
+
+void Scheduler::copies_done() {
+  for (const PageCopy& c : copies_) cache_->unlock(c.owner);
+  copies_.clear();
 }
 
 void Scheduler::reset() {
   waiting_.clear();
   running_.clear();
   rejected_.clear();
+  copies_.clear();  // their locks go with the cache's reset
 }
 
 bool Scheduler::grow(Sequence* s, int tokens) {
@@ -114,6 +149,21 @@ std::vector<Sequence*> Scheduler::take_rejected() {
 }
 
 std::vector<ScheduledChunk> Scheduler::schedule() {
+  if (!config_.chunked_prefill) return plan_step(false, false);
+  // Chunked prefill: a decode step (one token each for the sequences that have one left) after a
+  // prefill step (prompt chunks and admissions), and the other way round; a step of the kind
+  // whose turn it is that finds nothing to do gives way to the other.
+  const int64_t preemptions_before = num_preemptions_;
+  std::vector<ScheduledChunk> plan = plan_step(last_step_prefilled_, !last_step_prefilled_);
+  if (plan.empty() && num_preemptions_ == preemptions_before)  // (after a preemption: wait a step)
+    plan = plan_step(!last_step_prefilled_, last_step_prefilled_);
+  bool prefilled = false;
+  for (const ScheduledChunk& c : plan) prefilled = prefilled || c.seq->num_tokens - c.start > 1;
+  last_step_prefilled_ = prefilled;
+  return plan;
+}
+
+std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_only) {
   std::vector<ScheduledChunk> plan;
   int budget = config_.max_batch_tokens;
   const int ps = config_.page_size;
@@ -122,6 +172,11 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
   const int64_t preemptions_before = num_preemptions_;
   for (size_t i = 0; i < running_.size() && budget > 0;) {
     Sequence* s = running_[i];
+    const bool is_decode = s->num_tokens - s->num_computed == 1;
+    if ((decode_only && !is_decode) || (prefill_only && is_decode)) {
+      ++i;
+      continue;
+    }
     int n = std::min(s->num_tokens - s->num_computed, budget);
     bool preempted_self = false;
     while (!grow(s, s->num_computed + n)) {
@@ -147,7 +202,7 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
   // 2. Admit waiting sequences, unless this step just had to preempt (re-admitting the victim at
   // once would thrash). Keep one free page per running sequence so that admitting a long prompt
   // does not force a preemption at the next decode step.
-  if (num_preemptions_ != preemptions_before) return plan;
+  if (num_preemptions_ != preemptions_before || decode_only) return plan;
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Sequence* s = waiting_.front();
     if (pages_for(s->num_tokens + 1) > pool_.num_pages()) {  // could never fit, even alone
@@ -155,17 +210,20 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
       rejected_.push_back(s);
       continue;
     }
-    reuse_prefix(s);
+    const bool matched_now = reuse_prefix(s);
     const int reserve = static_cast<int>(running_.size());
     const int can = (static_cast<int>(s->pages.size()) + available_pages() - reserve) * ps - s->num_computed;
     const int n = std::min({s->num_tokens - s->num_computed, budget, can});
     if (n <= 0) {
-      if (reclaim_waiting(s)) continue;
-      if (s->cache_node >= 0 && s->num_computed == s->cached_pages * ps) {
+      if (matched_now) {
         // Not admitted after all: let go of the prefix it matched, for the cache to keep or evict.
+        drop_copies(s);
+        s->num_computed = s->cached_pages * ps;  // its copy target page holds nothing yet
         free_pages(s);
         s->num_computed = 0;
+        s->num_cached_tokens = -1;
       }
+      if (reclaim_waiting(s)) continue;
       break;
     }
     if (!grow(s, s->num_computed + n)) throw std::logic_error("scheduler: page accounting is off");

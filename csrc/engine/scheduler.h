@@ -31,10 +31,22 @@ struct ScheduledChunk {
   bool sample;  // the chunk reaches the end of the known tokens: sample the next one
 };
 
+// A page to copy before the step runs: a new sequence's next tokens sit in the first slots of a
+// cached page (part of a page is never shared, so it gets its own copy).
+struct PageCopy {
+  int32_t src = -1, dst = -1;
+  PrefixCache::NodeId owner = -1;  // locked until copies_done()
+  const Sequence* seq = nullptr;
+};
+
 struct SchedulerConfig {
   int max_num_seqs = 4;        // sequences admitted (holding pages) at once
   int max_batch_tokens = 512;  // tokens per step: decodes + prefill chunks (chunked prefill)
   int page_size = 16;
+  // MLC's --prefill-mode: hybrid steps batch prompt chunks with the running sequences' decodes;
+  // chunked steps are all prefill (prompt chunks, admissions) or all decode, alternating while
+  // both kinds of work wait.
+  bool chunked_prefill = false;
 };
 
 // Hybrid steps: every running sequence first (a decode token, or the next chunk of its prompt),
@@ -64,6 +76,9 @@ class Scheduler {
   // cache are moved to rejected() instead.
   std::vector<ScheduledChunk> schedule();
   std::vector<Sequence*> take_rejected();
+  // The copies the planned step needs, to run before it; then copies_done() lets go of the sources.
+  const std::vector<PageCopy>& pending_copies() const { return copies_; }
+  void copies_done();
 
   const std::deque<Sequence*>& waiting() const { return waiting_; }
   const std::vector<Sequence*>& running() const { return running_; }
@@ -72,9 +87,13 @@ class Scheduler {
   int64_t num_preemptions() const { return num_preemptions_; }
 
  private:
+  // One step's plan: every kind of work (hybrid), or only decodes, or only prompt chunks.
+  std::vector<ScheduledChunk> plan_step(bool decode_only, bool prefill_only);
   bool grow(Sequence* s, int tokens);  // pages for the first `tokens` tokens; false if not free
   int available_pages() const { return cache_ ? static_cast<int>(cache_->available_pages()) : pool_.num_free(); }
-  void reuse_prefix(Sequence* s);  // a sequence about to be admitted starts from its cached prefix
+  // A sequence about to be admitted starts from its cached prefix; true if it found one now.
+  bool reuse_prefix(Sequence* s);
+  void drop_copies(const Sequence* s);  // a planned copy into s is not needed after all
   void preempt(Sequence* s);
   bool reclaim_waiting(const Sequence* keep);  // frees one waiting sequence's pages, if any holds some
   void free_pages(Sequence* s, bool finished = false);
@@ -86,7 +105,9 @@ class Scheduler {
   std::deque<Sequence*> waiting_;
   std::vector<Sequence*> running_;
   std::vector<Sequence*> rejected_;
+  std::vector<PageCopy> copies_;
   int64_t num_preemptions_ = 0;
+  bool last_step_prefilled_ = false;  // chunked prefill: what the previous step was
 };
 
 }  // namespace pyserve
