@@ -204,6 +204,7 @@ SamplingParams sampling_fields(const py::dict& d) {
   p.n = get_or<int>(d, "n", 1);
   p.stop_token_ids = get_or<std::vector<int32_t>>(d, "stop_token_ids", {});
   p.ignore_eos = get_or<bool>(d, "ignore_eos", false);
+  p.pin_prompt = get_or<bool>(d, "pin_prompt", false);
   return p;
 }
 
@@ -218,6 +219,7 @@ EngineConfig engine_config_from(const py::dict& d) {
   c.notify_fd = get_or<int>(d, "notify_fd", -1);
   c.prompt_logit_rows = get_or<int>(d, "prompt_logit_rows", c.prompt_logit_rows);
   c.chunked_prefill = get_or<bool>(d, "chunked_prefill", c.chunked_prefill);
+  c.tracing = get_or<bool>(d, "tracing", c.tracing);
   c.prefix_cache = get_or<bool>(d, "prefix_cache", c.prefix_cache);
   c.prefix_cache_max_recycling = get_or<int>(d, "prefix_cache_max_recycling", c.prefix_cache_max_recycling);
   return c;
@@ -668,6 +670,18 @@ PYBIND11_MODULE(_C, m) {
            },
            py::arg("phase"), py::arg("at_step") = 0, py::arg("request_id") = -1, py::arg("alloc") = false,
            py::arg("times") = 1, "Test-only: make a phase throw (see FaultSwitch).")
+      .def("reset", &Engine::reset,
+           "Ends every request (abort) and empties the prefix cache, pinned prompts too (MLC's reset_engine).")
+      .def("trace", [](const Engine& e) {
+        py::list out;
+        for (const TraceEvent& t : e.trace()) {
+          py::dict args;
+          for (const auto& [k, v] : t.args) args[py::str(k)] = v;
+          if (!t.note.empty()) args["reason"] = t.note;
+          out.append(py::make_tuple(t.name, std::string(1, t.ph), t.ts_us, t.dur_us, t.tid, args));
+        }
+        return out;
+      }, "With tracing on: [(name, ph, ts_us, dur_us, tid, args)], oldest first (tid 0: engine steps; else a request id)")
       .def("shutdown", &Engine::shutdown, py::call_guard<py::gil_scoped_release>());
 
   // The synchronous core, for tests that step the engine one step at a time.
@@ -686,6 +700,7 @@ PYBIND11_MODULE(_C, m) {
              if (reason != "abort" && reason != "error") throw std::invalid_argument("reason: abort or error");
              e.end_all(reason == "abort" ? "abort" : "error", message);
            }, py::arg("reason") = "abort", py::arg("message") = "")
+      .def("reset_cache", &EngineCore::reset_cache, "Empties the prefix cache (no request may be live).")
       .def_property_readonly("idle", &EngineCore::idle)
       .def_property_readonly("step_index", &EngineCore::step_index)
       .def("stats", [](const EngineCore& e) { return stats_dict(e.stats()); })

@@ -167,6 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "--prefill-chunk-size tokens a step) in the same batch as the other sequences' decodes; "
                    "'chunked' makes each step all prefill or all decode, alternating while both wait "
                    "(default: %(default)s)")
+    p.add_argument("--enable-debug", action="store_true",
+                   help="MLC's debug routes: POST /debug/dump_engine_metrics, /debug/reset_engine, "
+                   "/debug/dump_event_trace; requests may carry debug_config (ignore_eos, pinned_system_prompt)")
+    p.add_argument("--enable-tracing", action="store_true",
+                   help="the engine records an event trace (requests queued, prefill chunks with their cached "
+                   "length, decode steps, finishes; each step's batch), served by /debug/dump_event_trace "
+                   "with --enable-debug, in Chrome's trace-event format (Perfetto)")
     p.add_argument("--served-model-name", help="model id in the API (default: directory name or GGUF file stem)")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="logging verbosity (default: %(default)s)")
 
@@ -259,6 +266,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         prefix_cache_mode=args.prefix_cache_mode,
         prefix_cache_max_num_recycling_seqs=args.prefix_cache_max_num_recycling_seqs,
         prefill_mode=args.prefill_mode,
+        enable_tracing=bool(getattr(args, "enable_tracing", False)),
     )
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
@@ -311,6 +319,7 @@ def app_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         ),
         "max_waiting_requests": args.max_waiting_requests,
         "output_limits": output_limits_from_args(args),
+        "enable_debug": bool(getattr(args, "enable_debug", False)),
     }
 
 

@@ -61,6 +61,7 @@ class EngineConfig:
     # unlimited; None: max_num_sequence.
     prefix_cache_max_num_recycling_seqs: int | None = None
     prefill_mode: str = "hybrid"
+    enable_tracing: bool = False  # the engine keeps an event trace (/debug/dump_event_trace)
 
     def resolved(self) -> bool:
         return None not in (

@@ -53,6 +53,8 @@ def test_all_flags():
             "--prefix-cache-mode", "disable",
             "--prefix-cache-max-num-recycling-seqs", "-1",
             "--prefill-mode", "chunked",
+            "--enable-debug",
+            "--enable-tracing",
             "-n", "64",
             "--max-tokens-default", "32",
         ]
@@ -62,6 +64,7 @@ def test_all_flags():
     assert (cfg.mode, cfg.max_num_sequence, cfg.max_total_sequence_length, cfg.prefill_chunk_size, cfg.num_threads) == ("server", 8, 4096, 256, 2)
     assert (cfg.prefix_cache_mode, cfg.prefill_mode) == ("disable", "chunked")
     assert cfg.prefix_cache_max_num_recycling_seqs == -1
+    assert cfg.enable_tracing and cli.app_options_from_args(args)["enable_debug"]
     assert cli.output_limits_from_args(args) == OutputLimits(default_max_tokens=32, max_tokens_limit=64)
 
 

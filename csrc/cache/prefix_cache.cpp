@@ -14,6 +14,12 @@ void PrefixCache::release_pages(const std::vector<int32_t>& pages) {
   for (int32_t p : pages) pool_.release(p);
 }
 
+int64_t PrefixCache::cached_pages() const {
+  int64_t n = 0;
+  tree_.for_each_page([&](int32_t p) { n += pool_.refcount(p) == 1; });
+  return n;
+}
+
 bool PrefixCache::allocate(int n, std::vector<int32_t>& out) {
   if (n < 0 || n > available_pages()) return false;
   if (n > pool_.num_free()) {
@@ -78,9 +84,11 @@ void PrefixCache::release(NodeId node, bool finished) {
   release_pages(scratch_);
 }
 
-void PrefixCache::pin(NodeId node) {
-  tree_.lock(node);
-  pinned_.push_back(node);
+void PrefixCache::pin(const int32_t* tokens, const std::vector<int32_t>& pages) {
+  const RadixTree::Insertion ins = tree_.insert(tokens, pages);
+  for (size_t i = static_cast<size_t>(ins.adopted_from); i < pages.size(); ++i) pool_.retain(pages[i]);
+  tree_.lock(ins.node);
+  pinned_.push_back(ins.node);
 }
 
 void PrefixCache::reset(bool release) {

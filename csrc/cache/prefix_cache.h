@@ -27,7 +27,10 @@ class PrefixCache {
   PrefixCache(BlockPool& pool, int page_size, int max_recycling);
 
   int64_t available_pages() const { return pool_.num_free() + tree_.evictable_pages(); }
-  int64_t cached_pages() const { return tree_.evictable_pages(); }
+  int64_t evictable_pages() const { return tree_.evictable_pages(); }
+  // Pages only the cache holds (no request does): evictable ones, pinned ones, and duplicates on
+  // a path some request locks. O(pages in the tree): for stats, not for the hot path.
+  int64_t cached_pages() const;
   // Appends n pages (evicting cached ones if needed); all or nothing.
   bool allocate(int n, std::vector<int32_t>& out);
 
@@ -54,8 +57,10 @@ class PrefixCache {
   // max_recycling recycled ones (past that, the oldest one's unshared pages are evicted now); a
   // preempted one's stay until evicted, so its recompute is mostly a hit.
   void release(NodeId node, bool finished);
-  // Pinned prefixes (MLC's debug_config.pinned_system_prompt): locked until reset().
-  void pin(NodeId node);
+  // Pins tokens[0 : pages.size() * page_size] (cached already, or adopted now): locked until reset()
+  // (MLC's debug_config.pinned_system_prompt).
+  void pin(const int32_t* tokens, const std::vector<int32_t>& pages);
+  int64_t pinned() const { return static_cast<int64_t>(pinned_.size()); }
   // Empties the tree (pinned prefixes too); with release_pages, hands its pages back to the pool
   // (false when the pool is being reset as well).
   void reset(bool release_pages);

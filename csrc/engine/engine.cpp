@@ -54,7 +54,7 @@ void Engine::add_request(int64_t id, std::vector<int32_t> prompt, SamplingParams
     std::lock_guard<std::mutex> lock(in_mu_);
     if (failed_) throw std::runtime_error("the engine has failed: " + failure().value_or(""));
     if (stop_) throw std::runtime_error("the engine is shut down");
-    inbox_.push_back({id, std::move(prompt), std::move(params)});
+    inbox_.push_back({id, std::move(prompt), std::move(params), config_.tracing ? now_us() : 0});
   }
   in_cv_.notify_one();
 }
@@ -66,6 +66,74 @@ void Engine::abort(int64_t id, int index) {
     aborts_.emplace_back(id, index);
   }
   in_cv_.notify_one();
+}
+
+void Engine::reset() {
+  {
+    std::lock_guard<std::mutex> lock(in_mu_);
+    if (stop_ || failed_) return;
+    reset_ = true;
+  }
+  in_cv_.notify_one();
+}
+
+int64_t Engine::now_us() {
+  return std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+void Engine::record(TraceEvent e) {
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  trace_.push_back(std::move(e));
+  if (trace_.size() > kMaxTraceEvents) trace_.pop_front();
+}
+
+std::vector<TraceEvent> Engine::trace() const {
+  std::lock_guard<std::mutex> lock(trace_mu_);
+  return std::vector<TraceEvent>(trace_.begin(), trace_.end());
+}
+
+void Engine::trace_step(int64_t start_us, int64_t end_us) {
+  const auto& chunks = core_.last_step();
+  if (chunks.empty()) return;
+  int64_t decodes = 0, prefills = 0, tokens = 0;
+  for (const EngineCore::StepChunk& c : chunks) {
+    (c.prefill ? prefills : decodes) += 1;
+    tokens += c.count;
+    TraceEvent e;
+    e.name = c.prefill ? "prefill" : "decode";
+    e.ph = 'X';
+    e.ts_us = start_us;
+    e.dur_us = end_us - start_us;
+    e.tid = c.id;
+    e.args = {{"index", c.index}, {"start", c.start}, {"tokens", c.count}};
+    if (c.prefill) e.args.emplace_back("cached", c.cached);
+    record(std::move(e));
+  }
+  const EngineStats st = core_.stats();
+  TraceEvent step;
+  step.name = "step";
+  step.ph = 'X';
+  step.ts_us = start_us;
+  step.dur_us = end_us - start_us;
+  step.args = {{"step", core_.step_index()}, {"decodes", decodes}, {"prefill_chunks", prefills}, {"tokens", tokens},
+               {"running", st.num_running}, {"waiting", st.num_waiting}, {"kv_pages_used", st.kv_pages_used},
+               {"kv_pages_cached", st.kv_pages_cached}};
+  record(std::move(step));
+}
+
+void Engine::trace_finishes(const std::vector<EngineOutput>& outputs) {
+  const int64_t now = now_us();
+  for (const EngineOutput& o : outputs) {
+    if (!o.finished) continue;
+    TraceEvent e;
+    e.name = "finish";
+    e.ts_us = now;
+    e.tid = o.id;
+    e.args = {{"index", o.index}};
+    e.note = o.finish_reason;
+    record(std::move(e));
+  }
 }
 
 void Engine::inject_fault(Phase phase, int64_t at_step, int64_t request, bool alloc, int times) {
@@ -144,6 +212,7 @@ void Engine::publish(std::vector<EngineOutput>& outputs) {
 void Engine::deliver() {
   std::vector<EngineOutput> outputs = core_.take_outputs();
   if (outputs.empty()) return;
+  if (config_.tracing) trace_finishes(outputs);
   std::vector<std::pair<int64_t, int>> touched;
   touched.reserve(outputs.size());
   for (const EngineOutput& o : outputs) touched.emplace_back(o.id, o.index);
@@ -197,6 +266,14 @@ void Engine::fail_engine(const std::string& why) {
 void Engine::intake(std::vector<Incoming>& incoming, std::vector<std::pair<int64_t, int>>& aborts) {
   for (Incoming& in : incoming) {
     const int64_t id = in.id;
+    if (config_.tracing) {
+      TraceEvent e;
+      e.name = "queued";
+      e.ts_us = in.queued_us;
+      e.tid = id;
+      e.args = {{"prompt_tokens", static_cast<int64_t>(in.prompt.size())}, {"n", std::max(in.params.n, 1)}};
+      record(std::move(e));
+    }
     const int n = std::max(in.params.n, 1);
     const int num_prompt = static_cast<int>(in.prompt.size());
     try {
@@ -213,14 +290,17 @@ void Engine::loop() {
     std::vector<Incoming> incoming;
     std::vector<std::pair<int64_t, int>> aborts;
     std::vector<PendingFault> faults;
-    bool stopping, failed;
+    bool stopping, failed, reset;
     {
       std::unique_lock<std::mutex> lock(in_mu_);
       in_cv_.wait(lock, [&] {
-        return stop_ || !inbox_.empty() || !aborts_.empty() || !faults_.empty() || (!failed_ && !core_.idle());
+        return stop_ || reset_ || !inbox_.empty() || !aborts_.empty() || !faults_.empty() ||
+               (!failed_ && !core_.idle());
       });
       stopping = stop_;
       failed = failed_;
+      reset = reset_;
+      reset_ = false;
       incoming.swap(inbox_);
       aborts.swap(aborts_);
       faults.swap(faults_);
@@ -239,8 +319,17 @@ void Engine::loop() {
         deliver();
         return;
       }
+      if (reset) {
+        // reset_engine: what was queued and everything live end as aborted; the cache empties.
+        for (Incoming& in : incoming) core_.reject(in.id, std::max(in.params.n, 1), static_cast<int>(in.prompt.size()), "");
+        incoming.clear();
+        core_.end_all("abort", "");
+        core_.reset_cache();
+      }
       intake(incoming, aborts);
+      const int64_t start = config_.tracing ? now_us() : 0;
       const bool ran = core_.step();
+      if (config_.tracing && ran) trace_step(start, now_us());
       update_stats();  // before the outputs: a consumer that sees them sees the stats of that step
       deliver();
       if (!ran && !core_.idle()) {

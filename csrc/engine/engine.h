@@ -13,6 +13,7 @@
 // publish -> join the thread -> close the fd. No thread outlives the object.
 #include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -23,6 +24,17 @@
 #include "engine/engine_core.h"
 
 namespace pyserve {
+
+// One event of the engine's trace, in Chrome's trace-event terms (ph 'X': a span of dur_us; 'i':
+// an instant). tid 0 is the engine's steps; any other tid is a request id.
+struct TraceEvent {
+  std::string name;
+  char ph = 'i';
+  int64_t ts_us = 0, dur_us = 0;
+  int64_t tid = 0;
+  std::vector<std::pair<std::string, int64_t>> args;
+  std::string note;  // a finish reason
+};
 
 class Engine {
  public:
@@ -38,6 +50,12 @@ class Engine {
   void abort(int64_t id, int index = -1);
   std::vector<EngineOutput> fetch();
   EngineStats stats() const;
+  // Ends every request (queued ones too) with "abort" and empties the prefix cache; takes effect
+  // at the engine thread's next look at its inbox.
+  void reset();
+  // The event trace (config.tracing), oldest first; the most recent kMaxTraceEvents are kept.
+  std::vector<TraceEvent> trace() const;
+  static constexpr size_t kMaxTraceEvents = 100000;
   // Empty while the engine works; why it stopped working once it has failed.
   std::optional<std::string> failure() const;
   void shutdown();
@@ -51,7 +69,12 @@ class Engine {
     int64_t id;
     std::vector<int32_t> prompt;
     SamplingParams params;
+    int64_t queued_us;
   };
+  static int64_t now_us();
+  void record(TraceEvent e);
+  void trace_step(int64_t start_us, int64_t end_us);
+  void trace_finishes(const std::vector<EngineOutput>& outputs);
   void loop();
   void intake(std::vector<Incoming>& incoming, std::vector<std::pair<int64_t, int>>& aborts);
   void deliver();                 // core outputs -> outbox, containing a failed publish
@@ -70,6 +93,7 @@ class Engine {
   std::vector<std::pair<int64_t, int>> aborts_;  // (id, index or -1)
   struct PendingFault { Phase phase; int64_t at_step, request; bool alloc; int times; };
   std::vector<PendingFault> faults_;
+  bool reset_ = false;      // reset() asked for
   bool stop_ = false;       // intake closed
   bool failed_ = false;     // the engine gave up (failure_ says why)
 
@@ -77,6 +101,9 @@ class Engine {
   std::vector<EngineOutput> outbox_;
   std::unordered_map<int64_t, size_t> outbox_index_;
   std::string failure_;
+
+  mutable std::mutex trace_mu_;
+  std::deque<TraceEvent> trace_;
 
   mutable std::mutex stats_mu_;
   EngineStats stats_;

@@ -89,6 +89,7 @@ void EngineCore::add_request(int64_t id, std::vector<int32_t> prompt, SamplingPa
   r->prompt_logprobs_done = r->params.prompt_logprobs < 0;
   r->seq.tokens = &r->tokens;
   r->seq.share_prefix = r->prompt_logprobs_done;  // prompt logprobs need every prompt row computed
+  if (r->params.pin_prompt) r->seq.pin_tokens = r->num_prompt;
   if (r->params.penalised()) {
     r->history = std::make_unique<TokenHistory>();
     r->history->add_prompt(r->tokens, vocab);
@@ -288,6 +289,7 @@ std::vector<EngineOutput> EngineCore::take_outputs() {
 // ---- the step ----------------------------------------------------------------------------------
 
 bool EngineCore::step() {
+  last_step_.clear();
   if (requests_.empty()) return false;
   ++step_index_;
   std::vector<ScheduledChunk> chunks;
@@ -333,10 +335,16 @@ std::vector<ScheduledChunk> EngineCore::plan() {
   return chunks;
 }
 
+void EngineCore::reset_cache() {
+  if (!requests_.empty()) throw std::logic_error("reset_cache: requests are live");
+  if (prefix_cache_) prefix_cache_->reset(true);
+}
+
 void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
   batch_.clear();
   rows_.clear();
   sample_rows_.clear();
+  last_step_.clear();
   int64_t prompt_tokens = 0;
   for (const ScheduledChunk& c : chunks) {
     Request& r = *requests_.at(c.seq->id);
@@ -363,7 +371,9 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
         batch_.logit_rows.push_back(static_cast<int32_t>(base) + c.count - 1);
       }
       rows_.push_back(u);
-      if (c.count > 1 || c.start < r.num_prompt) prompt_tokens += c.count;
+      const bool prefill = c.count > 1 || c.start < r.num_prompt;
+      if (prefill) prompt_tokens += c.count;
+      last_step_.push_back({r.id, r.index, c.start, c.count, std::max(r.seq.num_cached_tokens, 0), prefill});
     } catch (const std::exception& e) {
       batch_.tokens.resize(base);
       batch_.positions.resize(base);

@@ -46,6 +46,7 @@ struct EngineConfig {
   int notify_fd = -1;           // Engine only: it writes to its own dup of this fd
   int prompt_logit_rows = 32;   // prompt-logprob rows scored per LM-head call (bounds that buffer)
   bool chunked_prefill = false; // MLC's --prefill-mode chunked (else hybrid): see SchedulerConfig
+  bool tracing = false;         // Engine only: keep an event trace (MLC's --enable-tracing)
   bool prefix_cache = true;     // radix prefix sharing (MLC's --prefix-cache-mode radix)
   // Finished sequences whose pages stay cached (MLC's prefix_cache_max_num_recycling_seqs):
   // 0 none, -1 unlimited, -2 (the default) max_num_seqs.
@@ -114,6 +115,16 @@ class EngineCore {
   void emit_replacement_end(int64_t id, int index, const std::string& message);
 
   EngineStats stats() const;
+  // Empties the prefix cache, pinned prompts included (MLC's reset_engine, after every request
+  // ended). Throws std::logic_error while a request is live.
+  void reset_cache();
+  // What the last step ran, for the event trace: one entry per request chunk.
+  struct StepChunk {
+    int64_t id;
+    int index, start, count, cached;
+    bool prefill;
+  };
+  const std::vector<StepChunk>& last_step() const { return last_step_; }
   int64_t step_index() const { return step_index_; }
   FaultSwitch& faults() { return faults_; }
   const EngineConfig& config() const { return config_; }
@@ -177,6 +188,7 @@ class EngineCore {
   ForwardBatch batch_;
   std::vector<RowUse> rows_;
   std::vector<Accepted> accepted_;
+  std::vector<StepChunk> last_step_;
   const float* hidden_ = nullptr;        // final hidden states of batch_.logit_rows
   std::vector<int32_t> sample_rows_;     // indices into batch_.logit_rows that sample
   std::vector<float> sample_hidden_;     // [sample rows, hidden]

@@ -30,6 +30,7 @@ struct SamplingParams {
   int logprobs = -1;        // < 0: none; k >= 0: the sampled token's logprob and the top k
   int prompt_logprobs = -1; // < 0: none; k >= 0: each prompt token's logprob and the top k
   int n = 1;                // choices; they share the prompt's KV pages
+  bool pin_prompt = false;  // MLC's debug_config.pinned_system_prompt: the prompt's pages stay cached until reset
   void validate(int vocab_size) const;  // throws std::invalid_argument naming the parameter
   bool penalised() const { return presence_penalty != 0.f || frequency_penalty != 0.f || repetition_penalty != 1.f; }
 };

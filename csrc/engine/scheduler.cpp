@@ -47,6 +47,11 @@ void Scheduler::computed(Sequence* s) {
   const std::vector<int32_t> pages(s->pages.begin(), s->pages.begin() + full);
   s->cache_node = cache_->insert(s->tokens->data(), pages, s->cache_node);
   s->cached_pages = full;
+  const int pin_pages = s->pin_tokens / config_.page_size;
+  if (s->pin_tokens > 0 && full >= pin_pages) {
+    if (pin_pages > 0) cache_->pin(s->tokens->data(), std::vector<int32_t>(pages.begin(), pages.begin() + pin_pages));
+    s->pin_tokens = 0;
+  }
 }
 
 void Scheduler::fork(Sequence* parent, Sequence* child, int pages) {

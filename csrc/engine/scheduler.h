@@ -22,6 +22,7 @@ struct Sequence {
   PrefixCache::NodeId cache_node = -1;  // the tree node this sequence locks, or -1
   int cached_pages = 0;        // pages[0 : cached_pages] are in the tree, on the path to cache_node
   int num_cached_tokens = -1;  // prompt tokens found cached when first admitted (-1: not yet)
+  int pin_tokens = 0;          // > 0: pin the whole pages of tokens[0 : pin_tokens] once computed
 };
 
 struct ScheduledChunk {

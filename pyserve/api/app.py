@@ -45,6 +45,7 @@ from pyserve.api.asgi import (
 )
 from pyserve.api.auth import APIKeyAuth
 from pyserve.api.cors import CORS, CORSConfig
+from pyserve.api.debug import DebugRoutes
 from pyserve.api.instrument import InstrumentedEngine, RequestAccount, current_account
 from pyserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pyserve.api.metrics import ServingMetrics
@@ -75,6 +76,7 @@ class App:
         cors: CORSConfig | None = None,
         max_waiting_requests: int | None = DEFAULT_MAX_WAITING_REQUESTS,
         output_limits: OutputLimits | None = None,
+        enable_debug: bool = False,
     ) -> None:
         self.engine = engine
         name = served_model_name or getattr(engine.model, "name", None) or "default"
@@ -84,7 +86,7 @@ class App:
             pending=lambda: self._pending,
         )
         self.ctx = openai.ServingContext(InstrumentedEngine(engine, self.metrics), name, max_body_bytes,
-                                         limits=output_limits or OutputLimits())
+                                         limits=output_limits or OutputLimits(), enable_debug=enable_debug)
         self.auth = APIKeyAuth(api_key) if api_key else None
         cors = CORSConfig() if cors is None else cors
         self.cors = CORS(cors) if cors.enabled else None
@@ -104,6 +106,8 @@ class App:
         self.router.add(
             "POST", "/v1/chat/completions", self._generation(functools.partial(openai.chat_completions, ctx))
         )
+        if enable_debug:
+            DebugRoutes(engine, self.metrics).mount(self.router)
 
     @property
     def served_model_name(self) -> str:
@@ -376,7 +380,8 @@ def create_app(engine: Any, **options: Any) -> App:
     `Authorization: Bearer` on /v1/*, None: open); cors (None: MLC-LLM's permissive defaults,
     `CORSConfig(allow_origins=[])`: off); max_waiting_requests (generation requests allowed to wait
     beyond the engine's batch slots, None: unbounded); output_limits (the operator's default and cap
-    for max_tokens, pyserve.protocol.requests.OutputLimits; None: no cap)."""
+    for max_tokens, pyserve.protocol.requests.OutputLimits; None: no cap); enable_debug (MLC's
+    /debug routes, and requests' debug_config)."""
     return App(engine, **options)
 
 

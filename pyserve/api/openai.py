@@ -71,6 +71,7 @@ class ServingContext:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     engine_failed: BaseException | None = None
     limits: OutputLimits = field(default_factory=OutputLimits)  # the operator's max_tokens default and cap
+    enable_debug: bool = False  # --enable-debug: requests' debug_config is honoured
 
     @property
     def tokenizer(self) -> Any:
@@ -274,10 +275,20 @@ def _check_request_token_ids(ctx: ServingContext, req: GenerationRequest) -> Non
 
 
 def _params(ctx: ServingContext, req: GenerationRequest, ids: list[int]) -> Any:
-    return build_sampling_params(
+    params = build_sampling_params(
         req, num_prompt_tokens=len(ids), max_model_len=ctx.max_model_len, defaults=ctx.generation_defaults,
         limits=ctx.limits,
     )
+    if ctx.enable_debug and req.debug_config is not None:  # without --enable-debug: ignored, as MLC
+        debug = req.debug_config
+        if not isinstance(debug, dict):
+            raise ProtocolError("'debug_config' must be an object", param="debug_config")
+        for key in ("ignore_eos", "pinned_system_prompt"):
+            if not isinstance(debug.get(key, False), bool):
+                raise ProtocolError(f"'debug_config.{key}' must be a boolean", param=f"debug_config.{key}")
+        params.ignore_eos = params.ignore_eos or debug.get("ignore_eos", False)
+        params.pin_prompt = debug.get("pinned_system_prompt", False)
+    return params
 
 
 def _usage(jobs: list[_Job], results: list[PromptResult]) -> dict[str, Any]:

@@ -109,6 +109,15 @@ class AsyncEngine:
     def stats(self) -> dict[str, Any]:
         return dict(self._engine.stats())
 
+    def reset(self) -> None:
+        """Ends every request (finish_reason "abort") and empties the prefix cache (MLC's
+        reset_engine); takes effect at the engine thread's next step."""
+        self._engine.reset()
+
+    def trace(self) -> list[tuple]:
+        """The engine's event trace with --enable-tracing: [(name, ph, ts_us, dur_us, tid, args)]."""
+        return list(self._engine.trace())
+
     def inject_fault(self, phase: str, at_step: int = 0, request_id: int = -1, alloc: bool = False,
                      times: int = 1) -> None:
         """Test-only: makes an engine phase throw (see csrc/engine/fault_switch.h)."""

@@ -34,6 +34,7 @@ def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[
         "max_model_len": max_model_len,
         "eos_token_ids": model.eos_token_ids,
         "chunked_prefill": config.prefill_mode == "chunked",
+        "tracing": bool(getattr(config, "enable_tracing", False)),
         "prefix_cache": config.prefix_cache_mode != "disable",
         "prefix_cache_max_recycling": (-2 if config.prefix_cache_max_num_recycling_seqs is None
                                        else config.prefix_cache_max_num_recycling_seqs),

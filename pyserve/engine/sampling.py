@@ -24,6 +24,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
     prompt_logprobs: int | None = None  # for echo: every prompt token's logprob and the top k
     n: int = 1  # choices; they share the prompt's KV pages
+    pin_prompt: bool = False  # keep the prompt's KV pages cached until the engine is reset (debug)
 
     def to_engine(self) -> dict[str, Any]:
         """The dict the C++ engine reads (csrc/bindings.cpp: sampling_from)."""
@@ -45,6 +46,7 @@ class SamplingParams:
             "logprobs": -1 if self.logprobs is None else int(self.logprobs),
             "prompt_logprobs": -1 if self.prompt_logprobs is None else int(self.prompt_logprobs),
             "n": int(self.n),
+            "pin_prompt": bool(self.pin_prompt),
         }
 
 

@@ -284,6 +284,9 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     user: str | None = None
+    # MLC's debug_config (honoured only when the server runs with --enable-debug): ignore_eos,
+    # pinned_system_prompt. Kept as given; checked where it is applied.
+    debug_config: Any = None
 
     def _parse_common(self, data: dict) -> None:
         self.model = _opt_str(data, "model")
@@ -307,6 +310,7 @@ class GenerationRequest:
         self.stream = _opt_bool(data, "stream", False)
         self.include_usage = _stream_options(data, self.stream)
         self.user = _opt_str(data, "user")
+        self.debug_config = data.get("debug_config")
         best_of = _opt_int(data, "best_of", lo=1)
         if best_of is not None and best_of != self.n:
             raise _not_supported("best_of", "'best_of' other than n")
