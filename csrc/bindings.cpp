@@ -798,6 +798,8 @@ PYBIND11_MODULE(_C, m) {
         Tree::Partial p = tr.match_partial(node, tokens.data(), static_cast<int64_t>(tokens.size()));
         return py::make_tuple(p.page, p.tokens, p.owner);
       }, py::arg("node"), py::arg("tokens"), "-> (page, tokens, owner)")
+      .def("pin_tail", &Tree::pin_tail, py::arg("node"), py::arg("page"))
+      .def("unpin_tail", &Tree::unpin_tail, py::arg("node"), py::arg("page"))
       .def("insert_tail", [](Tree& tr, int64_t node, const std::vector<int32_t>& tokens, int32_t page) {
         std::vector<int32_t> released;
         const bool adopted = tr.insert_tail(node, tokens.data(), static_cast<int>(tokens.size()), page, released);

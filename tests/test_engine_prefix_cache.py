@@ -152,3 +152,38 @@ def test_chunked_prefill_gives_the_same_greedy_outputs_as_hybrid(cm, concurrency
     chunked = run(chunked_engine, prompts, concurrency)
     assert {k: v[0] for k, v in chunked.items()} == {k: v[0] for k, v in hybrid.items()}
     assert_no_leak(chunked_engine)
+
+
+def test_an_aborted_fork_leaves_no_tail_after_the_wrong_prefix(cm) -> None:
+    """n > 1 on a prompt of whole pages: a choice holds one page less than its parent's cached
+    path. Aborted halfway, what it computed must not be cached as following the whole prompt."""
+    rng = np.random.default_rng(9)
+    p = [int(t) for t in rng.integers(5, 300, 8 * PAGE)]
+    e = core(cm, cache=True, max_batch_tokens=6)
+    e.add_request(1, p, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, n=3).to_engine())
+    for _ in range(4):
+        e.step()
+    e.abort(1)
+    e.take_outputs()
+    follow = p + p[4 * PAGE: 4 * PAGE + 3]  # continues with the tokens a choice recomputed at 16..
+    got = run(e, [follow], 1)[0][0]
+    assert got == run(core(cm, cache=False), [follow], 1)[0][0]
+    assert_no_leak(e)
+
+
+def test_short_prompts_behind_a_pinned_prompt_never_starve_the_pool(cm) -> None:
+    """Requests shorter than a page leave their partly filled page as a tail at the root, which
+    every running or pinned path locks: tails must stay evictable, or the pool runs dry."""
+    e = core(cm, cache=True, kv_capacity_tokens=48, max_model_len=48)  # 12 pages
+    pinned = workload(4, 1)[0][:2 * PAGE]
+    e.add_request(100, pinned, greedy(1, pin_prompt=True))
+    while not e.idle:
+        e.step()
+    e.take_outputs()
+    assert e.stats()["kv_pages_cached"] >= 2  # the pinned prompt's pages
+    shorts = [[200 + i, 201 + i] for i in range(40)]  # distinct 2-token prompts
+    res = run(e, shorts, 2, max_tokens=1)
+    assert all(len(tokens) == 1 for tokens, _cached in res.values())
+    assert run(e, [pinned + [7]], 1)[0][1] == 2 * PAGE  # still pinned
+    s = e.stats()
+    assert s["kv_pages_used"] == 0 and s["live_choices"] == 0

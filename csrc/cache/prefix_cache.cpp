@@ -52,8 +52,16 @@ PrefixCache::NodeId PrefixCache::insert(const int32_t* tokens, const std::vector
 
 RadixTree::Partial PrefixCache::match_partial(NodeId node, const int32_t* tokens, int64_t n) {
   RadixTree::Partial p = tree_.match_partial(node, tokens, n);
-  if (p.tokens > 0) tree_.lock(p.owner);
+  if (p.tokens > 0) {
+    if (p.tail) tree_.pin_tail(p.owner, p.page);
+    else tree_.lock(p.owner);
+  }
   return p;
+}
+
+void PrefixCache::release_partial(const RadixTree::Partial& p) {
+  if (p.tail) tree_.unpin_tail(p.owner, p.page);
+  else tree_.unlock(p.owner);
 }
 
 void PrefixCache::insert_tail(NodeId node, const int32_t* tokens, int n, int32_t page) {

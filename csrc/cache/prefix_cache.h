@@ -41,10 +41,10 @@ class PrefixCache {
   // The longest cached prefix of tokens[0 : n] in at most max_pages whole pages.
   Hit match(const int32_t* tokens, int64_t n, int64_t max_pages);
   // After a Hit ending at `node`: a page whose first slots hold the next tokens[0 : n] in part (a
-  // tail, or a child's first page). With tokens > 0 its owner node is locked for the caller, who
-  // copies the page and then calls unlock(owner).
+  // tail, or a child's first page). With tokens > 0 the source is held for the caller, who copies
+  // the page and then calls release_partial.
   RadixTree::Partial match_partial(NodeId node, const int32_t* tokens, int64_t n);
-  void unlock(NodeId node) { tree_.unlock(node); }
+  void release_partial(const RadixTree::Partial& p);
   // Caches the partly filled last page of a sequence that will not write it again: tokens[0 : n]
   // (0 < n < page_size) after `node`, in `page`.
   void insert_tail(NodeId node, const int32_t* tokens, int n, int32_t page);

@@ -115,7 +115,7 @@ RadixTree::Insertion RadixTree::insert(const int32_t* tokens, const std::vector<
 
 void RadixTree::lock(NodeId id) {
   for (Node* n = at(id); n != nullptr; n = n->parent)
-    if (n->locks++ == 0) evictable_pages_ -= n->held();
+    if (n->locks++ == 0) evictable_pages_ -= static_cast<int64_t>(n->pages.size());
 }
 
 void RadixTree::unlock(NodeId id) {
@@ -123,14 +123,31 @@ void RadixTree::unlock(NodeId id) {
   for (Node* n = node; n != nullptr; n = n->parent)
     if (n->locks <= 0) throw std::logic_error("radix tree: unlock of an unlocked node " + std::to_string(id));
   for (Node* n = node; n != nullptr; n = n->parent)
-    if (--n->locks == 0) evictable_pages_ += n->held();
+    if (--n->locks == 0) evictable_pages_ += static_cast<int64_t>(n->pages.size());
 }
 
 void RadixTree::remove_tail(Node* node, size_t index, std::vector<int32_t>& out) {
+  if (node->tails[index].copying > 0) throw std::logic_error("radix tree: removal of a tail being copied");
   out.push_back(node->tails[index].page);
   node->tails.erase(node->tails.begin() + static_cast<std::ptrdiff_t>(index));
   num_pages_ -= 1;
-  if (node->locks == 0) evictable_pages_ -= 1;
+  evictable_pages_ -= 1;
+}
+
+RadixTree::Node::Tail& RadixTree::find_tail(NodeId id, int32_t page) {
+  for (Node::Tail& t : at(id)->tails)
+    if (t.page == page) return t;
+  throw std::out_of_range("radix tree: node " + std::to_string(id) + " has no tail in page " + std::to_string(page));
+}
+
+void RadixTree::pin_tail(NodeId node, int32_t page) {
+  if (find_tail(node, page).copying++ == 0) evictable_pages_ -= 1;
+}
+
+void RadixTree::unpin_tail(NodeId node, int32_t page) {
+  Node::Tail& t = find_tail(node, page);
+  if (t.copying <= 0) throw std::logic_error("radix tree: unpin of a tail that is not pinned");
+  if (--t.copying == 0) evictable_pages_ += 1;
 }
 
 void RadixTree::remove_leaf(Node* node, std::vector<int32_t>& out) {
@@ -143,8 +160,8 @@ void RadixTree::remove_leaf(Node* node, std::vector<int32_t>& out) {
 }
 
 int64_t RadixTree::evict(int64_t pages, std::vector<int32_t>& out) {
-  // A min-heap by last use of the tails of unlocked nodes and of unlocked leaves without tails; a
-  // node joins it when its last child and tail go.
+  // A min-heap by last use of tails (not being copied) and of unlocked leaves without tails; a node
+  // joins it when its last child and tail go.
   struct Entry {
     uint64_t last_use;
     NodeId id;
@@ -152,16 +169,20 @@ int64_t RadixTree::evict(int64_t pages, std::vector<int32_t>& out) {
   };
   auto later = [](const Entry& a, const Entry& b) { return a.last_use > b.last_use || (a.last_use == b.last_use && a.id > b.id); };
   std::priority_queue<Entry, std::vector<Entry>, decltype(later)> heap(later);
+  // The least recently used tail not being copied, or tails.size().
   auto oldest_tail = [](const Node* n) {
-    size_t best = 0;
-    for (size_t i = 1; i < n->tails.size(); ++i)
-      if (n->tails[i].last_use < n->tails[best].last_use) best = i;
+    size_t best = n->tails.size();
+    for (size_t i = 0; i < n->tails.size(); ++i)
+      if (n->tails[i].copying == 0 && (best == n->tails.size() || n->tails[i].last_use < n->tails[best].last_use))
+        best = i;
     return best;
   };
+  // Tails go whatever the node's locks (no page table holds one); a node goes once it is an
+  // unlocked leaf without tails.
   auto offer = [&](Node* n) {
-    if (n->locks != 0) return;
-    if (!n->tails.empty()) heap.push({n->tails[oldest_tail(n)].last_use, n->id, true});
-    else if (n->children.empty() && n != root_) heap.push({n->last_use, n->id, false});
+    const size_t t = oldest_tail(n);
+    if (t < n->tails.size()) heap.push({n->tails[t].last_use, n->id, true});
+    else if (n->tails.empty() && n->children.empty() && n->locks == 0 && n != root_) heap.push({n->last_use, n->id, false});
   };
   for (const auto& kv : nodes_) offer(kv.second.get());
   int64_t evicted = 0;
@@ -173,8 +194,8 @@ int64_t RadixTree::evict(int64_t pages, std::vector<int32_t>& out) {
     auto it = nodes_.find(e.id);
     if (it == nodes_.end()) continue;
     Node* n = it->second.get();
-    if (e.tail ? n->tails.empty() || n->tails[oldest_tail(n)].last_use != e.last_use
-               : !n->tails.empty() || !n->children.empty())
+    if (e.tail ? oldest_tail(n) == n->tails.size() || n->tails[oldest_tail(n)].last_use != e.last_use
+               : !n->tails.empty() || !n->children.empty() || n->locks != 0)
       continue;
     if (e.tail) {
       remove_tail(n, oldest_tail(n), out);
@@ -217,6 +238,7 @@ RadixTree::Partial RadixTree::match_partial(NodeId id, const int32_t* tokens, in
     const uint64_t now = ++clock_;
     if (best_tail) best_tail->last_use = now;
     else at(best.owner)->last_use = now;
+    best.tail = best_tail != nullptr;
   }
   return best;
 }
@@ -229,16 +251,16 @@ bool RadixTree::insert_tail(NodeId id, const int32_t* tokens, int n, int32_t pag
     Node::Tail& t = node->tails[i];
     const size_t m = std::min(t.tokens.size(), static_cast<size_t>(n));
     if (!std::equal(t.tokens.begin(), t.tokens.begin() + static_cast<std::ptrdiff_t>(m), tokens)) continue;
-    if (t.tokens.size() >= static_cast<size_t>(n)) {  // it holds ours already
+    if (t.tokens.size() >= static_cast<size_t>(n) || t.copying > 0) {  // it holds ours, or is busy
       t.last_use = now;
       return false;
     }
     remove_tail(node, i, released);  // ours extends it
     break;
   }
-  node->tails.push_back(Node::Tail{std::vector<int32_t>(tokens, tokens + n), page, now});
+  node->tails.push_back(Node::Tail{std::vector<int32_t>(tokens, tokens + n), page, now, 0});
   num_pages_ += 1;
-  if (node->locks == 0) evictable_pages_ += 1;
+  evictable_pages_ += 1;
   return true;
 }
 
@@ -247,9 +269,9 @@ int64_t RadixTree::evict_path(NodeId id, const std::function<bool(NodeId)>& keep
   if (it == nodes_.end()) return 0;
   int64_t evicted = 0;
   Node* n = it->second.get();
-  while (n != root_ && n->children.empty() && n->locks == 0 && !(keep && keep(n->id))) {
+  while (n != root_ && n->children.empty() && n->locks == 0 && !n->copying_tail() && !(keep && keep(n->id))) {
     Node* parent = n->parent;
-    evicted += n->held();
+    evicted += static_cast<int64_t>(n->pages.size() + n->tails.size());
     remove_leaf(n, out);
     n = parent;
   }

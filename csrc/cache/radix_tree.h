@@ -9,7 +9,9 @@
 // hold *tails*: partly filled last pages of finished sequences that ended right after it (their
 // first tokens, fewer than a page). Whole pages are shared; a tail, or the first page of a child
 // that matches only in part, is a source to copy from (match_partial). A node's lock count is the
-// number of lock() calls on it or on a descendant: a locked path (tails included) is never evicted.
+// number of lock() calls on it or on a descendant: a locked path is never evicted. Tails are never
+// in a page table, so node locks do not hold them: a tail is kept only while it is being copied
+// (pin_tail / unpin_tail), and is otherwise evictable, least recently used first.
 // Node ids are never reused; a split keeps the lower part under the old id, so a handle to the
 // end of a sequence stays valid for as long as the node exists.
 #include <cstdint>
@@ -47,7 +49,8 @@ class RadixTree {
   struct Partial {
     int32_t page = -1;    // a page whose first `tokens` slots hold what the caller needs next
     int tokens = 0;       // 0: nothing useful
-    NodeId owner = kRoot; // the node holding that page (lock it while copying)
+    NodeId owner = kRoot; // the node holding that page
+    bool tail = false;    // a tail of owner (pin_tail while copying), else owner's first page (lock)
   };
   // After a whole-page match ending at `node`: the longest run of tokens[0 : n] (fewer than a page)
   // found at the start of one of its children's first page or of one of its tails.
@@ -57,6 +60,8 @@ class RadixTree {
   // appended to `released`.
   bool insert_tail(NodeId node, const int32_t* tokens, int n, int32_t page, std::vector<int32_t>& released);
 
+  void pin_tail(NodeId node, int32_t page);    // a tail being copied is not evicted or replaced
+  void unpin_tail(NodeId node, int32_t page);
   void lock(NodeId node);    // pins the path root..node
   void unlock(NodeId node);
 
@@ -95,12 +100,18 @@ class RadixTree {
       std::vector<int32_t> tokens;  // fewer than page_size
       int32_t page;
       uint64_t last_use;
+      int copying = 0;              // pins while a copy of it is pending
     };
     std::vector<Tail> tails;
     int locks = 0;
     uint64_t last_use = 0;
-    int64_t held() const { return static_cast<int64_t>(pages.size() + tails.size()); }
+    bool copying_tail() const {
+      for (const Tail& t : tails)
+        if (t.copying > 0) return true;
+      return false;
+    }
   };
+  Node::Tail& find_tail(NodeId node, int32_t page);
 
   std::vector<int32_t> first_page(const int32_t* tokens) const {
     return std::vector<int32_t>(tokens, tokens + page_size_);

@@ -56,17 +56,23 @@ void Scheduler::computed(Sequence* s) {
 
 void Scheduler::fork(Sequence* parent, Sequence* child, int pages) {
   pages = std::min(pages, static_cast<int>(parent->pages.size()));
+  if (parent->cache_node >= 0 && child->tokens) {
+    // The parent's computed prompt pages are in the tree: the child takes exactly those `pages`
+    // from it, locked as deep as it shares (so whatever the child holds of the tree's lies on its
+    // own locked path, and a tail it leaves later sits after the right prefix).
+    PrefixCache::Hit hit = cache_->match(child->tokens->data(), static_cast<int64_t>(pages) * config_.page_size, pages);
+    child->pages = std::move(hit.pages);
+    child->cache_node = hit.node;
+    child->cached_pages = static_cast<int>(child->pages.size());
+    child->num_computed = child->cached_pages * config_.page_size;
+    return;
+  }
   child->pages.reserve(static_cast<size_t>(pages));
   for (int p = 0; p < pages; ++p) {
     pool_.retain(parent->pages[p]);
     child->pages.push_back(parent->pages[p]);
   }
   child->num_computed = pages * config_.page_size;
-  if (parent->cache_node >= 0) {  // the parent's lock covers the shared pages the tree owns
-    cache_->lock(parent->cache_node);
-    child->cache_node = parent->cache_node;
-    child->cached_pages = std::min(parent->cached_pages, pages);
-  }
 }
 
 bool Scheduler::reuse_prefix(Sequence* s) {
@@ -85,10 +91,10 @@ bool Scheduler::reuse_prefix(Sequence* s) {
     const RadixTree::Partial part = cache_->match_partial(s->cache_node, s->tokens->data() + s->num_computed, rest);
     if (part.tokens > 0) {
       if (cache_->allocate(1, s->pages)) {
-        copies_.push_back({part.page, s->pages.back(), part.owner, s});
+        copies_.push_back({part.page, s->pages.back(), part, s});
         s->num_computed += part.tokens;
       } else {
-        cache_->unlock(part.owner);
+        cache_->release_partial(part);
       }
     }
   }
@@ -99,7 +105,7 @@ bool Scheduler::reuse_prefix(Sequence* s) {
 void Scheduler::drop_copies(const Sequence* s) {
   for (auto it = copies_.begin(); it != copies_.end();) {
     if (it->seq == s) {
-      cache_->unlock(it->owner);
+      cache_->release_partial(it->source);
       it = copies_.erase(it);
     } else {
       ++it;
@@ -108,7 +114,7 @@ void Scheduler::drop_copies(const Sequence* s) {
 }
 
 void Scheduler::copies_done() {
-  for (const PageCopy& c : copies_) cache_->unlock(c.owner);
+  for (const PageCopy& c : copies_) cache_->release_partial(c.source);
   copies_.clear();
 }
 
@@ -160,11 +166,14 @@ std::vector<ScheduledChunk> Scheduler::schedule() {
   // whose turn it is that finds nothing to do gives way to the other.
   const int64_t preemptions_before = num_preemptions_;
   std::vector<ScheduledChunk> plan = plan_step(last_step_prefilled_, !last_step_prefilled_);
-  if (plan.empty() && num_preemptions_ == preemptions_before)  // (after a preemption: wait a step)
+  if (plan.empty()) {
+    hold_admission_ = num_preemptions_ != preemptions_before;  // no re-admitting a victim at once
     plan = plan_step(!last_step_prefilled_, last_step_prefilled_);
+    hold_admission_ = false;
+  }
   bool prefilled = false;
   for (const ScheduledChunk& c : plan) prefilled = prefilled || c.seq->num_tokens - c.start > 1;
-  last_step_prefilled_ = prefilled;
+  if (!plan.empty()) last_step_prefilled_ = prefilled;
   return plan;
 }
 
@@ -207,7 +216,7 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
   // 2. Admit waiting sequences, unless this step just had to preempt (re-admitting the victim at
   // once would thrash). Keep one free page per running sequence so that admitting a long prompt
   // does not force a preemption at the next decode step.
-  if (num_preemptions_ != preemptions_before || decode_only) return plan;
+  if (num_preemptions_ != preemptions_before || decode_only || hold_admission_) return plan;
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Sequence* s = waiting_.front();
     if (pages_for(s->num_tokens + 1) > pool_.num_pages()) {  // could never fit, even alone

@@ -36,7 +36,7 @@ struct ScheduledChunk {
 // cached page (part of a page is never shared, so it gets its own copy).
 struct PageCopy {
   int32_t src = -1, dst = -1;
-  PrefixCache::NodeId owner = -1;  // locked until copies_done()
+  RadixTree::Partial source;  // held until copies_done()
   const Sequence* seq = nullptr;
 };
 
@@ -109,6 +109,7 @@ class Scheduler {
   std::vector<PageCopy> copies_;
   int64_t num_preemptions_ = 0;
   bool last_step_prefilled_ = false;  // chunked prefill: what the previous step was
+  bool hold_admission_ = false;       // chunked prefill: this step already preempted
 };
 
 }  // namespace pyserve
