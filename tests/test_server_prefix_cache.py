@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from live_server import make_app, metrics, pyserve_server, request, sse_events, stream_text, wait_idle
+from live_server import is_idle, make_app, metrics, pyserve_server, request, sse_events, stream_text, wait_idle, wait_until
 
 SYSTEM = " ".join(f"Rule {i}: answer questions about topic {i} briefly and politely." for i in range(30))
 
@@ -87,7 +87,8 @@ def test_reset_engine_empties_the_cache_and_pinned_prompts_survive_until_then(de
     assert dumped["prefix_cache_hits_total"] >= 0 and "kv_pages_free" in dumped
     status, _h, _raw = request(url, "POST", "/debug/reset_engine", {})
     assert status == 200
-    m = wait_idle(url)
+    # The engine thread resets at its next look at its inbox (before any later request).
+    wait_until(url, lambda m: is_idle(m) and m["pyserve:kv_pages_cached"] == 0, what="the reset")
     dumped = json.loads(request(url, "POST", "/debug/dump_engine_metrics", {})[2])
     assert dumped["kv_pages_cached"] == 0 and dumped["kv_pages_free"] == dumped["kv_pages_total"]
     # After a reset nothing is cached: the next request computes its whole prompt.

@@ -72,7 +72,7 @@ void Engine::reset() {
   {
     std::lock_guard<std::mutex> lock(in_mu_);
     if (stop_ || failed_) return;
-    reset_ = true;
+    reset_before_ = inbox_.size() + 1;  // what is queued now ends; what comes later is served
   }
   in_cv_.notify_one();
 }
@@ -290,17 +290,18 @@ void Engine::loop() {
     std::vector<Incoming> incoming;
     std::vector<std::pair<int64_t, int>> aborts;
     std::vector<PendingFault> faults;
-    bool stopping, failed, reset;
+    bool stopping, failed;
+    size_t reset_before;
     {
       std::unique_lock<std::mutex> lock(in_mu_);
       in_cv_.wait(lock, [&] {
-        return stop_ || reset_ || !inbox_.empty() || !aborts_.empty() || !faults_.empty() ||
+        return stop_ || reset_before_ > 0 || !inbox_.empty() || !aborts_.empty() || !faults_.empty() ||
                (!failed_ && !core_.idle());
       });
       stopping = stop_;
       failed = failed_;
-      reset = reset_;
-      reset_ = false;
+      reset_before = reset_before_;
+      reset_before_ = 0;
       incoming.swap(inbox_);
       aborts.swap(aborts_);
       faults.swap(faults_);
@@ -319,10 +320,13 @@ void Engine::loop() {
         deliver();
         return;
       }
-      if (reset) {
-        // reset_engine: what was queued and everything live end as aborted; the cache empties.
-        for (Incoming& in : incoming) core_.reject(in.id, std::max(in.params.n, 1), static_cast<int>(in.prompt.size()), "");
-        incoming.clear();
+      if (reset_before > 0) {
+        // reset_engine: everything live and what was queued before it end as aborted; the cache
+        // empties; requests that came after it are served.
+        const auto first_after = incoming.begin() + static_cast<std::ptrdiff_t>(reset_before - 1);
+        for (auto it = incoming.begin(); it != first_after; ++it)
+          core_.reject(it->id, std::max(it->params.n, 1), static_cast<int>(it->prompt.size()), "");
+        incoming.erase(incoming.begin(), first_after);
         core_.end_all("abort", "");
         core_.reset_cache();
       }
