@@ -555,7 +555,7 @@ class SchedulerHarness {
   std::vector<std::tuple<int64_t, int, int, bool>> step() {
     std::vector<std::tuple<int64_t, int, int, bool>> out;
     const std::vector<ScheduledChunk> plan = scheduler_.schedule();
-    for (const PageCopy& c : scheduler_.pending_copies()) copies_.emplace_back(c.seq->id, c.src, c.dst);
+    for (const PageCopy& c : scheduler_.pending_copies()) copies_.emplace_back(c.seq->id, c.source.page, c.dst);
     scheduler_.copies_done();
     for (const ScheduledChunk& c : plan) {
       out.emplace_back(c.seq->id, c.start, c.count, c.sample);

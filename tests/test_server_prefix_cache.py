@@ -38,7 +38,8 @@ def debug_server():
         yield srv
 
 
-def test_a_shared_system_prompt_is_reported_cached(debug_server) -> None:
+def test_a_shared_system_prompt_is_reported_cached(debug_server, caplog) -> None:
+    caplog.set_level("INFO", logger="pyserve.access")
     url = debug_server.url
     request(url, "POST", "/debug/reset_engine", {})
     wait_idle(url)
@@ -56,10 +57,14 @@ def test_a_shared_system_prompt_is_reported_cached(debug_server) -> None:
     assert again == text0 and usage3["prompt_tokens_details"]["cached_tokens"] == usage3["prompt_tokens"] - 1
     status, _h, raw = request(url, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2})
     assert status == 200 and json.loads(raw)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    status, _h, raw = request(url, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2})
+    completion_usage = json.loads(raw)["usage"]
+    assert completion_usage["prompt_tokens_details"]["cached_tokens"] == completion_usage["prompt_tokens"] - 1
+    assert f"cached_tokens={cached}" in caplog.text  # the access log says what the cache served
     after = wait_idle(url)
     queried = after["pyserve:prefix_cache_queries_total"] - before["pyserve:prefix_cache_queries_total"]
     hits = after["pyserve:prefix_cache_hits_total"] - before["pyserve:prefix_cache_hits_total"]
-    assert queried == usage0["prompt_tokens"] * 2 + usage1["prompt_tokens"] + usage2["prompt_tokens"] + 4
+    assert queried == usage0["prompt_tokens"] * 2 + usage1["prompt_tokens"] + usage2["prompt_tokens"] + 2 * 4
     assert hits >= 2 * cached + usage3["prompt_tokens"] - 1
     assert after["pyserve:kv_pages_cached"] > 0 and after["pyserve:kv_pages_used"] == 0
 

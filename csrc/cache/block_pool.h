@@ -18,6 +18,11 @@ class BlockPool {
   bool allocate(int n, std::vector<int32_t>& out);
   void retain(int32_t page);   // one more holder (prefix sharing)
   void release(int32_t page);  // one holder fewer; the page is free again at zero
+  // The prefix cache's own reference (at most one a page): as retain / release, and the pool
+  // keeps count of the pages nobody else holds.
+  void retain_for_cache(int32_t page);
+  void release_from_cache(int32_t page);
+  int num_cache_only() const { return cache_only_; }  // held by the prefix cache alone
   int refcount(int32_t page) const;
   void reset();  // every page free again
 
@@ -25,6 +30,8 @@ class BlockPool {
   void check(int32_t page) const;
   std::vector<int32_t> free_;  // a stack: recently freed pages are reused first (warm in cache)
   std::vector<int32_t> refs_;
+  std::vector<uint8_t> cached_;  // the prefix cache holds one of refs_
+  int cache_only_ = 0;           // pages with cached_ and refs_ == 1
 };
 
 }  // namespace pyserve

@@ -11,13 +11,13 @@ PrefixCache::PrefixCache(BlockPool& pool, int page_size, int max_recycling)
 }
 
 void PrefixCache::release_pages(const std::vector<int32_t>& pages) {
-  for (int32_t p : pages) pool_.release(p);
+  for (int32_t p : pages) pool_.release_from_cache(p);
 }
 
-int64_t PrefixCache::cached_pages() const {
-  int64_t n = 0;
-  tree_.for_each_page([&](int32_t p) { n += pool_.refcount(p) == 1; });
-  return n;
+RadixTree::Insertion PrefixCache::adopt(const int32_t* tokens, const std::vector<int32_t>& pages) {
+  const RadixTree::Insertion ins = tree_.insert(tokens, pages);
+  for (size_t i = static_cast<size_t>(ins.adopted_from); i < pages.size(); ++i) pool_.retain_for_cache(pages[i]);
+  return ins;
 }
 
 bool PrefixCache::allocate(int n, std::vector<int32_t>& out) {
@@ -43,8 +43,7 @@ PrefixCache::Hit PrefixCache::match(const int32_t* tokens, int64_t n, int64_t ma
 }
 
 PrefixCache::NodeId PrefixCache::insert(const int32_t* tokens, const std::vector<int32_t>& pages, NodeId held) {
-  const RadixTree::Insertion ins = tree_.insert(tokens, pages);
-  for (size_t i = static_cast<size_t>(ins.adopted_from); i < pages.size(); ++i) pool_.retain(pages[i]);
+  const RadixTree::Insertion ins = adopt(tokens, pages);
   tree_.lock(ins.node);
   tree_.unlock(held);
   return ins.node;
@@ -66,7 +65,7 @@ void PrefixCache::release_partial(const RadixTree::Partial& p) {
 
 void PrefixCache::insert_tail(NodeId node, const int32_t* tokens, int n, int32_t page) {
   scratch_.clear();
-  if (tree_.insert_tail(node, tokens, n, page, scratch_)) pool_.retain(page);
+  if (tree_.insert_tail(node, tokens, n, page, scratch_)) pool_.retain_for_cache(page);
   release_pages(scratch_);
 }
 
@@ -93,8 +92,7 @@ void PrefixCache::release(NodeId node, bool finished) {
 }
 
 void PrefixCache::pin(const int32_t* tokens, const std::vector<int32_t>& pages) {
-  const RadixTree::Insertion ins = tree_.insert(tokens, pages);
-  for (size_t i = static_cast<size_t>(ins.adopted_from); i < pages.size(); ++i) pool_.retain(pages[i]);
+  const RadixTree::Insertion ins = adopt(tokens, pages);
   tree_.lock(ins.node);
   pinned_.push_back(ins.node);
 }

@@ -29,8 +29,8 @@ class PrefixCache {
   int64_t available_pages() const { return pool_.num_free() + tree_.evictable_pages(); }
   int64_t evictable_pages() const { return tree_.evictable_pages(); }
   // Pages only the cache holds (no request does): evictable ones, pinned ones, and duplicates on
-  // a path some request locks. O(pages in the tree): for stats, not for the hot path.
-  int64_t cached_pages() const;
+  // a path some request locks.
+  int64_t cached_pages() const { return pool_.num_cache_only(); }
   // Appends n pages (evicting cached ones if needed); all or nothing.
   bool allocate(int n, std::vector<int32_t>& out);
 
@@ -69,7 +69,9 @@ class PrefixCache {
   int max_recycling() const { return max_recycling_; }
 
  private:
-  void release_pages(const std::vector<int32_t>& pages);
+  void release_pages(const std::vector<int32_t>& pages);  // the tree's references
+  // tree_.insert, and the tree's reference on each page it adopts.
+  RadixTree::Insertion adopt(const int32_t* tokens, const std::vector<int32_t>& pages);
   bool is_recycled(NodeId node) const;
 
   BlockPool& pool_;

@@ -74,14 +74,6 @@ class RadixTree {
   // Forgets every node, locked or not; appends every page to `out`.
   void clear(std::vector<int32_t>& out);
 
-  // Calls f(page) for every page the tree owns (tails too).
-  template <typename F>
-  void for_each_page(F&& f) const {
-    for (const auto& kv : nodes_) {
-      for (int32_t p : kv.second->pages) f(p);
-      for (const Node::Tail& t : kv.second->tails) f(t.page);
-    }
-  }
   bool contains(NodeId node) const { return nodes_.count(node) != 0; }
   int lock_count(NodeId node) const;
   int page_size() const { return page_size_; }

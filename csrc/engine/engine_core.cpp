@@ -327,7 +327,7 @@ std::vector<ScheduledChunk> EngineCore::plan() {
   faults_.check(Phase::plan, step_index_);
   std::vector<ScheduledChunk> chunks = scheduler_.schedule();
   // Prefix-cache hits on part of a page: the new sequence's own copy of it, before anyone writes.
-  for (const PageCopy& c : scheduler_.pending_copies()) cache_.copy_page(c.src, c.dst);
+  for (const PageCopy& c : scheduler_.pending_copies()) cache_.copy_page(c.source.page, c.dst);
   scheduler_.copies_done();
   const std::vector<Sequence*> rejected = scheduler_.take_rejected();
   rejected_last_plan_ = static_cast<int>(rejected.size());
@@ -344,7 +344,6 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
   batch_.clear();
   rows_.clear();
   sample_rows_.clear();
-  last_step_.clear();
   int64_t prompt_tokens = 0;
   for (const ScheduledChunk& c : chunks) {
     Request& r = *requests_.at(c.seq->id);

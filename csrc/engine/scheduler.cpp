@@ -91,7 +91,7 @@ bool Scheduler::reuse_prefix(Sequence* s) {
     const RadixTree::Partial part = cache_->match_partial(s->cache_node, s->tokens->data() + s->num_computed, rest);
     if (part.tokens > 0) {
       if (cache_->allocate(1, s->pages)) {
-        copies_.push_back({part.page, s->pages.back(), part, s});
+        copies_.push_back({part, s->pages.back(), s});
         s->num_computed += part.tokens;
       } else {
         cache_->release_partial(part);

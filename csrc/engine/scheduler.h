@@ -35,8 +35,8 @@ struct ScheduledChunk {
 // A page to copy before the step runs: a new sequence's next tokens sit in the first slots of a
 // cached page (part of a page is never shared, so it gets its own copy).
 struct PageCopy {
-  int32_t src = -1, dst = -1;
-  RadixTree::Partial source;  // held until copies_done()
+  RadixTree::Partial source;  // source.page is copied; held until copies_done()
+  int32_t dst = -1;
   const Sequence* seq = nullptr;
 };
 

@@ -390,7 +390,7 @@ def read_gguf(path: str, *, load_tensors: bool = True, keep_blocks: Collection[s
             if hf is None:
                 raise ModelLoadError(f"{path}: tensor {t.name!r} is not part of a {arch} model we support")
             rec = _tensor_record(g, t, keep)
-            if t.type.name not in _FLOAT_FORMATS and t.type.name not in ELEMENT_DTYPES and t.type.name.lower() not in keep:
+            if rec.format == "f32" and t.type.name not in ELEMENT_DTYPES:  # a block type, dequantized
                 widened[t.type.name] += 1
             if arch == "llama" and ".attn_q." in t.name:
                 rec = _permuted(rec, config.num_attention_heads)
