@@ -44,6 +44,7 @@ ModelConfig model_config_from(const py::dict& d) {
   c.tie_word_embeddings = get_or<bool>(d, "tie_word_embeddings", false);
   c.attention_bias = get_or<bool>(d, "attention_bias", false);
   c.sliding_window = get_or<int>(d, "sliding_window", 0);
+  c.attention_sink = get_or<int>(d, "attention_sink", 0);
   // Gemma 3: per-layer attention types ("sliding_attention" | "full_attention"), the local rope
   // base, the attention score scalar.
   if (d.contains("layer_types") && !d["layer_types"].is_none()) {
@@ -79,6 +80,8 @@ py::dict model_config_to_dict(const ModelConfig& c) {
   d["num_key_value_heads"] = c.num_kv_heads;
   d["head_dim"] = c.head_dim;
   d["sliding_window"] = c.sliding_window;
+  d["attention_sink"] = c.attention_sink;
+  d["release_window"] = c.release_window();
   std::vector<int> windows;
   for (int l = 0; l < c.num_layers; ++l) windows.push_back(c.window(l));
   d["layer_windows"] = windows;
@@ -327,7 +330,7 @@ py::array_t<float> kernel_gemm(FArray w, FArray x, std::optional<FArray> bias, s
 
 py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, int page_size,
                                     std::vector<py::array_t<int32_t, py::array::c_style | py::array::forcecast>> tables,
-                                    std::vector<int32_t> positions, int window, const std::string& isa, int threads) {
+                                    std::vector<int32_t> positions, int window, int sink, const std::string& isa, int threads) {
   // q: [T, H, D]; k_cache/v_cache: [slots, KVH, D]
   if (q.ndim() != 3 || k_cache.ndim() != 3 || v_cache.ndim() != 3) throw std::invalid_argument("attention: bad ranks");
   const int T = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
@@ -361,6 +364,7 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   b.page_tables = ptrs.data();
   b.positions = positions.data();
   b.window = window;
+  b.sink = sink;
   b.out = out.mutable_data();
   b.out_stride = static_cast<int64_t>(H) * D;
   be.attention(b);
@@ -526,10 +530,10 @@ class SchedulerHarness {
  public:
   // prefix_cache: a PrefixCache keeping max_recycling finished sequences (-1: any number).
   SchedulerHarness(int num_pages, int page_size, int max_num_seqs, int max_batch_tokens, bool prefix_cache,
-                   int max_recycling, bool chunked_prefill)
+                   int max_recycling, bool chunked_prefill, int window, int sink)
       : pool_(num_pages),
         cache_(prefix_cache ? std::make_unique<PrefixCache>(pool_, page_size, max_recycling) : nullptr),
-        scheduler_({max_num_seqs, max_batch_tokens, page_size, chunked_prefill}, pool_, cache_.get()) {}
+        scheduler_({max_num_seqs, max_batch_tokens, page_size, chunked_prefill, window, sink}, pool_, cache_.get()) {}
   // A prompt of distinct tokens (no prefix in common with any other sequence).
   void add(int64_t id, int num_prompt_tokens) {
     std::vector<int32_t> tokens(static_cast<size_t>(num_prompt_tokens));
@@ -717,7 +721,7 @@ PYBIND11_MODULE(_C, m) {
         "x · wᵀ (+ bias) (+ y) through the packed layout and the chosen ISA's kernel");
   k.def("attention", &kernel_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("page_size"), py::arg("page_tables"), py::arg("positions"), py::arg("window") = 0,
-        py::arg("isa") = "auto", py::arg("threads") = 1);
+        py::arg("sink") = 0, py::arg("isa") = "auto", py::arg("threads") = 1);
   k.def("qgemm", &kernel_qgemm, py::arg("format"), py::arg("w"), py::arg("n"), py::arg("k"), py::arg("x"),
         py::arg("bias") = py::none(), py::arg("y") = py::none(), py::arg("isa") = "auto", py::arg("threads") = 1,
         "x · wᵀ (+ bias) (+ y) with w: [n, k] as raw `format` blocks");
@@ -755,9 +759,10 @@ PYBIND11_MODULE(_C, m) {
 
   py::module_ t = m.def_submodule("testing", "pure-logic pieces, exposed for unit tests");
   py::class_<SchedulerHarness>(t, "Scheduler")
-      .def(py::init<int, int, int, int, bool, int, bool>(), py::arg("num_pages"), py::arg("page_size"),
+      .def(py::init<int, int, int, int, bool, int, bool, int, int>(), py::arg("num_pages"), py::arg("page_size"),
            py::arg("max_num_seqs"), py::arg("max_batch_tokens"), py::arg("prefix_cache") = false,
-           py::arg("max_recycling") = -1, py::arg("chunked_prefill") = false)
+           py::arg("max_recycling") = -1, py::arg("chunked_prefill") = false, py::arg("window") = 0,
+           py::arg("sink") = 0)
       .def("add", &SchedulerHarness::add)
       .def("add_tokens", &SchedulerHarness::add_tokens)
       .def("remove", &SchedulerHarness::remove)

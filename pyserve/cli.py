@@ -32,6 +32,7 @@ from pyserve.config import (
     parse_overrides,
     resolve_for_model,
     validate,
+    with_attention_overrides,
 )
 
 log = logging.getLogger("pyserve")
@@ -146,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overrides",
         default="",
-        help='engine settings as "key=value;key=value" (e.g. "max_num_sequence=8;max_total_seq_length=4096")',
+        help='engine settings as "key=value;key=value" (e.g. "max_num_sequence=8;max_total_seq_length=4096"); '
+        "also MLC's sliding_window_size (-1: none) and attention_sink_size",
     )
     p.add_argument("--num-threads", type=_positive_int, help="CPU threads (default: all CPUs available to us)")
     p.add_argument("--quantization", choices=QUANTIZATION_SCHEMES, default=None,
@@ -414,6 +416,7 @@ def build_app(args: argparse.Namespace) -> Any:
     )
 
     try:
+        model.config = with_attention_overrides(model.config, args.engine_config)
         engine_config = resolve_for_model(args.engine_config, model.config)
     except ConfigError as e:
         raise BuildError(str(e), 2) from e

@@ -62,6 +62,11 @@ class EngineConfig:
     prefix_cache_max_num_recycling_seqs: int | None = None
     prefill_mode: str = "hybrid"
     enable_tracing: bool = False  # the engine keeps an event trace (/debug/dump_event_trace)
+    # MLC's model overrides, which MLC itself never reads. sliding_window_size: the sliding window
+    # of every sliding layer (a model without one slides in every layer; -1 turns it off);
+    # attention_sink_size: tokens at the start every sliding layer keeps attending to.
+    sliding_window_size: int | None = None
+    attention_sink_size: int | None = None
 
     def resolved(self) -> bool:
         return None not in (
@@ -92,6 +97,8 @@ OVERRIDABLE = (
     "kv_cache_tokens",
     "memory_utilization",
     "max_batch",
+    "sliding_window_size",
+    "attention_sink_size",
 )
 
 
@@ -127,6 +134,25 @@ def parse_overrides(text: str | None) -> dict[str, Any]:
 
 def apply_overrides(config: EngineConfig, overrides: dict[str, Any]) -> EngineConfig:
     return dataclasses.replace(config, **overrides)
+
+
+def with_attention_overrides(model_config: Any, config: EngineConfig) -> Any:
+    """`model_config` (pyserve.model's ModelConfig) with the engine config's sliding window and
+    attention sink applied; unchanged when neither is given. Applying it twice changes nothing."""
+    changes: dict[str, Any] = {}
+    if config.sliding_window_size is not None:
+        changes["sliding_window"] = None if config.sliding_window_size == -1 else config.sliding_window_size
+    if config.attention_sink_size is not None:
+        changes["attention_sink"] = config.attention_sink_size
+    if not changes:
+        return model_config
+    out = dataclasses.replace(model_config, **changes)
+    if out.attention_sink and not out.sliding_window:
+        raise ConfigError(
+            f"attention_sink_size={out.attention_sink} needs a sliding window: the model has none, so set "
+            "sliding_window_size too"
+        )
+    return out
 
 
 # --- presets --------------------------------------------------------------------------------------
@@ -172,10 +198,12 @@ def resolve_engine_config(
     context_length: int,
     kv_bytes_per_token: int,
     available_bytes: int | None = None,
+    slides_everywhere: bool = False,
 ) -> EngineConfig:
     """Fills every unset field from the mode preset. `context_length` is the model's; the KV
     capacity is `available_bytes * memory_utilization / kv_bytes_per_token` unless
-    `kv_cache_tokens` is given. Values the user set always win."""
+    `kv_cache_tokens` is given. Values the user set always win. A model that `slides_everywhere`
+    holds only its window of each sequence, so one sequence may be longer than the cache."""
     validate(config)
     cfg = dataclasses.replace(config)
     context = min(context_length, cfg.max_single_sequence_length or context_length)
@@ -203,8 +231,8 @@ def resolve_engine_config(
         cfg.prefix_cache_max_num_recycling_seqs = cfg.max_num_sequence
     if cfg.max_total_sequence_length is None:
         cfg.max_total_sequence_length = preset_total
-    # A single sequence cannot outgrow the whole cache.
-    cfg.max_single_sequence_length = min(context, cfg.max_total_sequence_length)
+    # A single sequence cannot outgrow the whole cache (unless the window keeps it small).
+    cfg.max_single_sequence_length = context if slides_everywhere else min(context, cfg.max_total_sequence_length)
     if cfg.prefill_chunk_size is None:
         cfg.prefill_chunk_size = min(DEFAULT_PREFILL_CHUNK.get(cfg.device, 512), cfg.max_total_sequence_length)
     if cfg.num_threads is None:
@@ -234,6 +262,7 @@ def resolve_for_model(config: EngineConfig, model_config: Any) -> EngineConfig:
             int(mc.num_hidden_layers), int(mc.num_key_value_heads), int(mc.head_dim), KV_DTYPE_BYTES.get(config.device, 4)
         ),
         available_bytes=available_memory_bytes(config.device),
+        slides_everywhere=bool(getattr(mc, "slides_everywhere", lambda: False)()),
     )
 
 
@@ -256,6 +285,12 @@ def validate(cfg: EngineConfig) -> None:
         if name == "memory_utilization":
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"memory_utilization must be in (0, 1], got {value}")
+        elif name == "sliding_window_size":
+            if value < 1 and value != -1:
+                raise ConfigError(f"sliding_window_size must be >= 1, or -1 for no sliding window, got {value}")
+        elif name == "attention_sink_size":
+            if value < 0:
+                raise ConfigError(f"attention_sink_size must be >= 0, got {value}")
         elif value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.page_size & (cfg.page_size - 1):

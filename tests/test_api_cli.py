@@ -11,6 +11,7 @@ import pytest
 from pyserve import cli
 from pyserve.config import (
     ConfigError,
+    apply_overrides,
     EngineConfig,
     kv_bytes_per_token,
     parse_overrides,
@@ -191,6 +192,28 @@ def test_overrides_parsing():
         parse_overrides("page_size=16;page_size=32")
     with pytest.raises(ConfigError, match="valid keys: .*max_num_sequence"):
         parse_overrides("max_batch_size=3")
+
+
+def test_sliding_window_overrides():
+    """MLC's sliding_window_size / attention_sink_size (which MLC accepts and ignores) are ours."""
+    assert parse_overrides("sliding_window_size=4096;attention_sink_size=4") == {
+        "sliding_window_size": 4096,
+        "attention_sink_size": 4,
+    }
+    cfg = cli.parse_args(["--overrides", "sliding_window_size=-1"]).engine_config
+    assert cfg.sliding_window_size == -1  # -1: no sliding window (MLC's spelling)
+    for bad, match in [("sliding_window_size=0", "sliding_window_size must be >= 1, or -1"),
+                       ("attention_sink_size=-2", "attention_sink_size must be >= 0")]:
+        with pytest.raises(ConfigError, match=match):
+            resolve(apply_overrides(EngineConfig(), parse_overrides(bad)))
+
+
+def test_a_model_that_slides_everywhere_may_outgrow_the_cache():
+    cfg = resolve(EngineConfig(mode="interactive", kv_cache_tokens=3000), context=4096, available=64 * GiB)
+    assert cfg.max_single_sequence_length == 3000
+    cfg = resolve(EngineConfig(mode="interactive", kv_cache_tokens=3000), context=4096, available=64 * GiB,
+                  slides_everywhere=True)
+    assert cfg.max_single_sequence_length == 4096 and cfg.max_total_sequence_length == 3000
 
 
 def test_overrides_reach_the_engine_config():

@@ -81,8 +81,9 @@ HEAD_CONFIGS = [  # (head_dim, heads, kv_heads)
 WINDOWS = {"none": lambda ps: 0, "1": lambda ps: 1, "6": lambda ps: 6, "2pages+3": lambda ps: 2 * ps + 3}
 
 
-def attention_reference(q, k_cache, v_cache, page_size, tables, positions, window):
-    """float64 attention over the caller's [slots, kv_heads, head_dim] cache, token by token."""
+def attention_reference(q, k_cache, v_cache, page_size, tables, positions, window, sink=0):
+    """float64 attention over the caller's [slots, kv_heads, head_dim] cache, token by token: a
+    token at pos attends to its window and, with a sink, to positions [0, sink) too."""
     t, h, d = q.shape
     group = h // k_cache.shape[1]
     out = np.zeros((t, h, d))
@@ -90,6 +91,8 @@ def attention_reference(q, k_cache, v_cache, page_size, tables, positions, windo
         pos = positions[i]
         lo = max(0, pos - window + 1) if window else 0
         p = np.arange(lo, pos + 1)
+        if window and sink:
+            p = np.union1d(np.arange(min(sink, pos + 1)), p)
         slots = tables[i][p // page_size].astype(np.int64) * page_size + p % page_size
         keys = np.repeat(k_cache[slots].astype(np.float64), group, axis=1)  # [n, h, d]
         vals = np.repeat(v_cache[slots].astype(np.float64), group, axis=1)
@@ -143,6 +146,30 @@ def test_paged_attention_matches_float64(isa, page_size, window, rng) -> None:
         np.testing.assert_allclose(
             out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"head_dim={head_dim} heads={heads} kv_heads={kv_heads}"
         )
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize("window,sink", [(1, 1), (6, 4), (4, 7), (5, 21), (12, 3)], ids=lambda v: str(v))
+def test_attention_sink_matches_float64(isa, page_size, window, sink, rng) -> None:
+    """StreamingLLM: a token attends to the first `sink` positions and to its window. Windows
+    shorter and longer than the sink, sinks inside one page and across several, tokens before,
+    at and after the sink's end, prefill blocks that straddle it."""
+    tables, positions, num_pages = attention_batch(page_size, rng)
+    for head_dim, heads, kv_heads in HEAD_CONFIGS:
+        slots = num_pages * page_size
+        k_cache = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+        v_cache = rng.standard_normal((slots, kv_heads, head_dim)).astype(np.float32)
+        q = 2 * rng.standard_normal((len(positions), heads, head_dim)).astype(np.float32)
+        out = _C.kernels.attention(q, k_cache, v_cache, page_size, tables, positions, window, sink=sink, isa=isa, threads=2)
+        ref = attention_reference(q, k_cache, v_cache, page_size, tables, positions, window, sink)
+        np.testing.assert_allclose(
+            out, ref, rtol=0, atol=2e-5 * np.abs(ref).max(), err_msg=f"head_dim={head_dim} heads={heads} kv_heads={kv_heads}"
+        )
+        # The sink really counts: without it the answer differs wherever the window has moved on.
+        plain = attention_reference(q, k_cache, v_cache, page_size, tables, positions, window)
+        moved = [i for i, p in enumerate(positions) if p - window + 1 > 0]
+        assert np.abs(plain[moved] - ref[moved]).max() > 1e-2
 
 
 @pytest.mark.parametrize("isa", ISAS)

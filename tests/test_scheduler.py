@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 from pyserve._C.testing import Scheduler
 
 
@@ -136,3 +138,127 @@ def test_chunked_prefill_never_leaves_a_step_empty_when_work_waits() -> None:
         assert s.step() == [(1, 5 + i, 1, True)]
     s.remove(1)
     assert s.step() == [(2, 0, 5, True)]
+
+
+# --- sliding window: pages outside the window are released ---------------------------------------
+
+
+def held(s: Scheduler, i: int) -> list[int]:
+    return [p for p in s.pages(i) if p >= 0]
+
+
+def check_window(s: Scheduler, i: int, window: int, sink: int, ps: int) -> None:
+    """Every page a later query may read is held; every page it never will (past the sink,
+    wholly before the window) is released."""
+    lo = s.num_computed(i) - window + 1
+    for k, p in enumerate(s.pages(i)):
+        needed = k * ps < sink or (k + 1) * ps > lo
+        assert (p >= 0) == needed, (k, p, lo, s.pages(i))
+
+
+def test_a_sliding_sequence_holds_its_window_and_outgrows_the_cache() -> None:
+    ps, window = 4, 8
+    s = Scheduler(num_pages=6, page_size=ps, max_num_seqs=1, max_batch_tokens=16, window=window)
+    s.add(1, 6)
+    for _ in range(100):
+        s.step()
+        check_window(s, 1, window, 0, ps)
+        assert len(held(s, 1)) <= window // ps + 2
+        assert s.free_pages() + len(held(s, 1)) == 6
+    assert s.num_tokens(1) == 106 > 6 * ps and s.preemptions() == 0
+    s.remove(1)
+    assert s.free_pages() == 6
+
+
+def test_the_sink_pages_stay() -> None:
+    ps, window, sink = 4, 8, 5  # the sink spans two pages
+    s = Scheduler(num_pages=8, page_size=ps, max_num_seqs=1, max_batch_tokens=16, window=window, sink=sink)
+    s.add(1, 3)
+    for _ in range(60):
+        s.step()
+        check_window(s, 1, window, sink, ps)
+    assert s.pages(1)[:2] == held(s, 1)[:2] and len(held(s, 1)) <= 2 + window // ps + 2
+
+
+def test_a_prompt_longer_than_the_cache_is_prefilled_in_chunks() -> None:
+    ps, window = 4, 8
+    s = Scheduler(num_pages=6, page_size=ps, max_num_seqs=2, max_batch_tokens=64, window=window)
+    s.add(1, 200)
+    steps = run_until_prompt_done(s, 1)
+    assert s.rejected() == [] and s.num_computed(1) == 200 and steps > 3
+    # Without a window the same prompt could never fit.
+    t = Scheduler(num_pages=6, page_size=ps, max_num_seqs=2, max_batch_tokens=64)
+    t.add(1, 200)
+    t.step()
+    assert t.rejected() == [1]
+
+
+def run_until_prompt_done(s: Scheduler, i: int) -> int:
+    for n in range(1, 1000):
+        s.step()
+        if s.num_computed(i) >= s.num_tokens(i) - 1:
+            return n
+    raise AssertionError("the prompt never finished")
+
+
+def test_sliding_window_with_the_prefix_cache() -> None:
+    """A sliding sequence's prompt pages enter the tree (a second request shares them); once its
+    window has passed them, the tree keeps them as evictable cache and the sequence holds only
+    the sink and its window."""
+    ps, window, sink = 4, 8, 4
+    s = Scheduler(num_pages=16, page_size=ps, max_num_seqs=2, max_batch_tokens=64, prefix_cache=True,
+                  window=window, sink=sink)
+    prompt = list(range(1000, 1022))  # 22 tokens: 5 whole pages
+    s.add_tokens(1, prompt)
+    s.step()
+    assert s.tree_pages() == 5
+    check_window(s, 1, window, sink, ps)
+    assert len(held(s, 1)) < 5  # the middle of the prompt is released, still in the (locked) tree
+    assert s.used_pages() + s.cached_pages() + s.free_pages() == 16
+    s.add_tokens(2, prompt + [5])
+    s.step()
+    assert s.num_cached_tokens(2) == 20  # the whole pages, served from the tree
+    s.remove(2)
+    for _ in range(30):
+        s.step()
+        check_window(s, 1, window, sink, ps)
+        assert s.used_pages() + s.cached_pages() + s.free_pages() == 16
+    # The window passed the prompt: only the sink and window are in use, the prompt is cache.
+    assert s.used_pages() == len(held(s, 1)) <= 1 + window // ps + 2
+    assert s.cached_pages() >= 4
+    s.remove(1)
+    assert s.used_pages() == 0 and s.cached_pages() + s.free_pages() == 16
+
+
+def test_sliding_window_workload_keeps_the_books() -> None:
+    """Random prompts with shared prefixes, a pool too small for everyone, removals mid-flight:
+    pages in use + cached + free always add up, every live page is held, and nothing leaks."""
+    rng = random.Random(11)
+    ps, window, sink, total = 4, 12, 3, 24
+    for cache in (False, True):
+        s = Scheduler(num_pages=total, page_size=ps, max_num_seqs=4, max_batch_tokens=24, prefix_cache=cache,
+                      max_recycling=2, window=window, sink=sink)
+        target, next_id = {}, 0
+        for step in range(400):
+            if len(target) < 6 and rng.random() < 0.3:
+                base = [7, 8, 9, 10, 11, 12, 13, 14, 15] if rng.random() < 0.5 else []
+                s.add_tokens(next_id, base + [rng.randrange(10_000) for _ in range(rng.randrange(1, 40))])
+                target[next_id] = rng.randrange(5, 80)
+                next_id += 1
+            s.step()
+            assert s.rejected() == []
+            assert s.used_pages() + s.cached_pages() + s.free_pages() == total
+            for i in s.running():
+                pages = held(s, i)
+                assert len(set(pages)) == len(pages) and all(s.refcount(p) >= 1 for p in pages)
+                check_window(s, i, window, sink, ps)
+            for i in list(target):
+                if i in s.running() and s.num_tokens(i) >= target[i]:
+                    s.remove(i)
+                    del target[i]
+                elif i in s.running() and rng.random() < 0.02:  # an abort
+                    s.remove(i)
+                    del target[i]
+        for i in list(target):
+            s.remove(i)
+        assert s.used_pages() == 0 and s.cached_pages() + s.free_pages() == total

@@ -32,6 +32,8 @@ struct AttentionBatch {
   const int32_t* const* page_tables = nullptr;  // per token: its sequence's page table
   const int32_t* positions = nullptr;            // per token: its position in its sequence
   int window = 0;                     // sliding window (0: attend to the whole prefix)
+  // Attention sink (StreamingLLM), with a window: a token also attends to positions [0, sink).
+  int sink = 0;
   float* out = nullptr;               // out: [n_tokens, n_heads, head_dim] at row stride out_stride
   int64_t out_stride = 0;
 };

@@ -26,8 +26,10 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
                                                             ? config_.max_num_seqs
                                                             : config_.prefix_cache_max_recycling)
                         : nullptr),
-      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size, config_.chunked_prefill}, pool_,
-                 prefix_cache_.get()) {
+      scheduler_({config_.max_num_seqs, config_.max_batch_tokens, config_.page_size, config_.chunked_prefill,
+                  model_->config().release_window(),
+                  model_->config().release_window() > 0 ? model_->config().attention_sink : 0},
+                 pool_, prefix_cache_.get()) {
   if (config_.page_size < 1) throw std::invalid_argument("page_size must be >= 1");
   if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
   config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
@@ -51,6 +53,8 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
 }
 
 int64_t EngineCore::context_limit() const {
+  // A model that slides in every layer holds only its window (and sink): longer sequences fit.
+  if (model_->config().release_window() > 0) return config_.max_model_len;
   return std::min<int64_t>(config_.max_model_len, cache_.capacity_tokens());
 }
 

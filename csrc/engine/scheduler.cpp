@@ -28,8 +28,10 @@ void Scheduler::free_pages(Sequence* s, bool finished) {
     s->cached_pages = 0;
     cache_->release(node, finished);
   }
-  for (int32_t p : s->pages) pool_.release(p);
+  for (int32_t p : s->pages)
+    if (p >= 0) pool_.release(p);
   s->pages.clear();
+  s->released_end = 0;
 }
 
 void Scheduler::remove(Sequence* s) {
@@ -41,16 +43,52 @@ void Scheduler::remove(Sequence* s) {
 }
 
 void Scheduler::computed(Sequence* s) {
-  if (!cache_ || s->cache_node < 0 || !s->tokens) return;
-  const int full = std::min(s->num_computed / config_.page_size, static_cast<int>(s->pages.size()));
-  if (full <= s->cached_pages) return;
-  const std::vector<int32_t> pages(s->pages.begin(), s->pages.begin() + full);
-  s->cache_node = cache_->insert(s->tokens->data(), pages, s->cache_node);
-  s->cached_pages = full;
-  const int pin_pages = s->pin_tokens / config_.page_size;
-  if (s->pin_tokens > 0 && full >= pin_pages) {
-    if (pin_pages > 0) cache_->pin(s->tokens->data(), std::vector<int32_t>(pages.begin(), pages.begin() + pin_pages));
-    s->pin_tokens = 0;
+  if (cache_ && s->cache_node >= 0 && s->tokens && s->released_end == 0) {
+    const int full = std::min(s->num_computed / config_.page_size, static_cast<int>(s->pages.size()));
+    if (full > s->cached_pages) {
+      const std::vector<int32_t> pages(s->pages.begin(), s->pages.begin() + full);
+      s->cache_node = cache_->insert(s->tokens->data(), pages, s->cache_node);
+      s->cached_pages = full;
+      const int pin_pages = s->pin_tokens / config_.page_size;
+      if (s->pin_tokens > 0 && full >= pin_pages) {
+        if (pin_pages > 0) cache_->pin(s->tokens->data(), std::vector<int32_t>(pages.begin(), pages.begin() + pin_pages));
+        s->pin_tokens = 0;
+      }
+    }
+  }
+  release_out_of_window(s);
+}
+
+int Scheduler::live_pages(int tokens) const {
+  const int all = pages_for(tokens);
+  if (config_.window <= 0) return all;
+  // the sink's pages, the window's (it may straddle one more) and the page being written
+  return std::min(all, pages_for(config_.sink) + pages_for(config_.window) + 2);
+}
+
+void Scheduler::release_out_of_window(Sequence* s) {
+  if (config_.window <= 0) return;
+  const int ps = config_.page_size;
+  // Every later query (at >= num_computed) attends from lo = num_computed - window + 1 on: pages
+  // wholly below lo, past the sink's, are never read again.
+  const int lo = s->num_computed - config_.window + 1;
+  const int sink_pages = pages_for(config_.sink);
+  const int end = std::min(lo > 0 ? lo / ps : 0, static_cast<int>(s->pages.size()));
+  if (end <= std::max(sink_pages, s->released_end)) return;
+  for (int i = std::max(sink_pages, s->released_end); i < end; ++i) {
+    pool_.release(s->pages[i]);  // a page the tree owns stays on the path this sequence locks
+    s->pages[i] = -1;
+  }
+  s->released_end = end;
+  // Once the window has passed every page the sequence put in the tree, its lock moves back to
+  // the sink's pages: the rest of the path becomes evictable like any cached prefix.
+  if (cache_ && s->cache_node >= 0 && s->tokens && s->cached_pages > sink_pages && end >= s->cached_pages) {
+    const int keep = std::min(sink_pages, s->cached_pages);
+    PrefixCache::Hit hit = cache_->match(s->tokens->data(), static_cast<int64_t>(keep) * ps, keep);
+    for (int32_t p : hit.pages) pool_.release(p);  // the sequence holds its own references
+    cache_->release(s->cache_node, false);
+    s->cache_node = hit.node;
+    s->cached_pages = static_cast<int>(hit.pages.size());
   }
 }
 
@@ -69,9 +107,11 @@ void Scheduler::fork(Sequence* parent, Sequence* child, int pages) {
   }
   child->pages.reserve(static_cast<size_t>(pages));
   for (int p = 0; p < pages; ++p) {
-    pool_.retain(parent->pages[p]);
+    if (parent->pages[p] >= 0) pool_.retain(parent->pages[p]);  // a released page stays a hole
     child->pages.push_back(parent->pages[p]);
   }
+  child->released_end = std::min(parent->released_end, pages);
+  if (child->released_end <= pages_for(config_.sink)) child->released_end = 0;
   child->num_computed = pages * config_.page_size;
 }
 
@@ -219,7 +259,7 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
   if (num_preemptions_ != preemptions_before || decode_only || hold_admission_) return plan;
   while (!waiting_.empty() && budget > 0 && static_cast<int>(running_.size()) < config_.max_num_seqs) {
     Sequence* s = waiting_.front();
-    if (pages_for(s->num_tokens + 1) > pool_.num_pages()) {  // could never fit, even alone
+    if (live_pages(s->num_tokens + 1) > pool_.num_pages()) {  // could never fit, even alone
       waiting_.pop_front();
       rejected_.push_back(s);
       continue;

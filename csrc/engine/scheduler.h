@@ -23,6 +23,10 @@ struct Sequence {
   int cached_pages = 0;        // pages[0 : cached_pages] are in the tree, on the path to cache_node
   int num_cached_tokens = -1;  // prompt tokens found cached when first admitted (-1: not yet)
   int pin_tokens = 0;          // > 0: pin the whole pages of tokens[0 : pin_tokens] once computed
+  // Sliding window: pages[sink pages : released_end] were released (-1), never to be read again.
+  // While it is 0 the sequence's pages enter the prefix cache; after, they stop (the tree keeps
+  // paths without holes).
+  int released_end = 0;
 };
 
 struct ScheduledChunk {
@@ -48,6 +52,11 @@ struct SchedulerConfig {
   // chunked steps are all prefill (prompt chunks, admissions) or all decode, alternating while
   // both kinds of work wait.
   bool chunked_prefill = false;
+  // When every layer of the model slides: its window, and the attention sink's tokens. A
+  // sequence's pages wholly before its window (and after the sink) are released as it advances,
+  // so a long generation holds the sink, the window and one page.
+  int window = 0;
+  int sink = 0;
 };
 
 // Hybrid steps: every running sequence first (a decode token, or the next chunk of its prompt),
@@ -99,6 +108,9 @@ class Scheduler {
   bool reclaim_waiting(const Sequence* keep);  // frees one waiting sequence's pages, if any holds some
   void free_pages(Sequence* s, bool finished = false);
   int pages_for(int tokens) const { return (tokens + config_.page_size - 1) / config_.page_size; }
+  // The most pages a sequence of `tokens` tokens holds at once.
+  int live_pages(int tokens) const;
+  void release_out_of_window(Sequence* s);
 
   SchedulerConfig config_;
   BlockPool& pool_;

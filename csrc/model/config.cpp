@@ -20,6 +20,7 @@ void ModelConfig::validate() const {
   need(rope_type == "default" || rope_type == "llama3" || rope_type == "linear",
        "rope type '" + rope_type + "' (supported: default, llama3, linear)");
   need(sliding_window >= 0, "sliding_window must be >= 0");
+  need(attention_sink >= 0, "attention_sink must be >= 0");
   need(layer_sliding.empty() || static_cast<int>(layer_sliding.size()) == num_layers,
        "layer_types must name one type per layer (" + std::to_string(layer_sliding.size()) + " for " +
            std::to_string(num_layers) + " layers)");

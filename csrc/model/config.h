@@ -29,6 +29,8 @@ struct ModelConfig {
   // Per layer, whether it is a sliding-window layer (empty: every layer is, when sliding_window > 0).
   // Sliding layers of a model with rope_local_theta > 0 rotate with that base and no rope scaling.
   std::vector<bool> layer_sliding;
+  // Attention sink (StreamingLLM): sliding layers also attend to the first attention_sink tokens.
+  int attention_sink = 0;
   double rope_local_theta = 0;  // 0: sliding layers use rope_theta (and rope scaling) too
   // Attention scores are scaled by 1/sqrt(query_pre_attn_scalar) (0: by 1/sqrt(head_dim)).
   double query_pre_attn_scalar = 0;
@@ -44,6 +46,14 @@ struct ModelConfig {
     return sliding_window > 0 && (layer_sliding.empty() || layer_sliding.at(layer));
   }
   int window(int layer) const { return sliding(layer) ? sliding_window : 0; }
+  int sink(int layer) const { return sliding(layer) ? attention_sink : 0; }
+  // When every layer slides: the window past which a sequence's KV pages are never read again
+  // (outside the sink), so they can be released during decode. 0: some layer reads everything.
+  int release_window() const {
+    for (int l = 0; l < num_layers; ++l)
+      if (!sliding(l)) return 0;
+    return sliding_window;
+  }
   // Whether the layer rotates with rope_local_theta rather than rope_theta.
   bool local_rope(int layer) const { return rope_local_theta > 0 && !layer_sliding.empty() && layer_sliding.at(layer); }
   float attention_scale() const;

@@ -122,7 +122,10 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
   // cos/sin: [n, head_dim/2]; angle = pos * inv_freq in float32, as HF computes it.
   for (int i = 0; i < n; ++i) {
     const int pos = batch.positions[i];
-    if (pos < 0 || pos >= cache.capacity_tokens()) throw std::out_of_range("forward: position outside the cache");
+    if (pos < 0) throw std::out_of_range("forward: negative position");
+    // (A sliding window's positions run past the cache's size: its pages are reused.)
+    const int32_t page = batch.page_tables[i][pos / ps];
+    if (page < 0 || page >= cache.num_pages()) throw std::out_of_range("forward: a token's KV page is outside the cache");
     for (int d = 0; d < half; ++d) {
       const float angle = static_cast<float>(pos) * inv_freq_[d];
       ws_.cos[i * half + d] = static_cast<float>(std::cos(static_cast<double>(angle)));
@@ -135,7 +138,7 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
         ws_.sin_local[i * half + d] = static_cast<float>(std::sin(static_cast<double>(angle)));
       }
     }
-    ws_.slots[i] = static_cast<int64_t>(batch.page_tables[i][pos / ps]) * ps + pos % ps;
+    ws_.slots[i] = static_cast<int64_t>(page) * ps + pos % ps;
   }
 
   AttentionBatch ab;
@@ -184,6 +187,7 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
     ab.k_cache = cache.k(l);
     ab.v_cache = cache.v(l);
     ab.window = c.window(l);
+    ab.sink = c.sink(l);
     be.attention(ab);  // attn: [n, Q]
     add_to_residual(*L.o, ws_.attn.data(), Q, L.post_attn_norm);
     // MLP block: h += down(act(gate(x)) * up(x)), act silu (GeGLU's tanh GELU for Gemma)

@@ -27,7 +27,7 @@ from typing import Any
 
 import anyio
 
-from pyserve.config import EngineConfig, resolve_for_model
+from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.native import engine_options, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
@@ -82,6 +82,7 @@ class AsyncEngine:
         if config.device not in _C.devices():
             raise ValueError(f"device {config.device!r} is not supported by this build "
                              f"(supported: {', '.join(_C.devices())})")
+        model.config = with_attention_overrides(model.config, config)
         self.config = resolve_for_model(config, model.config)
         self.model = model
         self._c_model = native_model(model, self.config.num_threads, isa, release_tensors=True)

@@ -48,6 +48,16 @@ class ModelConfig:
     layer_types: list[str] | None = None
     rope_local_theta: float | None = None
     query_pre_attn_scalar: float | None = None
+    # StreamingLLM's attention sink: sliding layers also attend to the first attention_sink tokens
+    # (set with --overrides attention_sink_size=N; 0: none).
+    attention_sink: int = 0
+
+    def slides_everywhere(self) -> bool:
+        """Every layer attends only within the sliding window (and the sink): a sequence holds
+        only that much KV, so it may outgrow the cache."""
+        return bool(self.sliding_window) and (
+            self.layer_types is None or all(t == "sliding_attention" for t in self.layer_types)
+        )
 
 
 def as_id_list(value: Any) -> list[int]:

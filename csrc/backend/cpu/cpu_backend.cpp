@@ -1,6 +1,7 @@
 #include "backend/cpu/cpu_backend.h"
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
@@ -65,7 +66,8 @@ const KernelTable& select_kernels(const std::string& isa) {
 CpuBackend::CpuBackend(int num_threads, const KernelTable& kernels)
     : kernels_(kernels),
       pool_(num_threads > 0 ? num_threads : std::max(1u, std::thread::hardware_concurrency())),
-      scratch_(pool_.size()) {}
+      scratch_(pool_.size()),
+      sink_parts_(pool_.size()) {}
 
 namespace {
 class HostBuffer final : public Buffer {
@@ -315,6 +317,10 @@ void CpuBackend::write_kv(const float* k, const float* v, int64_t ld, int m, int
 }
 
 void CpuBackend::attention(const AttentionBatch& b) {
+  if (b.sink > 0 && b.window > 0) {
+    attention_with_sink(b);
+    return;
+  }
   const int group = b.n_heads / b.n_kv_heads;
   // The first position a token at `pos` attends to (its sliding window's start, or 0).
   auto window_start = [&](int pos) { return b.window > 0 ? std::max(0, pos - b.window + 1) : 0; };
@@ -429,6 +435,91 @@ void CpuBackend::attention(const AttentionBatch& b) {
       for (int d = 0; d < hd; ++d) out[d] *= inv;
     }
   }
+}
+
+// Attention sinks (StreamingLLM): a token at pos >= sink attends to [0, sink) and to its window
+// [max(sink, pos - window + 1), pos]. The two ranges are disjoint: each is attended on its own, as
+// a segment of a split decode is, and the halves are merged by their softmax statistics. Tokens
+// at pos < sink attend to [0, pos], as without a window.
+void CpuBackend::attention_with_sink(const AttentionBatch& b) {
+  const int group = b.n_heads / b.n_kv_heads, hd = b.head_dim, sink = b.sink;
+  const int max_block = std::max(1, std::min(8, kMaxAttendQueries / group));
+  // Blocks of consecutive tokens of one sequence, all on one side of the sink's end.
+  struct Block { int first, count; bool halves; };
+  std::vector<Block> blocks;
+  for (int i = 0; i < b.n_tokens;) {
+    const bool halves = b.positions[i] >= sink;
+    int n = 1;
+    while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
+           b.positions[i + n] == b.positions[i] + n && (b.positions[i + n] >= sink) == halves)
+      ++n;
+    blocks.push_back({i, n, halves});
+    i += n;
+  }
+  size_t scores = 0, parts = 0;
+  for (const Block& bl : blocks) {
+    const int hi = b.positions[bl.first + bl.count - 1];
+    const int lo = bl.halves ? std::max(sink, b.positions[bl.first] - b.window + 1) : 0;
+    const int span = bl.halves ? std::max(sink, hi - lo + 1) : hi + 1;
+    scores = std::max(scores, static_cast<size_t>(bl.count) * group * span);
+    if (bl.halves) parts = std::max(parts, static_cast<size_t>(bl.count) * group * (2 * hd + 4));
+  }
+  for (auto& s : scratch_)
+    if (s.size() < scores) s.resize(scores);
+  for (auto& s : sink_parts_)
+    if (s.size() < parts) s.resize(parts);
+  const int64_t items = static_cast<int64_t>(blocks.size()) * b.n_kv_heads;
+  pool_.parallel_for(items, [&](int64_t ib, int64_t ie, int t) {
+    for (int64_t it = ib; it < ie; ++it) {
+      const Block& bl = blocks[it / b.n_kv_heads];
+      const int kvh = static_cast<int>(it % b.n_kv_heads);
+      AttendArgs a;
+      a.q = b.q + bl.first * b.q_stride + static_cast<int64_t>(kvh) * group * hd;
+      a.q_stride = b.q_stride;
+      a.out = b.out + bl.first * b.out_stride + static_cast<int64_t>(kvh) * group * hd;
+      a.out_stride = b.out_stride;
+      a.n_tokens = bl.count;
+      a.group = group;
+      a.head_dim = hd;
+      a.scale = b.scale;
+      a.k_cache = b.k_cache;
+      a.v_cache = b.v_cache;
+      a.n_kv_heads = b.n_kv_heads;
+      a.kv_head = kvh;
+      a.page_size = b.page_size;
+      a.page_table = b.page_tables[bl.first];
+      a.positions = b.positions + bl.first;
+      a.scratch = scratch_[t].data();
+      if (!bl.halves) {  // [0, pos]
+        kernels_.attend(a);
+        continue;
+      }
+      // parts: [2][count][group][hd] outputs, then [2][count * group][2] statistics
+      const int nq = bl.count * group;
+      float* out[2] = {sink_parts_[t].data(), sink_parts_[t].data() + static_cast<size_t>(nq) * hd};
+      float* stats[2] = {out[1] + static_cast<size_t>(nq) * hd, out[1] + static_cast<size_t>(nq) * hd + 2 * nq};
+      AttendArgs half = a;
+      half.out_stride = static_cast<int64_t>(group) * hd;
+      for (int h = 0; h < 2; ++h) {
+        half.window = h == 0 ? 0 : b.window;
+        half.seg_lo = h == 0 ? 0 : sink;
+        half.seg_hi = h == 0 ? sink - 1 : std::numeric_limits<int>::max();
+        half.out = out[h];
+        half.stats = stats[h];
+        kernels_.attend(half);
+      }
+      // out = (w0 out0 + w1 out1) / (w0 + w1), w_h = sum_h * exp(max_h - max)
+      for (int q = 0; q < nq; ++q) {
+        const float m0 = stats[0][2 * q], m1 = stats[1][2 * q], m = std::max(m0, m1);
+        const float w0 = stats[0][2 * q + 1] * std::exp(m0 - m), w1 = stats[1][2 * q + 1] * std::exp(m1 - m);
+        const float inv = 1.f / (w0 + w1);
+        const float* p0 = out[0] + static_cast<size_t>(q) * hd;
+        const float* p1 = out[1] + static_cast<size_t>(q) * hd;
+        float* o = a.out + (q / group) * b.out_stride + (q % group) * hd;
+        for (int d = 0; d < hd; ++d) o[d] = (w0 * p0[d] + w1 * p1[d]) * inv;
+      }
+    }
+  });
 }
 
 void CpuBackend::silu_mul(const float* gate_up, int m, int inter, float* out) {

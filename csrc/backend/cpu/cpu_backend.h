@@ -90,6 +90,8 @@ class CpuBackend final : public Backend {
   std::shared_ptr<WeightArena> arena_ = std::make_shared<WeightArena>();  // every packed matrix
   std::vector<std::vector<float>> scratch_;  // per thread, for attention scores
   std::vector<float> split_out_, split_stats_;  // split decode attention's partial results
+  std::vector<std::vector<float>> sink_parts_;  // per thread: attention_with_sink's two halves
+  void attention_with_sink(const AttentionBatch& b);
   // Activations quantized for the quant panels (QActs), grown to the largest m * k seen.
   std::vector<int16_t> act_q_;
   std::vector<float> act_scale_;
