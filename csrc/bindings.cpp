@@ -225,6 +225,16 @@ EngineConfig engine_config_from(const py::dict& d) {
   c.tracing = get_or<bool>(d, "tracing", c.tracing);
   c.prefix_cache = get_or<bool>(d, "prefix_cache", c.prefix_cache);
   c.prefix_cache_max_recycling = get_or<int>(d, "prefix_cache_max_recycling", c.prefix_cache_max_recycling);
+  const std::string mode = get_or<std::string>(d, "speculative_mode", "disable");
+  if (mode == "disable") c.speculative_mode = SpeculativeMode::disable;
+  else if (mode == "ngram") c.speculative_mode = SpeculativeMode::ngram;
+  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram)");
+  c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
+  if (c.spec_draft_length < 0) throw std::invalid_argument("spec_draft_length must be >= 0 (0: automatic)");
+  c.ngram.min_n = get_or<int>(d, "ngram_min", c.ngram.min_n);
+  c.ngram.max_n = get_or<int>(d, "ngram_max", c.ngram.max_n);
+  if (c.ngram.min_n < 1 || c.ngram.max_n < c.ngram.min_n)
+    throw std::invalid_argument("n-gram lengths must satisfy 1 <= ngram_min <= ngram_max");
   return c;
 }
 
@@ -299,6 +309,10 @@ py::dict stats_dict(const EngineStats& s) {
   d["step_failures"] = s.step_failures;
   d["live_choices"] = s.live_choices;
   d["step_index"] = s.step_index;
+  d["spec_verifies"] = s.spec_verifies;
+  d["spec_draft_tokens"] = s.spec_draft_tokens;
+  d["spec_accepted_tokens"] = s.spec_accepted_tokens;
+  d["spec_accepted_by_position"] = s.spec_accepted_by_position;
   return d;
 }
 
@@ -758,6 +772,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("repeats") = 5);
 
   py::module_ t = m.def_submodule("testing", "pure-logic pieces, exposed for unit tests");
+  t.def(
+      "ngram_propose",
+      [](const std::vector<int32_t>& tokens, int k, int min_n, int max_n) {
+        std::vector<int32_t> out;
+        ngram_propose(tokens.data(), static_cast<int>(tokens.size()), k, NgramConfig{min_n, max_n}, out);
+        return out;
+      },
+      py::arg("tokens"), py::arg("k"), py::arg("min_n") = 1, py::arg("max_n") = 4);
   py::class_<SchedulerHarness>(t, "Scheduler")
       .def(py::init<int, int, int, int, bool, int, bool, int, int>(), py::arg("num_pages"), py::arg("page_size"),
            py::arg("max_num_seqs"), py::arg("max_batch_tokens"), py::arg("prefix_cache") = false,

@@ -26,6 +26,7 @@ from pyserve.config import (
     MODES,
     PREFILL_MODES,
     PREFIX_CACHE_MODES,
+    SPECULATIVE_MODES,
     ConfigError,
     EngineConfig,
     apply_overrides,
@@ -41,7 +42,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # pyserve.model.quantize.SCHEMES, spelled out so that parsing flags imports no numpy.
 QUANTIZATION_SCHEMES = ("q0f32", "q0f16", "q0bf16", "q8f16_1", "q4f16_1")
 # Flags that are also --overrides keys: giving both is ambiguous, so it is an error.
-_FLAG_FIELDS = ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size", "num_threads")
+_FLAG_FIELDS = ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size", "num_threads",
+                "spec_draft_length", "spec_tree_width")
 
 
 def _number(kind: type, check: Callable[[Any], bool], expected: str, bound: str) -> Callable[[str], Any]:
@@ -169,6 +171,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "--prefill-chunk-size tokens a step) in the same batch as the other sequences' decodes; "
                    "'chunked' makes each step all prefill or all decode, alternating while both wait "
                    "(default: %(default)s)")
+    p.add_argument("--speculative-mode", choices=SPECULATIVE_MODES, default="disable",
+                   help="speculative decoding, as MLC's flag plus 'ngram' (prompt lookup: the tokens that "
+                   "followed the latest earlier occurrence of the last few tokens are verified in one step, "
+                   "with output unchanged). small_draft, eagle and medusa are not implemented yet "
+                   "(default: %(default)s)")
+    p.add_argument("--spec-draft-length", type=_non_negative_int, default=None, metavar="N",
+                   help="draft tokens per sequence and step; 0: automatic, MLC's rule (4 below 10 running "
+                   "sequences, 3 below 20, 2 below 30, else none) (default: 0)")
+    p.add_argument("--spec-tree-width", type=_positive_int, default=None, metavar="W",
+                   help="drafts per position (a tree); only 1, a chain, is implemented (default: 1)")
     p.add_argument("--enable-debug", action="store_true",
                    help="MLC's debug routes: POST /debug/dump_engine_metrics, /debug/reset_engine, "
                    "/debug/dump_event_trace; requests may carry debug_config (ignore_eos, pinned_system_prompt)")
@@ -269,7 +281,11 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         prefix_cache_max_num_recycling_seqs=args.prefix_cache_max_num_recycling_seqs,
         prefill_mode=args.prefill_mode,
         enable_tracing=bool(getattr(args, "enable_tracing", False)),
+        speculative_mode=getattr(args, "speculative_mode", "disable"),
     )
+    for name in ("spec_draft_length", "spec_tree_width"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg, name, getattr(args, name))
     cfg = apply_overrides(cfg, overrides)
     validate(cfg)
     return cfg
@@ -435,6 +451,9 @@ def build_app(args: argparse.Namespace) -> Any:
              else "hybrid (prompt chunks batched with decodes)")
     log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
              else f"radix (finished sequences kept: {engine_config.prefix_cache_max_num_recycling_seqs}, -1: any)")
+    if engine_config.speculative_mode != "disable":
+        log.info("speculative decoding: %s, %s drafts a step", engine_config.speculative_mode,
+                 engine_config.spec_draft_length or "automatic (4/3/2/0 by running sequences)")
     limits = output_limits_from_args(args)  # checked above (parse_args); logged below
 
     from pyserve.api import create_app

@@ -27,6 +27,9 @@ MODES = ("local", "interactive", "server")
 DEVICES = ("cpu", "cuda")
 PREFIX_CACHE_MODES = ("radix", "disable")
 PREFILL_MODES = ("hybrid", "chunked")
+# MLC's --speculative-mode values, plus vLLM's prompt lookup ("ngram"); the ones this build runs:
+SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle", "medusa")
+SPECULATIVE_MODES_RUN = ("disable", "ngram")
 
 DEFAULT_MAX_BATCH = 80  # MLC-LLM's default max_batch_size
 LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
@@ -67,6 +70,12 @@ class EngineConfig:
     # attention_sink_size: tokens at the start every sliding layer keeps attending to.
     sliding_window_size: int | None = None
     attention_sink_size: int | None = None
+    # Speculative decoding: MLC's --speculative-mode (plus "ngram", prompt lookup), the drafts per
+    # sequence and step (0: automatic, MLC's rule: 4 below 10 running sequences, 3 below 20, 2
+    # below 30, else none) and the draft tree's width (1: a chain).
+    speculative_mode: str = "disable"
+    spec_draft_length: int = 0
+    spec_tree_width: int = 1
 
     def resolved(self) -> bool:
         return None not in (
@@ -99,6 +108,8 @@ OVERRIDABLE = (
     "max_batch",
     "sliding_window_size",
     "attention_sink_size",
+    "spec_draft_length",
+    "spec_tree_width",
 )
 
 
@@ -278,6 +289,13 @@ def validate(cfg: EngineConfig) -> None:
         raise ConfigError(f"prefix_cache_max_num_recycling_seqs must be >= -1 (-1: unlimited), got {recycling}")
     if cfg.prefill_mode not in PREFILL_MODES:
         raise ConfigError(f"prefill_mode must be one of {', '.join(PREFILL_MODES)}, got {cfg.prefill_mode!r}")
+    if cfg.speculative_mode not in SPECULATIVE_MODES:
+        raise ConfigError(f"speculative_mode must be one of {', '.join(SPECULATIVE_MODES)}, got {cfg.speculative_mode!r}")
+    if cfg.speculative_mode not in SPECULATIVE_MODES_RUN:
+        raise ConfigError(f"speculative_mode {cfg.speculative_mode!r} is not implemented yet (this build runs: "
+                          f"{', '.join(SPECULATIVE_MODES_RUN)})")
+    if cfg.spec_tree_width != 1:
+        raise ConfigError(f"spec_tree_width {cfg.spec_tree_width} is not implemented yet (drafts form a chain: 1)")
     for name in OVERRIDABLE:
         value = getattr(cfg, name)
         if value is None:
@@ -288,9 +306,9 @@ def validate(cfg: EngineConfig) -> None:
         elif name == "sliding_window_size":
             if value < 1 and value != -1:
                 raise ConfigError(f"sliding_window_size must be >= 1, or -1 for no sliding window, got {value}")
-        elif name == "attention_sink_size":
+        elif name in ("attention_sink_size", "spec_draft_length"):
             if value < 0:
-                raise ConfigError(f"attention_sink_size must be >= 0, got {value}")
+                raise ConfigError(f"{name} must be >= 0, got {value}")
         elif value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
     if cfg.page_size & (cfg.page_size - 1):

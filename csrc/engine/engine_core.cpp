@@ -44,8 +44,11 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
   batch_.positions.reserve(step_tokens);
   batch_.page_tables.reserve(step_tokens);
   batch_.logit_rows.reserve(step_tokens);
-  sample_hidden_.reserve(seqs * H);
-  sample_logits_.reserve(seqs * V);
+  // A decode samples one row, and one more per draft it verifies.
+  const size_t rows_per_seq = 1 + static_cast<size_t>(max_draft_length());
+  sample_hidden_.reserve(seqs * rows_per_seq * H);
+  sample_logits_.reserve(seqs * rows_per_seq * V);
+  counters_.spec_accepted_by_position.assign(static_cast<size_t>(max_draft_length()), 0);
   prompt_logits_.reserve(static_cast<size_t>(config_.prompt_logit_rows) * V);
   counters_.kv_pages_total = pool_.num_pages();
   counters_.page_size = config_.page_size;
@@ -298,6 +301,7 @@ bool EngineCore::step() {
   ++step_index_;
   std::vector<ScheduledChunk> chunks;
   const int64_t failed_before = counters_.requests_failed;
+  propose();
   try {
     chunks = plan();
   } catch (const std::exception& e) {
@@ -327,6 +331,46 @@ bool EngineCore::step() {
   return true;
 }
 
+// ---- speculation -------------------------------------------------------------------------------
+
+int EngineCore::max_draft_length() const {
+  if (config_.speculative_mode == SpeculativeMode::disable) return 0;
+  return config_.spec_draft_length > 0 ? config_.spec_draft_length : 4;
+}
+
+int EngineCore::draft_length() const {
+  if (config_.speculative_mode == SpeculativeMode::disable) return 0;
+  if (config_.spec_draft_length > 0) return config_.spec_draft_length;
+  // MLC's automatic length: fewer drafts as the batch grows (a big batch is compute-bound, and
+  // every rejected draft is compute thrown away).
+  const size_t running = scheduler_.running().size();
+  return running < 10 ? 4 : running < 20 ? 3 : running < 30 ? 2 : 0;
+}
+
+void EngineCore::propose() {
+  if (config_.speculative_mode == SpeculativeMode::disable) return;
+  const int k = draft_length();
+  const int64_t limit = context_limit();
+  for (Sequence* s : scheduler_.running()) {
+    s->num_drafts = 0;
+    auto it = requests_.find(s->id);
+    if (it == requests_.end()) continue;
+    Request& r = *it->second;
+    r.drafts.clear();
+    if (k <= 0 || s->num_tokens - s->num_computed != 1) continue;  // only decodes speculate
+    // No draft past max_tokens or the context: it could never be kept.
+    int room = std::min<int64_t>(k, limit - s->num_tokens - 1);
+    if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
+    if (room <= 0) continue;
+    try {
+      ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, r.drafts);
+    } catch (const std::exception&) {
+      r.drafts.clear();  // a failed guess costs nothing: the sequence decodes plainly
+    }
+    s->num_drafts = static_cast<int>(r.drafts.size());
+  }
+}
+
 std::vector<ScheduledChunk> EngineCore::plan() {
   faults_.check(Phase::plan, step_index_);
   std::vector<ScheduledChunk> chunks = scheduler_.schedule();
@@ -354,9 +398,12 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
     const size_t base = batch_.tokens.size(), logit_base = batch_.logit_rows.size(), sample_base = sample_rows_.size();
     try {
       faults_.check(Phase::build, step_index_, r.id);
-      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, -1, -1, 0};
+      const int drafts = c.drafts();
+      if (drafts > static_cast<int>(r.drafts.size())) throw std::logic_error("more drafts planned than proposed");
+      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, drafts, -1, -1, 0};
       for (int i = 0; i < c.count; ++i) {
-        batch_.tokens.push_back(r.tokens[c.start + i]);
+        const int t = c.start + i;  // the known tokens, then the drafts
+        batch_.tokens.push_back(t < r.seq.num_tokens ? r.tokens[t] : r.drafts[t - r.seq.num_tokens]);
         batch_.positions.push_back(c.start + i);
         batch_.page_tables.push_back(r.seq.pages.data());
       }
@@ -368,13 +415,15 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
         u.prompt_rows = scored;
         for (int i = 0; i < scored; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
       }
-      if (c.sample) {
+      if (c.sample) {  // the last known token's row, then each draft's
         u.sample_row = static_cast<int>(sample_rows_.size());
-        sample_rows_.push_back(static_cast<int32_t>(batch_.logit_rows.size()));
-        batch_.logit_rows.push_back(static_cast<int32_t>(base) + c.count - 1);
+        for (int j = 0; j <= drafts; ++j) {
+          sample_rows_.push_back(static_cast<int32_t>(batch_.logit_rows.size()));
+          batch_.logit_rows.push_back(static_cast<int32_t>(base) + c.count - 1 - drafts + j);
+        }
       }
       rows_.push_back(u);
-      const bool prefill = c.count > 1 || c.start < r.num_prompt;
+      const bool prefill = r.seq.num_tokens - c.start > 1 || c.start < r.num_prompt;
       if (prefill) prompt_tokens += c.count;
       last_step_.push_back({r.id, r.index, c.start, c.count, std::max(r.seq.num_cached_tokens, 0), prefill});
     } catch (const std::exception& e) {
@@ -438,18 +487,41 @@ void EngineCore::accept() {
       a.req = &r;
       a.count = u.count;
       if (u.sample) {
-        TokenLogprob lp;
-        const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row) * V;
-        const int32_t tok = sampler_.sample(lg, V, r.params, r.rng, r.history.get(), r.num_generated, eos, &lp);
-        a.tokens.push_back(tok);
-        if (r.params.logprobs >= 0) a.logprobs.push_back(std::move(lp));
+        // Row j gives the token after draft j - 1 (row 0: after the last known token). Each is
+        // drawn exactly as a plain decode would draw it (same penalties, same RNG draw); a draft
+        // stands while it equals the token drawn in its place. For a deterministic draft that is
+        // rejection sampling with q one-hot: kept with probability p(draft), and otherwise the
+        // token comes from p without the draft; so the output, seeded or greedy, is the one
+        // decoding without drafts gives.
         const auto& stops = r.params.stop_token_ids;
-        if (std::find(stops.begin(), stops.end(), tok) != stops.end() ||
-            (!r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end()))
-          a.reason = "stop";
-        else if ((r.params.max_tokens >= 0 && r.num_generated + 1 >= r.params.max_tokens) ||
-                 r.seq.num_tokens + 1 >= context_limit())
-          a.reason = "length";
+        int kept = 0;
+        for (int j = 0; j <= u.drafts; ++j) {
+          TokenLogprob lp;
+          const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row + j) * V;
+          const int32_t tok = sampler_.sample(lg, V, r.params, r.rng, r.history.get(), r.num_generated + j, eos, &lp);
+          a.tokens.push_back(tok);
+          if (r.history) r.history->add_generated(tok, V);  // the next row's penalties count it
+          if (r.params.logprobs >= 0) a.logprobs.push_back(std::move(lp));
+          if (std::find(stops.begin(), stops.end(), tok) != stops.end() ||
+              (!r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end()))
+            a.reason = "stop";
+          else if ((r.params.max_tokens >= 0 && r.num_generated + j + 1 >= r.params.max_tokens) ||
+                   r.seq.num_tokens + j + 1 >= context_limit())
+            a.reason = "length";
+          const bool draft_kept = j < u.drafts && tok == r.drafts[j];
+          if (draft_kept) {
+            ++kept;
+            ++counters_.spec_accepted_by_position[j];
+          }
+          if (a.reason || !draft_kept) break;
+        }
+        if (u.drafts > 0) {
+          // K/V stands for the last known token and each kept draft; the rest is rolled back.
+          a.count = u.count - u.drafts + kept;
+          ++counters_.spec_verifies;
+          counters_.spec_draft_tokens += u.drafts;
+          counters_.spec_accepted_tokens += kept;
+        }
       }
       accepted_.push_back(std::move(a));
     } catch (const std::exception& e) {
@@ -460,23 +532,24 @@ void EngineCore::accept() {
 }
 
 void EngineCore::commit() {
-  const int vocab = model_->config().vocab_size;
   for (Accepted& a : accepted_) {
     Request& r = *a.req;
     const int64_t key = r.seq.id;  // r may be gone by the time a fault is caught
     try {
       faults_.check(Phase::commit, step_index_, r.id);
       r.seq.num_computed += a.count;
+      r.seq.num_drafts = 0;
+      r.drafts.clear();
+      // Kept drafts are computed tokens: they join the tokens before the prefix cache reads them.
+      // (accept counted every new token in the history already)
+      r.tokens.insert(r.tokens.end(), a.tokens.begin(), a.tokens.end());
       scheduler_.computed(&r.seq);
       if (!r.prompt_logprobs_done && r.seq.num_computed >= r.num_prompt) r.prompt_logprobs_done = true;
       if (a.tokens.empty()) continue;
-      if (r.params.n > 1 && !r.forked) fork(r);
-      for (int32_t tok : a.tokens) {
-        r.tokens.push_back(tok);
-        r.seq.num_tokens += 1;
-        r.num_generated += 1;
-        if (r.history) r.history->add_generated(tok, vocab);
-      }
+      if (r.params.n > 1 && !r.forked) fork(r);  // (children copy only the prompt)
+      r.seq.num_tokens += static_cast<int>(a.tokens.size());
+      r.num_generated += static_cast<int>(a.tokens.size());
+      scheduler_.trim(&r.seq);  // pages only rejected drafts wrote
       counters_.tokens_generated += static_cast<int64_t>(a.tokens.size());
       EngineOutput& o = emit(r);
       o.tokens = std::move(a.tokens);

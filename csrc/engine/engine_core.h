@@ -29,12 +29,15 @@
 #include "cache/kv_cache.h"
 #include "cache/prefix_cache.h"
 #include "engine/fault_switch.h"
+#include "engine/ngram_proposer.h"
 #include "engine/request.h"
 #include "engine/sampler.h"
 #include "engine/scheduler.h"
 #include "model/llama.h"
 
 namespace pyserve {
+
+enum class SpeculativeMode { disable, ngram };
 
 struct EngineConfig {
   int max_num_seqs = 4;
@@ -51,6 +54,10 @@ struct EngineConfig {
   // Finished sequences whose pages stay cached (MLC's prefix_cache_max_num_recycling_seqs):
   // 0 none, -1 unlimited, -2 (the default) max_num_seqs.
   int prefix_cache_max_recycling = -2;
+  // Speculative decoding (MLC's --speculative-mode, plus vLLM's prompt lookup).
+  SpeculativeMode speculative_mode = SpeculativeMode::disable;
+  int spec_draft_length = 0;  // drafts per sequence and step; 0: automatic (MLC's rule)
+  NgramConfig ngram;
 };
 
 struct EngineOutput {
@@ -79,6 +86,10 @@ struct EngineStats {
   int64_t step_failures = 0;    // contained faults
   int live_choices = 0;         // choices not ended yet
   int64_t step_index = 0;       // steps attempted (what FaultSwitch counts)
+  // Speculative decoding: decode steps of one sequence that verified drafts, the drafts they
+  // verified and accepted, and the accepted ones by position (1st draft, 2nd, ...).
+  int64_t spec_verifies = 0, spec_draft_tokens = 0, spec_accepted_tokens = 0;
+  std::vector<int64_t> spec_accepted_by_position;
 };
 
 class EngineCore {
@@ -137,7 +148,8 @@ class EngineCore {
     int count;        // tokens this step
     int start;        // first position
     bool sample;      // the chunk reaches the end of the known tokens: sample the next one
-    int sample_row;   // its row in sample_logits_, or -1
+    int drafts;       // draft tokens it verifies (their rows sample too, after the first)
+    int sample_row;   // its (first) row in sample_logits_, or -1
     int prompt_row;   // first of its prompt-logprob rows in the hidden states, or -1
     int prompt_rows;
   };
@@ -150,7 +162,10 @@ class EngineCore {
     const char* reason = nullptr;   // finish reason, if it finished
   };
 
-  // The phases.
+  // The phases (propose runs before plan: drafts for the sequences that decode).
+  void propose();
+  int draft_length() const;      // this step's drafts per sequence
+  int max_draft_length() const;  // the most any step proposes
   std::vector<ScheduledChunk> plan();
   void build(const std::vector<ScheduledChunk>& chunks);
   void run();

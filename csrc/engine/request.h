@@ -24,6 +24,7 @@ struct Request {
   bool prompt_logprobs_done = false;
   bool prompt_logprobs_sent = false;
   std::vector<TokenLogprob> prompt_logprobs;
+  std::vector<int32_t> drafts;  // speculative tokens proposed to follow `tokens` this step
 
   // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices.
   int choices_represented() const { return (index == 0 && !forked) ? params.n : 1; }

@@ -59,6 +59,15 @@ void Scheduler::computed(Sequence* s) {
   release_out_of_window(s);
 }
 
+void Scheduler::trim(Sequence* s) {
+  // Pages past num_tokens were written only by rejected drafts: never cached, never shared.
+  const size_t keep = static_cast<size_t>(pages_for(s->num_tokens));
+  while (s->pages.size() > keep) {
+    pool_.release(s->pages.back());
+    s->pages.pop_back();
+  }
+}
+
 int Scheduler::live_pages(int tokens) const {
   const int all = pages_for(tokens);
   if (config_.window <= 0) return all;
@@ -231,11 +240,14 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
       ++i;
       continue;
     }
-    int n = std::min(s->num_tokens - s->num_computed, budget);
+    // A decode verifies its drafts with the budget left after one token for each sequence
+    // still to plan.
+    const int spare = budget - static_cast<int>(running_.size() - i);
+    int n = is_decode ? 1 + std::max(0, std::min(s->num_drafts, spare)) : std::min(s->num_tokens - s->num_computed, budget);
     bool preempted_self = false;
     while (!grow(s, s->num_computed + n)) {
       const int can = (static_cast<int>(s->pages.size()) + available_pages()) * ps - s->num_computed;
-      if (can > 0) {  // a prompt chunk shrinks to the pages there are
+      if (can > 0) {  // a prompt chunk (or a decode's drafts) shrinks to the pages there are
         n = std::min(n, can);
         continue;
       }
@@ -248,7 +260,7 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
       }
     }
     if (preempted_self) break;  // s was the newest: nothing after it is left to plan
-    plan.push_back({s, s->num_computed, n, s->num_computed + n == s->num_tokens});
+    plan.push_back({s, s->num_computed, n, s->num_computed + n >= s->num_tokens});
     budget -= n;
     ++i;
   }

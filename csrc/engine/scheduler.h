@@ -27,13 +27,18 @@ struct Sequence {
   // While it is 0 the sequence's pages enter the prefix cache; after, they stop (the tree keeps
   // paths without holes).
   int released_end = 0;
+  // Speculative decoding: draft tokens proposed to follow tokens (they are not part of
+  // num_tokens). A decode step verifies them: it computes the last token and up to num_drafts
+  // drafts, as the token budget and free pages allow.
+  int num_drafts = 0;
 };
 
 struct ScheduledChunk {
   Sequence* seq;
   int start;    // first token index processed this step
-  int count;    // tokens processed this step
+  int count;    // tokens processed this step (a decode: 1 + the drafts it verifies)
   bool sample;  // the chunk reaches the end of the known tokens: sample the next one
+  int drafts() const { return sample ? start + count - seq->num_tokens : 0; }
 };
 
 // A page to copy before the step runs: a new sequence's next tokens sit in the first slots of a
@@ -76,6 +81,8 @@ class Scheduler {
   void remove(Sequence* s);  // finished or aborted: frees its pages; a no-op if unknown
   // After a step advanced s->num_computed: its newly completed pages enter the prefix cache.
   void computed(Sequence* s);
+  // After a step that verified drafts and kept fewer: pages past the sequence's tokens go back.
+  void trim(Sequence* s);
   // `child` starts as a copy of `parent`'s first `pages` pages (n > 1 choices share the prompt).
   void fork(Sequence* parent, Sequence* child, int pages);
   // Forgets every sequence without touching the pool (the engine resets both after a fault that

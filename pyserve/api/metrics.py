@@ -121,6 +121,25 @@ class ReadCounter(Gauge):
     kind = "counter"
 
 
+class ReadCounterByPosition(_Metric):
+    """A list of engine counters, one series per index under a `position` label (vLLM's
+    spec_decode_num_accepted_tokens_per_pos); nothing when the engine reports none."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labels: dict[str, str], read: Callable[[], Sequence[float] | None]) -> None:
+        super().__init__(name, help, labels)
+        self.read = read
+
+    def render(self) -> list[str]:
+        values = self.read()
+        if not values:
+            return []
+        return self.header() + [
+            f"{self.name}{_labels({**self.base_labels, 'position': str(i)})} {_number(v)}" for i, v in enumerate(values)
+        ]
+
+
 class Histogram(_Metric):
     kind = "histogram"
 
@@ -171,7 +190,7 @@ class ServingMetrics:
                 return None
             return used / total
 
-        self.gauges: list[Gauge] = [
+        self.gauges: list[_Metric] = [
             Gauge("num_requests_running", "Number of requests in model execution batches.", labels, stat("num_running")),
             Gauge("num_requests_waiting", "Number of requests waiting to be processed.", labels, stat("num_waiting")),
             Gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, kv_usage),
@@ -189,6 +208,15 @@ class ServingMetrics:
             ReadCounter("num_preemptions_total", "Cumulative number of preemptions from the engine.", labels,
                         stat("preemptions")),
             ReadCounter("engine_steps_total", "Engine steps (forward passes) run.", labels, stat("steps")),
+            ReadCounter("spec_decode_num_drafts_total", "Decode steps of one sequence that verified draft tokens.",
+                        labels, stat("spec_verifies")),
+            ReadCounter("spec_decode_num_draft_tokens_total", "Draft tokens verified.", labels,
+                        stat("spec_draft_tokens")),
+            ReadCounter("spec_decode_num_accepted_tokens_total", "Draft tokens accepted.", labels,
+                        stat("spec_accepted_tokens")),
+            ReadCounterByPosition("spec_decode_num_accepted_tokens_per_pos",
+                                  "Draft tokens accepted, by their position in the draft (0: the first).", labels,
+                                  stat("spec_accepted_by_position")),
         ]
         self.request_success = Counter(
             "request_success_total", "Count of finished requests, by finish reason (abort: cancelled or client gone).",

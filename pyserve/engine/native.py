@@ -38,4 +38,6 @@ def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[
         "prefix_cache": config.prefix_cache_mode != "disable",
         "prefix_cache_max_recycling": (-2 if config.prefix_cache_max_num_recycling_seqs is None
                                        else config.prefix_cache_max_num_recycling_seqs),
+        "speculative_mode": getattr(config, "speculative_mode", "disable"),
+        "spec_draft_length": getattr(config, "spec_draft_length", 0),
     }

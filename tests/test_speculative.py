@@ -1,0 +1,175 @@
+"""Speculative decoding: prompt lookup (n-gram) drafts verified in one forward pass. The output is
+the one decoding without drafts gives (greedy and seeded sampling alike, penalties and logprobs
+included), pages written by rejected drafts come back, and the counters add up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tiny_models
+from engine_helpers import c_model
+from pyserve import _C
+from pyserve._C.testing import ngram_propose
+from pyserve.engine.sampling import SamplingParams
+from pyserve.model.loader import load_model
+from test_engine_core import Choice, assert_clean, drain
+
+PAGE = 4
+
+
+# --- the proposer ----------------------------------------------------------------------------------
+
+
+def test_ngram_proposes_what_followed_the_latest_match() -> None:
+    #         0  1  2  3  4  5  6  7  8  9
+    tokens = [5, 6, 7, 8, 5, 6, 9, 1, 5, 6]
+    # suffix [5, 6]: latest earlier occurrence at 4 (not 0): what followed it is 9, 1, 5, 6
+    assert ngram_propose(tokens, k=3) == [9, 1, 5]
+    assert ngram_propose(tokens, k=10) == [9, 1, 5, 6]  # no further than the tokens go
+    # the longest suffix that recurs wins: [8, 5, 6] occurred at 2, so 9 follows; not 7 (after [6])
+    assert ngram_propose([8, 5, 6, 9, 3, 4, 8, 5, 6], k=2) == [9, 3]
+    assert ngram_propose([1, 2, 3, 4], k=4) == []  # nothing recurs
+    assert ngram_propose([1, 2, 3, 3], k=2, min_n=2) == []  # a 1-gram would do; not allowed here
+    assert ngram_propose([1, 2, 3, 3], k=2) == [3]
+    assert ngram_propose([7, 7, 7, 7], k=3) == [7]  # overlapping occurrence: the run goes on
+    assert ngram_propose([4], k=3) == [] and ngram_propose([4, 4], k=0) == []
+
+
+# --- the engine ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cm(tmp_path_factory):
+    return c_model(load_model(tiny_models.make_llama(tmp_path_factory.mktemp("spec-llama"))))
+
+
+def core(cm, **cfg):
+    options = {"max_num_seqs": 16, "max_batch_tokens": 64, "page_size": PAGE, "kv_capacity_tokens": 1024,
+               "max_model_len": 512, "eos_token_ids": []}
+    options.update(cfg)
+    return _C.EngineCore(cm, options)
+
+
+def prompts(n: int, seed: int) -> list[list[int]]:
+    """Prompts that repeat themselves (as a rewrite or a quote does), and plain random ones."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        base = [int(t) for t in rng.integers(5, 300, rng.integers(4, 20))]
+        out.append(base * 3 + base[: rng.integers(1, len(base))] if i % 2 == 0 else base)
+    return out
+
+
+def run(cm, reqs: list[tuple[list[int], dict]], **cfg) -> tuple[dict, dict]:
+    e = core(cm, **cfg)
+    for i, (ids, params) in enumerate(reqs):
+        e.add_request(i, ids, params)
+    seen: dict[tuple[int, int], Choice] = {}
+    drain(e, seen, max_steps=5000)
+    assert_clean(e)
+    return seen, e.stats()
+
+
+def check_counters(stats: dict) -> None:
+    assert 0 < stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"]
+    assert sum(stats["spec_accepted_by_position"]) == stats["spec_accepted_tokens"]
+    by_pos = stats["spec_accepted_by_position"]
+    assert all(a >= b for a, b in zip(by_pos, by_pos[1:]))  # a later draft stands only on an earlier one
+
+
+@pytest.mark.parametrize("batch", [1, 4, 16])
+def test_greedy_output_is_unchanged(cm, batch: int) -> None:
+    reqs = [(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True).to_engine())
+            for ids in prompts(batch, seed=batch)]
+    plain, _ = run(cm, reqs, max_num_seqs=batch)
+    spec, stats = run(cm, reqs, max_num_seqs=batch, speculative_mode="ngram")
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    assert all(c.ends == [("length", None)] for c in spec.values())
+    check_counters(stats)
+    assert stats["steps"] < sum(len(c.tokens) for c in spec.values())  # drafts did save steps
+
+
+@pytest.mark.parametrize("draft_length", [1, 3, 7])
+def test_fixed_draft_lengths_with_prefix_hits_and_preemption(cm, draft_length: int) -> None:
+    """A KV pool far too small for everyone (preemption, recompute from cached prefixes), shared
+    prompts, chunked prompts: still the same tokens."""
+    ps = prompts(8, seed=10 + draft_length)
+    ps += [p + [9, 9] for p in ps[:4]]  # cache hits on whole pages
+    reqs = [(ids, SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True).to_engine()) for ids in ps]
+    small = dict(max_num_seqs=8, kv_capacity_tokens=160, max_batch_tokens=24)
+    plain, plain_stats = run(cm, reqs, **small)
+    spec, stats = run(cm, reqs, speculative_mode="ngram", spec_draft_length=draft_length, **small)
+    assert stats["preemptions"] > 0
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    check_counters(stats)
+    assert len(stats["spec_accepted_by_position"]) == draft_length
+
+
+def test_seeded_sampling_penalties_and_logprobs_are_unchanged(cm) -> None:
+    """Each verified row is drawn as a plain decode draws it (same penalties, same RNG draw): a
+    seeded request gives the same tokens and logprobs with drafts as without."""
+    params = SamplingParams(max_tokens=40, temperature=0.7, top_p=0.9, seed=3, frequency_penalty=0.2,
+                            repetition_penalty=1.1, logprobs=2, ignore_eos=True).to_engine()
+    greedyish = SamplingParams(max_tokens=40, temperature=0.2, seed=5, ignore_eos=True).to_engine()
+    reqs = [(ids, params if i % 2 else greedyish) for i, ids in enumerate(prompts(6, seed=4))]
+
+    def collect_lp(**cfg):
+        e = core(cm, **cfg)
+        for i, (ids, p) in enumerate(reqs):
+            e.add_request(i, ids, p)
+        toks: dict[int, list[int]] = {}
+        lps: dict[int, list] = {}
+        while not e.idle:
+            e.step()
+            for rid, _index, t, _fin, _reason, _n, lp, _plp, _err, _cached in e.take_outputs():
+                toks.setdefault(rid, []).extend(t)
+                lps.setdefault(rid, []).extend(lp or [])
+        assert_clean(e)
+        return toks, lps, e.stats()
+
+    plain_toks, plain_lps, _ = collect_lp()
+    spec_toks, spec_lps, stats = collect_lp(speculative_mode="ngram")
+    assert spec_toks == plain_toks
+    for rid in plain_lps:
+        assert [t for t, _, _ in spec_lps[rid]] == [t for t, _, _ in plain_lps[rid]]
+        np.testing.assert_allclose([lp for _, lp, _ in spec_lps[rid]], [lp for _, lp, _ in plain_lps[rid]], atol=1e-4)
+    assert stats["spec_accepted_tokens"] > 0
+
+
+def test_stops_inside_the_drafts(cm) -> None:
+    """max_tokens, stop tokens and the context end cut the accepted tokens exactly where plain
+    decoding stops."""
+    ids = prompts(1, seed=7)[0]
+    free = run(cm, [(ids, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True).to_engine())])[0][(0, 0)].tokens
+    stop_at = next(i for i in range(5, len(free)) if free[i] not in free[:i])  # a token seen first at i
+    cases = [
+        SamplingParams(max_tokens=13, temperature=0.0, ignore_eos=True).to_engine(),
+        SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True, stop_token_ids=[free[stop_at]]).to_engine(),
+    ]
+    for params in cases:
+        plain, _ = run(cm, [(ids, params)])
+        spec, _ = run(cm, [(ids, params)], speculative_mode="ngram", spec_draft_length=6)
+        assert spec[(0, 0)].tokens == plain[(0, 0)].tokens and spec[(0, 0)].ends == plain[(0, 0)].ends
+    limit = len(ids) + 21
+    plain, _ = run(cm, [(ids, cases[0] | {"max_tokens": 100})], max_model_len=limit)
+    spec, _ = run(cm, [(ids, cases[0] | {"max_tokens": 100})], max_model_len=limit, speculative_mode="ngram",
+                  spec_draft_length=6)
+    assert spec[(0, 0)].tokens == plain[(0, 0)].tokens and len(ids) + len(spec[(0, 0)].tokens) == limit
+
+
+def test_n_choices_and_aborts_leave_no_pages(cm) -> None:
+    ids = prompts(1, seed=8)[0]
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, n=3).to_engine()
+    plain, _ = run(cm, [(ids, params)])
+    spec, _ = run(cm, [(ids, params)], speculative_mode="ngram")
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    e = core(cm, speculative_mode="ngram")
+    for i, ids in enumerate(prompts(6, seed=9)):
+        e.add_request(i, ids, SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True).to_engine())
+    for _ in range(12):
+        e.step()
+    for i in range(6):
+        e.abort(i)
+    e.take_outputs()
+    assert_clean(e)
