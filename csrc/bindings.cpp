@@ -230,6 +230,7 @@ EngineConfig engine_config_from(const py::dict& d) {
   else if (mode == "ngram") c.speculative_mode = SpeculativeMode::ngram;
   else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram)");
   c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
+  c.spec_token_cost = get_or<double>(d, "spec_token_cost", c.spec_token_cost);
   if (c.spec_draft_length < 0) throw std::invalid_argument("spec_draft_length must be >= 0 (0: automatic)");
   c.ngram.min_n = get_or<int>(d, "ngram_min", c.ngram.min_n);
   c.ngram.max_n = get_or<int>(d, "ngram_max", c.ngram.max_n);
@@ -780,6 +781,15 @@ PYBIND11_MODULE(_C, m) {
         return out;
       },
       py::arg("tokens"), py::arg("k"), py::arg("min_n") = 1, py::arg("max_n") = 4);
+  t.def(
+      "choose_draft_lengths",
+      [](const std::vector<std::pair<int, double>>& candidates, const std::vector<double>& later, double token_cost,
+         int others) {
+        std::vector<DraftCandidate> c;
+        for (const auto& [n, a] : candidates) c.push_back({n, a});
+        return choose_draft_lengths(c, later, token_cost, others);
+      },
+      py::arg("candidates"), py::arg("later"), py::arg("token_cost"), py::arg("others") = 0);
   py::class_<SchedulerHarness>(t, "Scheduler")
       .def(py::init<int, int, int, int, bool, int, bool, int, int>(), py::arg("num_pages"), py::arg("page_size"),
            py::arg("max_num_seqs"), py::arg("max_batch_tokens"), py::arg("prefix_cache") = false,

@@ -173,3 +173,48 @@ def test_n_choices_and_aborts_leave_no_pages(cm) -> None:
         e.abort(i)
     e.take_outputs()
     assert_clean(e)
+
+
+# --- the automatic draft length --------------------------------------------------------------------
+
+
+def test_draft_policy_weighs_each_drafts_chance_against_its_cost() -> None:
+    from pyserve._C.testing import choose_draft_lengths as choose
+
+    # Free tokens (a memory-bound step): every proposed draft is worth verifying.
+    assert choose([(4, 0.1), (2, 0.5)], [0.5], 0.0) == [4, 2]
+    # A costly token: only likely drafts, and fewer as the batch grows (every token is compute).
+    assert choose([(4, 0.9)], [0.9], 0.2) == [4]
+    assert choose([(4, 0.9)] * 16, [0.9], 0.2) == [1] * 16
+    assert choose([(4, 0.3)], [0.5], 0.2) == [1]
+    assert choose([(4, 0.1)] * 4, [0.9], 0.2) == [0] * 4
+    # Likelier sequences get drafts first; a run's later drafts ride on its measured chain rates.
+    assert choose([(4, 0.95), (4, 0.2)], [0.95, 0.9, 0.2], 0.2) == [3, 0]
+    # Each extra draft must pay for itself: the expected tokens per unit of time never falls.
+    def rate(ks, cands, later, cost):
+        e = t = 0.0
+        for (n, first), k in zip(cands, ks):
+            p = first
+            e += 1
+            for j in range(k):
+                if j:
+                    p *= later[min(j - 1, len(later) - 1)]
+                e += p
+        return e / (1 + cost * (len(cands) + sum(ks) - 1))
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        cands = [(int(rng.integers(0, 5)), float(rng.random())) for _ in range(int(rng.integers(1, 12)))]
+        later, cost = [float(x) for x in rng.random(3)], float(rng.random() * 0.4)
+        ks = choose(cands, later, cost)
+        assert all(0 <= k <= n for k, (n, _) in zip(ks, cands))
+        assert rate(ks, cands, later, cost) >= rate([0] * len(cands), cands, later, cost) - 1e-12
+
+
+def test_automatic_length_keeps_the_output(cm) -> None:
+    reqs = [(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True).to_engine())
+            for ids in prompts(8, seed=21)]
+    plain, _ = run(cm, reqs, max_num_seqs=8)
+    spec, stats = run(cm, reqs, max_num_seqs=8, speculative_mode="ngram", spec_token_cost=0.2)
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    assert stats["spec_accepted_tokens"] > 0

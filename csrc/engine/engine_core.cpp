@@ -49,6 +49,8 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
   sample_hidden_.reserve(seqs * rows_per_seq * H);
   sample_logits_.reserve(seqs * rows_per_seq * V);
   counters_.spec_accepted_by_position.assign(static_cast<size_t>(max_draft_length()), 0);
+  // Drafts come in runs: later ones start out likelier than not (2/3), until measured.
+  spec_later_.assign(static_cast<size_t>(std::max(max_draft_length() - 1, 0)), AcceptanceEstimate{3, 1});
   prompt_logits_.reserve(static_cast<size_t>(config_.prompt_logit_rows) * V);
   counters_.kv_pages_total = pool_.num_pages();
   counters_.page_size = config_.page_size;
@@ -369,6 +371,26 @@ void EngineCore::propose() {
     }
     s->num_drafts = static_cast<int>(r.drafts.size());
   }
+  if (config_.spec_draft_length > 0 || config_.spec_token_cost <= 0) return;
+  // Automatic: MLC's rule is the most a sequence may verify; the step's cost decides how many.
+  std::vector<DraftCandidate> candidates;
+  std::vector<Request*> who;
+  for (Sequence* s : scheduler_.running()) {
+    auto it = requests_.find(s->id);
+    if (it == requests_.end() || s->num_tokens - s->num_computed != 1) continue;
+    Request& r = *it->second;
+    // Explore a sequence whose first drafts were never tested, or not for 16 of its steps.
+    const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= 16;
+    candidates.push_back({s->num_drafts, r.spec_acceptance.value(), explore});
+    who.push_back(it->second.get());
+  }
+  spec_later_values_.clear();
+  for (const AcceptanceEstimate& e : spec_later_) spec_later_values_.push_back(e.value());
+  const std::vector<int> keep = choose_draft_lengths(candidates, spec_later_values_, config_.spec_token_cost);
+  for (size_t i = 0; i < who.size(); ++i) {
+    who[i]->drafts.resize(static_cast<size_t>(keep[i]));
+    who[i]->seq.num_drafts = keep[i];
+  }
 }
 
 std::vector<ScheduledChunk> EngineCore::plan() {
@@ -518,6 +540,13 @@ void EngineCore::accept() {
         if (u.drafts > 0) {
           // K/V stands for the last known token and each kept draft; the rest is rolled back.
           a.count = u.count - u.drafts + kept;
+          // What each tested draft teaches the automatic length: the first of a sequence's
+          // (its own estimate, recent steps weighing most), the later ones of everyone's.
+          r.spec_acceptance.update(kept > 0, 0.8);
+          r.spec_untested = 0;
+          for (int j = 1; j <= std::min(kept, u.drafts - 1); ++j) {
+            spec_later_[static_cast<size_t>(j - 1)].update(j < kept, 0.99);  // tested: all before kept
+          }
           ++counters_.spec_verifies;
           counters_.spec_draft_tokens += u.drafts;
           counters_.spec_accepted_tokens += kept;

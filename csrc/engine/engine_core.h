@@ -56,7 +56,10 @@ struct EngineConfig {
   int prefix_cache_max_recycling = -2;
   // Speculative decoding (MLC's --speculative-mode, plus vLLM's prompt lookup).
   SpeculativeMode speculative_mode = SpeculativeMode::disable;
-  int spec_draft_length = 0;  // drafts per sequence and step; 0: automatic (MLC's rule)
+  int spec_draft_length = 0;  // drafts per sequence and step; 0: automatic (see draft_policy.h)
+  // The automatic length's cost of one more token in a step, relative to a one-token step
+  // (measured by the caller on the model and machine; 0: tokens are free, MLC's rule alone).
+  double spec_token_cost = 0;
   NgramConfig ngram;
 };
 
@@ -210,6 +213,10 @@ class EngineCore {
   std::vector<float> sample_logits_;     // [sample rows <= max_num_seqs, vocab]
   std::vector<float> prompt_logits_;     // [<= prompt_logit_rows, vocab]
 
+  // Automatic draft length: the chance that a draft at position j >= 1 is kept when the one
+  // before it was, measured over every sequence.
+  std::vector<AcceptanceEstimate> spec_later_;
+  std::vector<double> spec_later_values_;
   int64_t step_index_ = 0;
   int rejected_last_plan_ = 0;
   EngineStats counters_;

@@ -5,6 +5,7 @@
 #include <random>
 #include <vector>
 
+#include "engine/draft_policy.h"
 #include "engine/sampler.h"
 #include "engine/scheduler.h"
 
@@ -25,6 +26,8 @@ struct Request {
   bool prompt_logprobs_sent = false;
   std::vector<TokenLogprob> prompt_logprobs;
   std::vector<int32_t> drafts;  // speculative tokens proposed to follow `tokens` this step
+  AcceptanceEstimate spec_acceptance;  // how often its drafts are kept (automatic draft length)
+  int spec_untested = 0;               // decode steps since its drafts were last tested
 
   // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices.
   int choices_represented() const { return (index == 0 && !forked) ? params.n : 1; }

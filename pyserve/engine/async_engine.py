@@ -29,7 +29,7 @@ import anyio
 
 from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
 from pyserve.engine.errors import EngineError, EngineFailed
-from pyserve.engine.native import engine_options, native_model
+from pyserve.engine.native import engine_options, measure_token_cost, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
 
@@ -91,6 +91,10 @@ class AsyncEngine:
         self._notify_r.setblocking(False)
         self._notify_w.setblocking(False)
         options = engine_options(model, self.config, self.max_model_len)
+        if self.config.speculative_mode != "disable" and not self.config.spec_draft_length:
+            options["spec_token_cost"] = measure_token_cost(self._c_model)
+            log.info("speculative decoding: one more token costs %.2f of a one-token step here",
+                     options["spec_token_cost"])
         options["notify_fd"] = self._notify_w.fileno()  # the engine keeps its own dup
         self._engine = _C.Engine(self._c_model, options)
         self._live: dict[int, _Mailbox] = {}

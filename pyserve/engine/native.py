@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from pyserve.model.loader import LoadedModel
@@ -22,6 +23,26 @@ def native_model(model: LoadedModel, num_threads: int = 0, isa: str = "auto", *,
         del tensors
         model.tensors = {}
     return c_model
+
+
+def measure_token_cost(c_model: Any, tokens: int = 9, repeats: int = 3) -> float:
+    """What one more token adds to a step, relative to a one-token step, on this model and machine:
+    (t(tokens) - t(1)) / (tokens - 1) / t(1), best of `repeats`, every row through the LM head as
+    a verifying step's are. The automatic draft length weighs each draft's chance against it."""
+    from pyserve import _C
+
+    def best(n: int) -> float:
+        times = []
+        for _ in range(repeats):
+            s = _C.Session(c_model, 64)
+            s.forward([1] * 32, False)  # some context to attend to
+            t0 = time.perf_counter()
+            s.forward([2] * n, True)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    one, many = best(1), best(tokens)
+    return max(0.0, (many - one) / (tokens - 1) / one)
 
 
 def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[str, Any]:
