@@ -177,8 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with output unchanged). small_draft, eagle and medusa are not implemented yet "
                    "(default: %(default)s)")
     p.add_argument("--spec-draft-length", type=_non_negative_int, default=None, metavar="N",
-                   help="draft tokens per sequence and step; 0: automatic, MLC's rule (4 below 10 running "
-                   "sequences, 3 below 20, 2 below 30, else none) (default: 0)")
+                   help="draft tokens per sequence and step; 0: automatic: at most MLC's rule (4 below 10 "
+                   "running sequences, 3 below 20, 2 below 30, else none), and only drafts whose chance of "
+                   "being kept pays for the time they add to the step on this machine (default: 0)")
     p.add_argument("--spec-tree-width", type=_positive_int, default=None, metavar="W",
                    help="drafts per position (a tree); only 1, a chain, is implemented (default: 1)")
     p.add_argument("--enable-debug", action="store_true",
@@ -453,7 +454,7 @@ def build_app(args: argparse.Namespace) -> Any:
              else f"radix (finished sequences kept: {engine_config.prefix_cache_max_num_recycling_seqs}, -1: any)")
     if engine_config.speculative_mode != "disable":
         log.info("speculative decoding: %s, %s drafts a step", engine_config.speculative_mode,
-                 engine_config.spec_draft_length or "automatic (4/3/2/0 by running sequences)")
+                 engine_config.spec_draft_length or "automatic (at most 4/3/2/0 by running sequences, weighed by cost)")
     limits = output_limits_from_args(args)  # checked above (parse_args); logged below
 
     from pyserve.api import create_app

@@ -11,8 +11,8 @@ import pytest
 from pyserve import cli
 from pyserve.config import (
     ConfigError,
-    apply_overrides,
     EngineConfig,
+    apply_overrides,
     kv_bytes_per_token,
     parse_overrides,
     resolve_engine_config,

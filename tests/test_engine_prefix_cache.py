@@ -71,6 +71,10 @@ def assert_no_leak(engine) -> None:
     s = engine.stats()
     assert s["kv_pages_used"] == 0 and s["live_choices"] == 0 and s["num_running"] == s["num_waiting"] == 0
     assert s["kv_pages_used"] + s["kv_pages_cached"] + s["kv_pages_free"] == s["kv_pages_total"]
+    # What is left is the cache's alone: emptying it frees every page (callers check this last).
+    engine.reset_cache()
+    after = engine.stats()
+    assert after["kv_pages_cached"] == 0 and after["kv_pages_free"] == after["kv_pages_total"]
 
 
 @pytest.mark.parametrize("concurrency", [1, 3, 8])

@@ -30,6 +30,11 @@ def run_to_length(s: Scheduler, sid: int, length: int, limit: int = 1000) -> Non
 def check_pages(s: Scheduler) -> None:
     assert s.used_pages() + s.cached_pages() + s.free_pages() == s.total_pages()
     assert s.used_pages() >= 0 and s.cached_pages() >= 0
+    # Counted independently: pages in use are exactly those some live sequence holds, and the
+    # cache holds nothing beyond its tree.
+    held = {p for i in s.running() + s.waiting() for p in s.pages(i) if p >= 0}
+    assert s.used_pages() == len(held)
+    assert s.cached_pages() <= s.tree_pages()
 
 
 def system_prompt(n: int = 3 * PS + 5) -> list[int]:
@@ -91,6 +96,25 @@ def test_sequences_in_flight_share_pages_as_soon_as_they_are_computed() -> None:
     s.step()  # 1 samples; 2 is admitted and reuses the four pages 1 computed
     assert s.num_cached_tokens(2) == 4 * PS and s.num_computed(2) == 4 * PS + 1
     assert s.pages(1)[:4] == s.pages(2)[:4]
+    check_pages(s)
+
+
+def test_a_prefix_computed_twice_at_once_is_kept_once() -> None:
+    """Two requests with one prompt admitted in the same step both compute it; the tree keeps the
+    first one's pages and the second gives its copies back instead of holding them beside the
+    tree's (where they would outlive the first request, locked)."""
+    s = sched()
+    sys_p = system_prompt(4 * PS)
+    s.add_tokens(1, sys_p + [1])
+    s.add_tokens(2, sys_p + [2])
+    s.step()  # both admitted together: nothing was cached yet
+    assert s.num_cached_tokens(1) == s.num_cached_tokens(2) == 0
+    assert s.pages(1)[:4] == s.pages(2)[:4]  # 2's duplicates swapped for the tree's pages
+    assert s.used_pages() == 4 + 2  # the shared prompt once, and each one's last page
+    check_pages(s)
+    s.remove(1)
+    s.remove(2)
+    assert s.used_pages() == 0 and s.cached_pages() == 4 + 2  # the prompt once, and each one's tail page
     check_pages(s)
 
 

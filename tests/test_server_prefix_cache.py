@@ -56,7 +56,9 @@ def test_a_shared_system_prompt_is_reported_cached(debug_server, caplog) -> None
     again, usage3 = chat(url, "What is topic 3?")
     assert again == text0 and usage3["prompt_tokens_details"]["cached_tokens"] == usage3["prompt_tokens"] - 1
     status, _h, raw = request(url, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2})
-    assert status == 200 and json.loads(raw)["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0
+    first_completion = json.loads(raw)["usage"]
+    assert status == 200 and first_completion["prompt_tokens_details"]["cached_tokens"] >= 0
+    assert first_completion["prompt_tokens_details"]["cached_tokens"] == 0  # nothing like it was asked before
     status, _h, raw = request(url, "POST", "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 2})
     completion_usage = json.loads(raw)["usage"]
     assert completion_usage["prompt_tokens_details"]["cached_tokens"] == completion_usage["prompt_tokens"] - 1
@@ -90,6 +92,7 @@ def test_reset_engine_empties_the_cache_and_pinned_prompts_survive_until_then(de
     dumped = json.loads(raw)
     assert dumped["kv_pages_cached"] == m["pyserve:kv_pages_cached"] and dumped["kv_pages_used"] == 0
     assert dumped["prefix_cache_hits_total"] >= 0 and "kv_pages_free" in dumped
+    assert dumped["prefix_cache_hits_total"] == m["pyserve:prefix_cache_hits_total"]
     status, _h, _raw = request(url, "POST", "/debug/reset_engine", {})
     assert status == 200
     # The engine thread resets at its next look at its inbox (before any later request).
@@ -102,6 +105,19 @@ def test_reset_engine_empties_the_cache_and_pinned_prompts_survive_until_then(de
     status, _h, raw = request(url, "POST", "/v1/chat/completions",
                               {"messages": [{"role": "user", "content": "x"}], "debug_config": {"ignore_eos": 3}})
     assert status == 400 and json.loads(raw)["error"]["param"] == "debug_config.ignore_eos"
+
+
+def test_a_pinned_prompt_outlives_its_request() -> None:
+    """With no finished sequence kept (recycling 0) a finished request's pages leave the cache at
+    once, unless its prompt was pinned."""
+    app = make_app(max_num_sequence=2, prefix_cache_max_num_recycling_seqs=0, app_options={"enable_debug": True})
+    with pyserve_server(app) as srv:
+        chat(srv.url, "Not pinned.")
+        _t, usage = chat(srv.url, "Not pinned.")
+        assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+        chat(srv.url, "Pin me.", debug_config={"pinned_system_prompt": True})
+        _t, usage = chat(srv.url, "Pin me.")
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= usage["prompt_tokens"] - 16
 
 
 def test_the_event_trace_is_trace_event_json(debug_server) -> None:

@@ -25,14 +25,15 @@ ratios fair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from typing import Any, Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -166,12 +167,29 @@ def multi_turn(url: str, model: str, turn_tokens: int) -> list[dict]:
     return rows
 
 
+def model_id(url: str) -> str:
+    with urllib.request.urlopen(url + "/v1/models") as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
+@contextlib.contextmanager
+def peer_server(args: argparse.Namespace, path: str, ctx: int, slots: int) -> Iterator[tuple[Any, str] | None]:
+    """llama-server on the same file and threads, with its version: (server, version), or None
+    (and a hint) when tools/peer_llamacpp.py has not built it."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import peer_llamacpp
+
+    peer_dir = args.peer_dir or peer_llamacpp.default_peer_dir()
+    if not peer_llamacpp.is_built(peer_dir):
+        print(f"\nllama-server not built in {peer_dir}: run python tools/peer_llamacpp.py build")
+        yield None
+        return
+    with peer_llamacpp.llama_server(path, peer_dir, threads=args.threads, ctx=ctx, slots=slots) as srv:
+        yield srv, peer_llamacpp.version(peer_dir)
+
+
 def bench_prefix(args: argparse.Namespace, path: str) -> int:
     from server_process import running_server
-
-    def model_id(url: str) -> str:
-        with urllib.request.urlopen(url + "/v1/models") as r:
-            return json.loads(r.read())["data"][0]["id"]
 
     results: dict[str, tuple[dict, list[dict]]] = {}
     os.environ.setdefault("PYSERVE_TEST_QUIET", "1")
@@ -182,17 +200,12 @@ def bench_prefix(args: argparse.Namespace, path: str) -> int:
             results[f"pyserve, cache {'on' if mode == 'radix' else 'off'}"] = (
                 shared_prefix(url, model, args.questions), multi_turn(url, model, args.turn_tokens))
     if not args.skip_llamacpp:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import peer_llamacpp
-
-        peer_dir = args.peer_dir or peer_llamacpp.default_peer_dir()
-        if peer_llamacpp.is_built(peer_dir):
-            with peer_llamacpp.llama_server(path, peer_dir, threads=args.threads, ctx=8192, slots=1) as srv:
-                results[f"llama-server ({peer_llamacpp.version(peer_dir)})"] = (
+        with peer_server(args, path, ctx=8192, slots=1) as peer:
+            if peer:
+                srv, version = peer
+                results[f"llama-server ({version})"] = (
                     shared_prefix(srv.url, model_id(srv.url), args.questions),
                     multi_turn(srv.url, model_id(srv.url), args.turn_tokens))
-        else:
-            print(f"llama-server not built in {peer_dir}: run python tools/peer_llamacpp.py build")
 
     first = next(iter(results.values()))[0]
     print(f"\n### shared prefix: a {first['prompt']}-token prompt (system + question), {args.questions} questions "
@@ -246,8 +259,7 @@ def main() -> int:
     from pyserve.model.loader import default_model_path
 
     def bench(url: str, who: str) -> dict[int, float]:
-        with urllib.request.urlopen(url + "/v1/models") as r:
-            model = json.loads(r.read())["data"][0]["id"]
+        model = model_id(url)
         print(f"\n{who}: model {model}, ~{args.prompt_words * 1.3:.0f}-token prompts, {args.max_tokens} output tokens, streaming")
         print("| concurrency | output tok/s      | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | ITL p50 | ITL p99 |  (ms)")
         print("|------------:|------------------:|---------:|---------:|---------:|---------:|--------:|--------:|")
@@ -265,15 +277,11 @@ def main() -> int:
         ours = bench(url, "pyserve")
     if args.skip_llamacpp:
         return 0
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import peer_llamacpp
-
-    peer_dir = args.peer_dir or peer_llamacpp.default_peer_dir()
-    if not peer_llamacpp.is_built(peer_dir):
-        print(f"\nllama-server not built in {peer_dir}: run python tools/peer_llamacpp.py build")
-        return 0
-    with peer_llamacpp.llama_server(path, peer_dir, threads=args.threads, ctx=512 * slots, slots=slots) as srv:
-        peer = bench(srv.url, f"llama-server -np {slots} -c {512 * slots} ({peer_llamacpp.version(peer_dir)})")
+    with peer_server(args, path, ctx=512 * slots, slots=slots) as started:
+        if started is None:
+            return 0
+        srv, version = started
+        peer = bench(srv.url, f"llama-server -np {slots} -c {512 * slots} ({version})")
     print("\n| concurrency | pyserve out tok/s | llama-server out tok/s | pyserve ÷ llama-server |")
     print("|------------:|------------------:|-----------------------:|-----------------------:|")
     for c in args.concurrency:

@@ -151,6 +151,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="measurements per mode (alternating); the best counts")
     args = ap.parse_args()
 
+    from bench_serving import model_id
     from server_process import running_server
 
     from pyserve.model.loader import default_model_path
@@ -168,8 +169,7 @@ def main() -> int:
             flags = ["--speculative-mode", mode, "--max-num-sequence", str(max(args.concurrency)),
                      "--spec-draft-length", str(args.draft_length)]
             url = stack.enter_context(running_server(path, *flags))
-            with urllib.request.urlopen(url + "/v1/models") as r:
-                model = json.loads(r.read())["data"][0]["id"]
+            model = model_id(url)
             stream_chat(url, model, "Hello!", 8)  # warm up
             servers[mode] = (url, model)
         for name, prompts in workloads.items():

@@ -42,8 +42,14 @@ PrefixCache::Hit PrefixCache::match(const int32_t* tokens, int64_t n, int64_t ma
   return Hit{std::move(m.pages), m.node};
 }
 
-PrefixCache::NodeId PrefixCache::insert(const int32_t* tokens, const std::vector<int32_t>& pages, NodeId held) {
+PrefixCache::NodeId PrefixCache::insert(const int32_t* tokens, std::vector<int32_t>& pages, NodeId held) {
   const RadixTree::Insertion ins = adopt(tokens, pages);
+  for (size_t i = 0; i < ins.cached.size(); ++i) {
+    if (pages[i] == ins.cached[i]) continue;
+    pool_.retain(ins.cached[i]);
+    pool_.release(pages[i]);
+    pages[i] = ins.cached[i];
+  }
   tree_.lock(ins.node);
   tree_.unlock(held);
   return ins.node;
@@ -78,9 +84,13 @@ void PrefixCache::release(NodeId node, bool finished) {
   if (!finished) return;
   scratch_.clear();
   const auto keep = [this](NodeId id) { return is_recycled(id); };
-  if (max_recycling_ != 0 && node != RadixTree::kRoot) {
+  if (max_recycling_ < 0) {
+    // Every finished sequence's pages stay, until evicted for room.
+  } else if (max_recycling_ > 0 && node != RadixTree::kRoot) {
+    // The latest finish counts (two identical requests end on one node: it is kept once).
+    recycled_.erase(std::remove(recycled_.begin(), recycled_.end(), node), recycled_.end());
     recycled_.push_back(node);
-    while (max_recycling_ > 0 && static_cast<int>(recycled_.size()) > max_recycling_) {
+    while (static_cast<int>(recycled_.size()) > max_recycling_) {
       const NodeId oldest = recycled_.front();
       recycled_.pop_front();
       tree_.evict_path(oldest, keep, scratch_);
@@ -93,8 +103,7 @@ void PrefixCache::release(NodeId node, bool finished) {
 
 void PrefixCache::pin(const int32_t* tokens, const std::vector<int32_t>& pages) {
   const RadixTree::Insertion ins = adopt(tokens, pages);
-  tree_.lock(ins.node);
-  pinned_.push_back(ins.node);
+  tree_.lock(ins.node);  // never unlocked: reset() clears the tree
 }
 
 void PrefixCache::reset(bool release) {
@@ -102,7 +111,6 @@ void PrefixCache::reset(bool release) {
   tree_.clear(scratch_);
   if (release) release_pages(scratch_);
   recycled_.clear();
-  pinned_.clear();
 }
 
 }  // namespace pyserve

@@ -105,6 +105,7 @@ RadixTree::Insertion RadixTree::insert(const int32_t* tokens, const std::vector<
     const int64_t common = common_pages(*child, tokens + done * page_size_, total - done);
     if (common < static_cast<int64_t>(child->pages.size())) child = split(child, common);
     child->last_use = now;
+    ins.cached.insert(ins.cached.end(), child->pages.begin(), child->pages.end());
     done += common;
     node = child;
   }

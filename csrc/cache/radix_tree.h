@@ -41,9 +41,10 @@ class RadixTree {
   struct Insertion {
     NodeId node = kRoot;  // the node that ends exactly after the inserted prefix
     int adopted_from = 0; // pages[adopted_from:] now belong to the tree; the ones before were cached
+    std::vector<int32_t> cached;  // the tree's own pages for the first adopted_from pages
   };
   // Caches tokens[0 : pages.size() * page_size], whose K/V are in `pages`. Where a prefix is cached
-  // already the tree keeps its own pages (the caller keeps any duplicates of its own).
+  // already the tree keeps its own pages (`cached`: the caller's may be duplicates of them).
   Insertion insert(const int32_t* tokens, const std::vector<int32_t>& pages);
 
   struct Partial {

@@ -72,7 +72,7 @@ void Engine::reset() {
   {
     std::lock_guard<std::mutex> lock(in_mu_);
     if (stop_ || failed_) return;
-    reset_before_ = inbox_.size() + 1;  // what is queued now ends; what comes later is served
+    reset_before_ = inbox_.size();  // what is queued now ends; what comes later is served
   }
   in_cv_.notify_one();
 }
@@ -291,17 +291,17 @@ void Engine::loop() {
     std::vector<std::pair<int64_t, int>> aborts;
     std::vector<PendingFault> faults;
     bool stopping, failed;
-    size_t reset_before;
+    std::optional<size_t> reset_before;
     {
       std::unique_lock<std::mutex> lock(in_mu_);
       in_cv_.wait(lock, [&] {
-        return stop_ || reset_before_ > 0 || !inbox_.empty() || !aborts_.empty() || !faults_.empty() ||
+        return stop_ || reset_before_ || !inbox_.empty() || !aborts_.empty() || !faults_.empty() ||
                (!failed_ && !core_.idle());
       });
       stopping = stop_;
       failed = failed_;
       reset_before = reset_before_;
-      reset_before_ = 0;
+      reset_before_.reset();
       incoming.swap(inbox_);
       aborts.swap(aborts_);
       faults.swap(faults_);
@@ -320,10 +320,10 @@ void Engine::loop() {
         deliver();
         return;
       }
-      if (reset_before > 0) {
+      if (reset_before) {
         // reset_engine: everything live and what was queued before it end as aborted; the cache
         // empties; requests that came after it are served.
-        const auto first_after = incoming.begin() + static_cast<std::ptrdiff_t>(reset_before - 1);
+        const auto first_after = incoming.begin() + static_cast<std::ptrdiff_t>(*reset_before);
         for (auto it = incoming.begin(); it != first_after; ++it)
           core_.reject(it->id, std::max(it->params.n, 1), static_cast<int>(it->prompt.size()), "");
         incoming.erase(incoming.begin(), first_after);

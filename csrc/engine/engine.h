@@ -93,7 +93,7 @@ class Engine {
   std::vector<std::pair<int64_t, int>> aborts_;  // (id, index or -1)
   struct PendingFault { Phase phase; int64_t at_step, request; bool alloc; int times; };
   std::vector<PendingFault> faults_;
-  size_t reset_before_ = 0;  // reset() asked for: ends the first reset_before_ - 1 of inbox_ (0: none)
+  std::optional<size_t> reset_before_;  // reset() asked for: ends the first *reset_before_ of inbox_
   bool stop_ = false;       // intake closed
   bool failed_ = false;     // the engine gave up (failure_ says why)
 

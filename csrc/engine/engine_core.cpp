@@ -303,8 +303,8 @@ bool EngineCore::step() {
   ++step_index_;
   std::vector<ScheduledChunk> chunks;
   const int64_t failed_before = counters_.requests_failed;
-  propose();
   try {
+    propose();  // a fault while proposing drafts is a fault in planning
     chunks = plan();
   } catch (const std::exception& e) {
     recover_from_plan_failure(std::string("engine fault while planning a step: ") + e.what());
@@ -341,8 +341,7 @@ int EngineCore::max_draft_length() const {
 }
 
 int EngineCore::draft_length() const {
-  if (config_.speculative_mode == SpeculativeMode::disable) return 0;
-  if (config_.spec_draft_length > 0) return config_.spec_draft_length;
+  if (config_.speculative_mode == SpeculativeMode::disable || config_.spec_draft_length > 0) return max_draft_length();
   // MLC's automatic length: fewer drafts as the batch grows (a big batch is compute-bound, and
   // every rejected draft is compute thrown away).
   const size_t running = scheduler_.running().size();
@@ -353,44 +352,31 @@ void EngineCore::propose() {
   if (config_.speculative_mode == SpeculativeMode::disable) return;
   const int k = draft_length();
   const int64_t limit = context_limit();
-  for (Sequence* s : scheduler_.running()) {
-    s->num_drafts = 0;
-    auto it = requests_.find(s->id);
-    if (it == requests_.end()) continue;
-    Request& r = *it->second;
-    r.drafts.clear();
-    if (k <= 0 || s->num_tokens - s->num_computed != 1) continue;  // only decodes speculate
-    // No draft past max_tokens or the context: it could never be kept.
-    int room = std::min<int64_t>(k, limit - s->num_tokens - 1);
-    if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
-    if (room <= 0) continue;
-    try {
-      ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, r.drafts);
-    } catch (const std::exception&) {
-      r.drafts.clear();  // a failed guess costs nothing: the sequence decodes plainly
-    }
-    s->num_drafts = static_cast<int>(r.drafts.size());
-  }
-  if (config_.spec_draft_length > 0 || config_.spec_token_cost <= 0) return;
-  // Automatic: MLC's rule is the most a sequence may verify; the step's cost decides how many.
+  // Automatic length: MLC's rule is the most a sequence may verify; the step's cost decides how
+  // many it does (draft_policy.h).
+  const bool weigh = config_.spec_draft_length == 0 && config_.spec_token_cost > 0;
   std::vector<DraftCandidate> candidates;
-  std::vector<Request*> who;
+  std::vector<Sequence*> weighed;
   for (Sequence* s : scheduler_.running()) {
+    s->drafts.clear();
     auto it = requests_.find(s->id);
-    if (it == requests_.end() || s->num_tokens - s->num_computed != 1) continue;
+    if (it == requests_.end() || s->num_tokens - s->num_computed != 1) continue;  // only decodes speculate
     Request& r = *it->second;
+    // No draft past max_tokens or the context: it could never be kept.
+    int room = static_cast<int>(std::min<int64_t>(k, limit - s->num_tokens - 1));
+    if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
+    if (room > 0) ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
+    if (!weigh) continue;
     // Explore a sequence whose first drafts were never tested, or not for 16 of its steps.
     const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= 16;
-    candidates.push_back({s->num_drafts, r.spec_acceptance.value(), explore});
-    who.push_back(it->second.get());
+    candidates.push_back({static_cast<int>(s->drafts.size()), r.spec_acceptance.value(), explore});
+    weighed.push_back(s);
   }
-  spec_later_values_.clear();
-  for (const AcceptanceEstimate& e : spec_later_) spec_later_values_.push_back(e.value());
-  const std::vector<int> keep = choose_draft_lengths(candidates, spec_later_values_, config_.spec_token_cost);
-  for (size_t i = 0; i < who.size(); ++i) {
-    who[i]->drafts.resize(static_cast<size_t>(keep[i]));
-    who[i]->seq.num_drafts = keep[i];
-  }
+  if (!weigh) return;
+  std::vector<double> later;
+  for (const AcceptanceEstimate& e : spec_later_) later.push_back(e.value());
+  const std::vector<int> keep = choose_draft_lengths(candidates, later, config_.spec_token_cost);
+  for (size_t i = 0; i < weighed.size(); ++i) weighed[i]->drafts.resize(static_cast<size_t>(keep[i]));
 }
 
 std::vector<ScheduledChunk> EngineCore::plan() {
@@ -421,11 +407,11 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
     try {
       faults_.check(Phase::build, step_index_, r.id);
       const int drafts = c.drafts();
-      if (drafts > static_cast<int>(r.drafts.size())) throw std::logic_error("more drafts planned than proposed");
+      if (drafts > static_cast<int>(r.seq.drafts.size())) throw std::logic_error("more drafts planned than proposed");
       RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, drafts, -1, -1, 0};
       for (int i = 0; i < c.count; ++i) {
         const int t = c.start + i;  // the known tokens, then the drafts
-        batch_.tokens.push_back(t < r.seq.num_tokens ? r.tokens[t] : r.drafts[t - r.seq.num_tokens]);
+        batch_.tokens.push_back(t < r.seq.num_tokens ? r.tokens[t] : r.seq.drafts[t - r.seq.num_tokens]);
         batch_.positions.push_back(c.start + i);
         batch_.page_tables.push_back(r.seq.pages.data());
       }
@@ -530,7 +516,7 @@ void EngineCore::accept() {
           else if ((r.params.max_tokens >= 0 && r.num_generated + j + 1 >= r.params.max_tokens) ||
                    r.seq.num_tokens + j + 1 >= context_limit())
             a.reason = "length";
-          const bool draft_kept = j < u.drafts && tok == r.drafts[j];
+          const bool draft_kept = j < u.drafts && tok == r.seq.drafts[j];
           if (draft_kept) {
             ++kept;
             ++counters_.spec_accepted_by_position[j];
@@ -567,8 +553,7 @@ void EngineCore::commit() {
     try {
       faults_.check(Phase::commit, step_index_, r.id);
       r.seq.num_computed += a.count;
-      r.seq.num_drafts = 0;
-      r.drafts.clear();
+      r.seq.drafts.clear();
       // Kept drafts are computed tokens: they join the tokens before the prefix cache reads them.
       // (accept counted every new token in the history already)
       r.tokens.insert(r.tokens.end(), a.tokens.begin(), a.tokens.end());

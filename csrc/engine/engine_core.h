@@ -80,7 +80,8 @@ struct EngineOutput {
 struct EngineStats {
   int num_running = 0, num_waiting = 0;
   int kv_pages_used = 0, kv_pages_total = 0, page_size = 0;
-  // used (held by requests) + cached (held only by the prefix cache: evictable) + free = total
+  // used (held by requests) + cached (held only by the prefix cache: evictable, but for pinned
+  // prompts and pages a sliding window let go of on a path still locked) + free = total
   int kv_pages_cached = 0, kv_pages_free = 0;
   int64_t prefix_cache_nodes = 0;
   int64_t kv_capacity_tokens = 0;
@@ -216,7 +217,6 @@ class EngineCore {
   // Automatic draft length: the chance that a draft at position j >= 1 is kept when the one
   // before it was, measured over every sequence.
   std::vector<AcceptanceEstimate> spec_later_;
-  std::vector<double> spec_later_values_;
   int64_t step_index_ = 0;
   int rejected_last_plan_ = 0;
   EngineStats counters_;

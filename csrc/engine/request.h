@@ -25,7 +25,6 @@ struct Request {
   bool prompt_logprobs_done = false;
   bool prompt_logprobs_sent = false;
   std::vector<TokenLogprob> prompt_logprobs;
-  std::vector<int32_t> drafts;  // speculative tokens proposed to follow `tokens` this step
   AcceptanceEstimate spec_acceptance;  // how often its drafts are kept (automatic draft length)
   int spec_untested = 0;               // decode steps since its drafts were last tested
 

@@ -46,8 +46,9 @@ void Scheduler::computed(Sequence* s) {
   if (cache_ && s->cache_node >= 0 && s->tokens && s->released_end == 0) {
     const int full = std::min(s->num_computed / config_.page_size, static_cast<int>(s->pages.size()));
     if (full > s->cached_pages) {
-      const std::vector<int32_t> pages(s->pages.begin(), s->pages.begin() + full);
+      std::vector<int32_t> pages(s->pages.begin(), s->pages.begin() + full);
       s->cache_node = cache_->insert(s->tokens->data(), pages, s->cache_node);
+      std::copy(pages.begin(), pages.end(), s->pages.begin());  // duplicates swapped for the tree's
       s->cached_pages = full;
       const int pin_pages = s->pin_tokens / config_.page_size;
       if (s->pin_tokens > 0 && full >= pin_pages) {
@@ -243,7 +244,8 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
     // A decode verifies its drafts with the budget left after one token for each sequence
     // still to plan.
     const int spare = budget - static_cast<int>(running_.size() - i);
-    int n = is_decode ? 1 + std::max(0, std::min(s->num_drafts, spare)) : std::min(s->num_tokens - s->num_computed, budget);
+    int n = is_decode ? 1 + std::max(0, std::min(static_cast<int>(s->drafts.size()), spare))
+                      : std::min(s->num_tokens - s->num_computed, budget);
     bool preempted_self = false;
     while (!grow(s, s->num_computed + n)) {
       const int can = (static_cast<int>(s->pages.size()) + available_pages()) * ps - s->num_computed;

@@ -27,10 +27,10 @@ struct Sequence {
   // While it is 0 the sequence's pages enter the prefix cache; after, they stop (the tree keeps
   // paths without holes).
   int released_end = 0;
-  // Speculative decoding: draft tokens proposed to follow tokens (they are not part of
-  // num_tokens). A decode step verifies them: it computes the last token and up to num_drafts
-  // drafts, as the token budget and free pages allow.
-  int num_drafts = 0;
+  // Speculative decoding: tokens proposed to follow `tokens` this step (not part of num_tokens).
+  // A decode step verifies them: it computes the last token and as many drafts as the token
+  // budget and free pages allow.
+  std::vector<int32_t> drafts;
 };
 
 struct ScheduledChunk {

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+
 from pyserve.api.asgi import Request, send_json
 from pyserve.protocol.errors import ProtocolError
 
@@ -65,4 +67,6 @@ class DebugRoutes:
     async def dump_event_trace(self, request: Request) -> None:
         if not getattr(self.engine.config, "enable_tracing", False):
             raise ProtocolError("event tracing is off: start the server with --enable-tracing", status=400)
-        await send_json(request, 200, trace_event_json(self.engine.trace()))
+        # Up to 100,000 events copied and converted: off the event loop.
+        body = await anyio.to_thread.run_sync(lambda: trace_event_json(self.engine.trace()))
+        await send_json(request, 200, body)

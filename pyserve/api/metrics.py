@@ -196,7 +196,7 @@ class ServingMetrics:
             Gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, kv_usage),
             Gauge("kv_pages_used", "KV-cache pages held by requests (pages only the prefix cache holds are not counted).", labels,
                   stat("kv_pages_used")),
-            Gauge("kv_pages_cached", "KV-cache pages held only by the prefix cache (evictable).", labels,
+            Gauge("kv_pages_cached", "KV-cache pages held only by the prefix cache (evictable, except pinned prompts').", labels,
                   stat("kv_pages_cached")),
             Gauge("kv_pages_total", "KV-cache pages in the pool.", labels, stat("kv_pages_total")),
             Gauge("num_requests_pending", "Generation requests the HTTP layer has accepted and not yet answered.",

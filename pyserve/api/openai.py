@@ -40,6 +40,7 @@ from pyserve.protocol.requests import (
     CompletionRequest,
     GenerationRequest,
     OutputLimits,
+    parse_debug_config,
     parse_json_object,
 )
 
@@ -280,14 +281,9 @@ def _params(ctx: ServingContext, req: GenerationRequest, ids: list[int]) -> Any:
         limits=ctx.limits,
     )
     if ctx.enable_debug and req.debug_config is not None:  # without --enable-debug: ignored, as MLC
-        debug = req.debug_config
-        if not isinstance(debug, dict):
-            raise ProtocolError("'debug_config' must be an object", param="debug_config")
-        for key in ("ignore_eos", "pinned_system_prompt"):
-            if not isinstance(debug.get(key, False), bool):
-                raise ProtocolError(f"'debug_config.{key}' must be a boolean", param=f"debug_config.{key}")
-        params.ignore_eos = params.ignore_eos or debug.get("ignore_eos", False)
-        params.pin_prompt = debug.get("pinned_system_prompt", False)
+        debug = parse_debug_config(req.debug_config)
+        params.ignore_eos = params.ignore_eos or debug.ignore_eos
+        params.pin_prompt = debug.pinned_system_prompt
     return params
 
 

@@ -121,7 +121,7 @@ class AsyncEngine:
 
     def trace(self) -> list[tuple]:
         """The engine's event trace with --enable-tracing: [(name, ph, ts_us, dur_us, tid, args)]."""
-        return list(self._engine.trace())
+        return self._engine.trace()
 
     def inject_fault(self, phase: str, at_step: int = 0, request_id: int = -1, alloc: bool = False,
                      times: int = 1) -> None:

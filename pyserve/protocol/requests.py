@@ -252,6 +252,29 @@ class OutputLimits:
         return min(want, room)
 
 
+@dataclass(frozen=True)
+class DebugConfig:
+    """MLC's debug_config: ignore_eos, and pinned_system_prompt (the prompt's pages stay cached
+    until /debug/reset_engine)."""
+
+    ignore_eos: bool = False
+    pinned_system_prompt: bool = False
+
+
+def parse_debug_config(value: Any) -> DebugConfig:
+    """A request's debug_config, checked: only where the server honours it (--enable-debug; MLC
+    ignores it otherwise, malformed or not)."""
+    if not isinstance(value, dict):
+        raise _type_error("debug_config", "an object", value)
+    fields = {}
+    for key in ("ignore_eos", "pinned_system_prompt"):
+        v = value.get(key)
+        if v is not None and not isinstance(v, bool):
+            raise _type_error(f"debug_config.{key}", "a boolean", v)
+        fields[key] = bool(v)
+    return DebugConfig(**fields)
+
+
 @dataclass
 class GenerationRequest:
     """Fields shared by /v1/completions and /v1/chat/completions."""
@@ -284,8 +307,8 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage
     user: str | None = None
-    # MLC's debug_config (honoured only when the server runs with --enable-debug): ignore_eos,
-    # pinned_system_prompt. Kept as given; checked where it is applied.
+    # MLC's debug_config (honoured only when the server runs with --enable-debug): kept as given,
+    # checked by parse_debug_config where it is applied.
     debug_config: Any = None
 
     def _parse_common(self, data: dict) -> None:

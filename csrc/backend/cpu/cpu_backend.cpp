@@ -1,9 +1,9 @@
 #include "backend/cpu/cpu_backend.h"
 
 #include <algorithm>
-#include <limits>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <thread>
 
@@ -316,29 +316,85 @@ void CpuBackend::write_kv(const float* k, const float* v, int64_t ld, int m, int
   }
 }
 
+namespace {
+
+// Blocks of consecutive tokens of one sequence, at most max_block long: a prefill chunk's share
+// each K/V load, a decode batch is one token per block. No block has tokens on both sides of
+// position `boundary` (0: no boundary).
+struct AttendBlock { int first, count; };
+std::vector<AttendBlock> attend_blocks(const AttentionBatch& b, int max_block, int boundary) {
+  std::vector<AttendBlock> blocks;
+  for (int i = 0; i < b.n_tokens;) {
+    const bool above = b.positions[i] >= boundary;
+    int n = 1;
+    while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
+           b.positions[i + n] == b.positions[i] + n && (b.positions[i + n] >= boundary) == above)
+      ++n;
+    blocks.push_back({i, n});
+    i += n;
+  }
+  return blocks;
+}
+
+// The kernel's arguments for one block against KV head kvh, writing into b.out.
+AttendArgs attend_args(const AttentionBatch& b, const AttendBlock& bl, int kvh, float* scratch) {
+  const int group = b.n_heads / b.n_kv_heads;
+  AttendArgs a;
+  a.q = b.q + bl.first * b.q_stride + static_cast<int64_t>(kvh) * group * b.head_dim;
+  a.q_stride = b.q_stride;
+  a.out = b.out + bl.first * b.out_stride + static_cast<int64_t>(kvh) * group * b.head_dim;
+  a.out_stride = b.out_stride;
+  a.n_tokens = bl.count;
+  a.group = group;
+  a.head_dim = b.head_dim;
+  a.scale = b.scale;
+  a.k_cache = b.k_cache;
+  a.v_cache = b.v_cache;
+  a.n_kv_heads = b.n_kv_heads;
+  a.kv_head = kvh;
+  a.page_size = b.page_size;
+  a.page_table = b.page_tables[bl.first];
+  a.positions = b.positions + bl.first;
+  a.window = b.window;
+  a.scratch = scratch;
+  return a;
+}
+
+// One query's attention over disjoint position ranges, each attended on its own: out = sum_s w_s
+// part_s / sum_s w_s, w_s = sum_s * exp(max_s - max), each part's normalised output weighted by
+// its share of the whole softmax. Part s: its output at part + s * part_stride, its (max, sum of
+// exp) at stats + s * stats_stride; an empty part has sum 0.
+void merge_parts(int parts, const float* part, size_t part_stride, const float* stats, size_t stats_stride, int hd,
+                 float* out) {
+  float m = -INFINITY;
+  for (int s = 0; s < parts; ++s) m = std::max(m, stats[s * stats_stride]);
+  float total = 0.f;
+  for (int d = 0; d < hd; ++d) out[d] = 0.f;
+  for (int s = 0; s < parts; ++s) {
+    const float* st = stats + s * stats_stride;
+    if (st[1] == 0.f) continue;
+    const float w = st[1] * std::exp(st[0] - m);
+    total += w;
+    const float* p = part + s * part_stride;
+    for (int d = 0; d < hd; ++d) out[d] += w * p[d];
+  }
+  const float inv = 1.f / total;
+  for (int d = 0; d < hd; ++d) out[d] *= inv;
+}
+
+}  // namespace
+
 void CpuBackend::attention(const AttentionBatch& b) {
   if (b.sink > 0 && b.window > 0) {
     attention_with_sink(b);
     return;
   }
-  const int group = b.n_heads / b.n_kv_heads;
+  const int group = b.n_heads / b.n_kv_heads, hd = b.head_dim;
   // The first position a token at `pos` attends to (its sliding window's start, or 0).
   auto window_start = [&](int pos) { return b.window > 0 ? std::max(0, pos - b.window + 1) : 0; };
-  const int max_block = std::max(1, std::min(8, kMaxAttendQueries / group));
-  // Blocks of consecutive tokens of one sequence share each K/V load (prefill chunks); a decode
-  // batch is one token per block.
-  struct Block { int first, count; };
-  std::vector<Block> blocks;
-  for (int i = 0; i < b.n_tokens;) {
-    int n = 1;
-    while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
-           b.positions[i + n] == b.positions[i] + n)
-      ++n;
-    blocks.push_back({i, n});
-    i += n;
-  }
+  const std::vector<AttendBlock> blocks = attend_blocks(b, std::max(1, std::min(8, kMaxAttendQueries / group)), 0);
   size_t need = 0;
-  for (const Block& bl : blocks) {
+  for (const AttendBlock& bl : blocks) {
     const int hi = b.positions[bl.first + bl.count - 1];
     const int lo = window_start(b.positions[bl.first]);
     need = std::max(need, static_cast<size_t>(bl.count) * group * (hi - lo + 1));
@@ -349,7 +405,7 @@ void CpuBackend::attention(const AttentionBatch& b) {
   int splits = 1;
   bool singles = true;
   int max_span = 0;
-  for (const Block& bl : blocks) {
+  for (const AttendBlock& bl : blocks) {
     singles = singles && bl.count == 1;
     const int hi = b.positions[bl.first];
     const int lo = window_start(hi);
@@ -361,7 +417,7 @@ void CpuBackend::attention(const AttentionBatch& b) {
   if (splits > 1) need = static_cast<size_t>(group) * ((max_span + splits - 1) / splits);
   for (auto& s : scratch_)
     if (s.size() < need) s.resize(need);
-  const size_t part_floats = static_cast<size_t>(items) * splits * group * b.head_dim;
+  const size_t part_floats = static_cast<size_t>(items) * splits * group * hd;
   if (splits > 1 && split_out_.size() < part_floats) {
     split_out_.resize(part_floats);
     split_stats_.resize(static_cast<size_t>(items) * splits * group * 2);
@@ -370,34 +426,16 @@ void CpuBackend::attention(const AttentionBatch& b) {
     for (int64_t job = ib; job < ie; ++job) {
       const int64_t it = job / splits;
       const int seg = static_cast<int>(job % splits);
-      const Block& bl = blocks[it / b.n_kv_heads];
-      const int kvh = static_cast<int>(it % b.n_kv_heads);
-      AttendArgs a;
-      a.q = b.q + bl.first * b.q_stride + static_cast<int64_t>(kvh) * group * b.head_dim;
-      a.q_stride = b.q_stride;
-      a.out = b.out + bl.first * b.out_stride + static_cast<int64_t>(kvh) * group * b.head_dim;
-      a.out_stride = b.out_stride;
-      a.n_tokens = bl.count;
-      a.group = group;
-      a.head_dim = b.head_dim;
-      a.scale = b.scale;
-      a.k_cache = b.k_cache;
-      a.v_cache = b.v_cache;
-      a.n_kv_heads = b.n_kv_heads;
-      a.kv_head = kvh;
-      a.page_size = b.page_size;
-      a.page_table = b.page_tables[bl.first];
-      a.positions = b.positions + bl.first;
-      a.window = b.window;
-      a.scratch = scratch_[t].data();
+      const AttendBlock& bl = blocks[it / b.n_kv_heads];
+      AttendArgs a = attend_args(b, bl, static_cast<int>(it % b.n_kv_heads), scratch_[t].data());
       if (splits > 1) {
         const int hi = b.positions[bl.first];
         const int lo = window_start(hi);
         const int len = (hi - lo + 1 + splits - 1) / splits;
         a.seg_lo = lo + seg * len;
         a.seg_hi = std::min(hi, a.seg_lo + len - 1);
-        a.out = split_out_.data() + static_cast<size_t>(job) * group * b.head_dim;
-        a.out_stride = static_cast<int64_t>(group) * b.head_dim;
+        a.out = split_out_.data() + static_cast<size_t>(job) * group * hd;
+        a.out_stride = static_cast<int64_t>(group) * hd;
         a.stats = split_stats_.data() + static_cast<size_t>(job) * group * 2;
         if (a.seg_lo > a.seg_hi) {  // past the end of a short sequence: an empty segment
           for (int g = 0; g < group; ++g) {
@@ -411,29 +449,15 @@ void CpuBackend::attention(const AttentionBatch& b) {
     }
   });
   if (splits == 1) return;
-  // out = sum_s w_s out_s / sum_s w_s, w_s = sum_s * exp(max_s - max): each segment's normalised
-  // output weighted by its share of the whole softmax.
-  const int hd = b.head_dim;
+  // split_out_: [items][splits][group][hd]; split_stats_: [items][splits][group][2]
   for (int64_t it = 0; it < items; ++it) {
-    const Block& bl = blocks[it / b.n_kv_heads];
+    const AttendBlock& bl = blocks[it / b.n_kv_heads];
     const int kvh = static_cast<int>(it % b.n_kv_heads);
-    for (int g = 0; g < group; ++g) {
-      float m = -INFINITY;
-      for (int sg = 0; sg < splits; ++sg) m = std::max(m, split_stats_[((it * splits + sg) * group + g) * 2]);
-      float* out = b.out + bl.first * b.out_stride + (static_cast<int64_t>(kvh) * group + g) * hd;
-      float total = 0.f;
-      for (int d = 0; d < hd; ++d) out[d] = 0.f;
-      for (int sg = 0; sg < splits; ++sg) {
-        const float* st = &split_stats_[((it * splits + sg) * group + g) * 2];
-        if (st[1] == 0.f) continue;
-        const float w = st[1] * std::exp(st[0] - m);
-        total += w;
-        const float* part = split_out_.data() + ((it * splits + sg) * group + g) * static_cast<size_t>(hd);
-        for (int d = 0; d < hd; ++d) out[d] += w * part[d];
-      }
-      const float inv = 1.f / total;
-      for (int d = 0; d < hd; ++d) out[d] *= inv;
-    }
+    for (int g = 0; g < group; ++g)
+      merge_parts(splits, split_out_.data() + (it * splits * group + g) * static_cast<size_t>(hd),
+                  static_cast<size_t>(group) * hd, split_stats_.data() + (it * splits * group + g) * 2,
+                  static_cast<size_t>(group) * 2, hd,
+                  b.out + bl.first * b.out_stride + (static_cast<int64_t>(kvh) * group + g) * hd);
   }
 }
 
@@ -443,26 +467,16 @@ void CpuBackend::attention(const AttentionBatch& b) {
 // at pos < sink attend to [0, pos], as without a window.
 void CpuBackend::attention_with_sink(const AttentionBatch& b) {
   const int group = b.n_heads / b.n_kv_heads, hd = b.head_dim, sink = b.sink;
-  const int max_block = std::max(1, std::min(8, kMaxAttendQueries / group));
-  // Blocks of consecutive tokens of one sequence, all on one side of the sink's end.
-  struct Block { int first, count; bool halves; };
-  std::vector<Block> blocks;
-  for (int i = 0; i < b.n_tokens;) {
-    const bool halves = b.positions[i] >= sink;
-    int n = 1;
-    while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
-           b.positions[i + n] == b.positions[i] + n && (b.positions[i + n] >= sink) == halves)
-      ++n;
-    blocks.push_back({i, n, halves});
-    i += n;
-  }
+  // Blocks lie on one side of the sink's end: two halves after it, one range before.
+  const std::vector<AttendBlock> blocks = attend_blocks(b, std::max(1, std::min(8, kMaxAttendQueries / group)), sink);
+  auto halves = [&](const AttendBlock& bl) { return b.positions[bl.first] >= sink; };
   size_t scores = 0, parts = 0;
-  for (const Block& bl : blocks) {
+  for (const AttendBlock& bl : blocks) {
     const int hi = b.positions[bl.first + bl.count - 1];
-    const int lo = bl.halves ? std::max(sink, b.positions[bl.first] - b.window + 1) : 0;
-    const int span = bl.halves ? std::max(sink, hi - lo + 1) : hi + 1;
+    const int lo = halves(bl) ? std::max(sink, b.positions[bl.first] - b.window + 1) : 0;
+    const int span = halves(bl) ? std::max(sink, hi - lo + 1) : hi + 1;
     scores = std::max(scores, static_cast<size_t>(bl.count) * group * span);
-    if (bl.halves) parts = std::max(parts, static_cast<size_t>(bl.count) * group * (2 * hd + 4));
+    if (halves(bl)) parts = std::max(parts, static_cast<size_t>(bl.count) * group * (2 * hd + 4));
   }
   for (auto& s : scratch_)
     if (s.size() < scores) s.resize(scores);
@@ -471,53 +485,30 @@ void CpuBackend::attention_with_sink(const AttentionBatch& b) {
   const int64_t items = static_cast<int64_t>(blocks.size()) * b.n_kv_heads;
   pool_.parallel_for(items, [&](int64_t ib, int64_t ie, int t) {
     for (int64_t it = ib; it < ie; ++it) {
-      const Block& bl = blocks[it / b.n_kv_heads];
-      const int kvh = static_cast<int>(it % b.n_kv_heads);
-      AttendArgs a;
-      a.q = b.q + bl.first * b.q_stride + static_cast<int64_t>(kvh) * group * hd;
-      a.q_stride = b.q_stride;
-      a.out = b.out + bl.first * b.out_stride + static_cast<int64_t>(kvh) * group * hd;
-      a.out_stride = b.out_stride;
-      a.n_tokens = bl.count;
-      a.group = group;
-      a.head_dim = hd;
-      a.scale = b.scale;
-      a.k_cache = b.k_cache;
-      a.v_cache = b.v_cache;
-      a.n_kv_heads = b.n_kv_heads;
-      a.kv_head = kvh;
-      a.page_size = b.page_size;
-      a.page_table = b.page_tables[bl.first];
-      a.positions = b.positions + bl.first;
-      a.scratch = scratch_[t].data();
-      if (!bl.halves) {  // [0, pos]
+      const AttendBlock& bl = blocks[it / b.n_kv_heads];
+      AttendArgs a = attend_args(b, bl, static_cast<int>(it % b.n_kv_heads), scratch_[t].data());
+      if (!halves(bl)) {  // [0, pos]
+        a.window = 0;
         kernels_.attend(a);
         continue;
       }
-      // parts: [2][count][group][hd] outputs, then [2][count * group][2] statistics
+      // sink_parts_[t]: [2][count][group][hd] outputs, then [2][count * group][2] statistics
       const int nq = bl.count * group;
-      float* out[2] = {sink_parts_[t].data(), sink_parts_[t].data() + static_cast<size_t>(nq) * hd};
-      float* stats[2] = {out[1] + static_cast<size_t>(nq) * hd, out[1] + static_cast<size_t>(nq) * hd + 2 * nq};
+      float* out = sink_parts_[t].data();
+      float* stats = out + static_cast<size_t>(2 * nq) * hd;
       AttendArgs half = a;
       half.out_stride = static_cast<int64_t>(group) * hd;
       for (int h = 0; h < 2; ++h) {
         half.window = h == 0 ? 0 : b.window;
         half.seg_lo = h == 0 ? 0 : sink;
         half.seg_hi = h == 0 ? sink - 1 : std::numeric_limits<int>::max();
-        half.out = out[h];
-        half.stats = stats[h];
+        half.out = out + static_cast<size_t>(h * nq) * hd;
+        half.stats = stats + 2 * h * nq;
         kernels_.attend(half);
       }
-      // out = (w0 out0 + w1 out1) / (w0 + w1), w_h = sum_h * exp(max_h - max)
-      for (int q = 0; q < nq; ++q) {
-        const float m0 = stats[0][2 * q], m1 = stats[1][2 * q], m = std::max(m0, m1);
-        const float w0 = stats[0][2 * q + 1] * std::exp(m0 - m), w1 = stats[1][2 * q + 1] * std::exp(m1 - m);
-        const float inv = 1.f / (w0 + w1);
-        const float* p0 = out[0] + static_cast<size_t>(q) * hd;
-        const float* p1 = out[1] + static_cast<size_t>(q) * hd;
-        float* o = a.out + (q / group) * b.out_stride + (q % group) * hd;
-        for (int d = 0; d < hd; ++d) o[d] = (w0 * p0[d] + w1 * p1[d]) * inv;
-      }
+      for (int q = 0; q < nq; ++q)
+        merge_parts(2, out + static_cast<size_t>(q) * hd, static_cast<size_t>(nq) * hd, stats + 2 * q,
+                    static_cast<size_t>(2 * nq), hd, a.out + (q / group) * b.out_stride + (q % group) * hd);
     }
   });
 }

@@ -127,6 +127,16 @@ struct QActs {
 // (the scalar kernel and QuantPanels::dequantize_row both read codes through it).
 int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j);
 
+// U5 / U6: the high bits each code keeps in the plane after the U4 chunks (0 for other codes).
+constexpr int panel_high_bits(PanelCodes codes) { return codes == PanelCodes::U5 ? 1 : codes == PanelCodes::U6 ? 2 : 0; }
+// Where, in a record, the high bits of the code in U4 chunk c, lane r, 16-bit word e, nibble n
+// sit (hb of them): the byte, and the shift within it (the layout above).
+struct PlaneSpot { int byte, shift; };
+constexpr PlaneSpot panel_plane_spot(int hb, int c, int r, int e, int n) {
+  const int per_plane = 4 / hb;  // code chunks per plane chunk
+  return {(4 + c / per_plane) * kPanelChunk + r * 4 + e * 2 + n / 2, 2 * hb * (c % per_plane) + hb * (n % 2)};
+}
+
 struct QuantizeActsArgs {
   const float* x = nullptr;  // x: [m, k], row stride ldx
   int64_t ldx = 0;

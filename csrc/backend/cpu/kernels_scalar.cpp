@@ -172,10 +172,9 @@ int panel_code(const PanelFormat& f, const uint8_t* rec, int r, int j) {
   const uint8_t* word = rec + c * kPanelChunk + r * 4 + e * 2;
   const int low = ((word[0] | word[1] << 8) >> (4 * n)) & 0xF;
   if (f.codes == PanelCodes::U4) return low;
-  const int hb = f.codes == PanelCodes::U5 ? 1 : 2;
-  const int per_plane = 4 / hb;  // code chunks per plane chunk
-  const uint8_t plane_byte = rec[4 * kPanelChunk + (c / per_plane) * kPanelChunk + r * 4 + e * 2 + n / 2];
-  const int high = (plane_byte >> (2 * hb * (c % per_plane) + hb * (n % 2))) & ((1 << hb) - 1);
+  const int hb = panel_high_bits(f.codes);
+  const PlaneSpot spot = panel_plane_spot(hb, c, r, e, n);
+  const int high = (rec[spot.byte] >> spot.shift) & ((1 << hb) - 1);
   return low | high << 4;
 }
 

@@ -17,9 +17,6 @@ static_assert(kPanelLanes * 4 == kPanelChunk, "a chunk is one 32-bit word per la
 
 namespace {
 
-// Bits of a code above the low nibble that U5 / U6 keep in their plane.
-int high_bits(PanelCodes codes) { return codes == PanelCodes::U5 ? 1 : codes == PanelCodes::U6 ? 2 : 0; }
-
 PanelFormat make_format(PanelCodes codes, bool kquant, bool per16, bool stored_min, int offset) {
   PanelFormat f;
   f.codes = codes;
@@ -29,7 +26,7 @@ PanelFormat make_format(PanelCodes codes, bool kquant, bool per16, bool stored_m
   f.offset = offset;
   f.group_records = kquant ? kKGroup : 1;
   f.header_bytes = kquant ? kPanelLanes * 2 * (stored_min ? 2 : 1) : 0;
-  f.code_bytes = (codes == PanelCodes::S8 ? 8 : 4 + high_bits(codes)) * kPanelChunk;
+  f.code_bytes = (codes == PanelCodes::S8 ? 8 : 4 + panel_high_bits(codes)) * kPanelChunk;
   f.scale_bytes = kPanelLanes * (per16 ? 2 : 1) * (kquant ? 1 : 2);
   f.record_bytes = f.code_bytes + f.scale_bytes * (stored_min ? 2 : 1);
   f.group_bytes = f.header_bytes + f.group_records * f.record_bytes;
@@ -267,7 +264,7 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
             if (f.stored_min) std::memcpy(group + (kPanelLanes + r) * 2, &rows[r * nb + b].m, 2);
           }
         if (f.codes != PanelCodes::S8) {
-          const int hb = high_bits(f.codes), per_plane = hb ? 4 / hb : 0;
+          const int hb = panel_high_bits(f.codes);
           std::memset(out + 4 * kPanelChunk, 0, static_cast<size_t>(hb) * kPanelChunk);
           for (int c = 0; c < 4; ++c)
             for (int r = 0; r < kPanelLanes; ++r)
@@ -277,9 +274,10 @@ QuantPanels::QuantPanels(const std::vector<const TensorView*>& parts, ThreadPool
                 for (int n = 0; n < 4; ++n) {
                   const int v = code[8 * c + 2 * n + e];
                   w |= static_cast<uint16_t>((v & 0xF) << (4 * n));
-                  if (hb)  // the high bits into the plane (layout in kernels.h)
-                    out[4 * kPanelChunk + (c / per_plane) * kPanelChunk + r * 4 + e * 2 + n / 2] |=
-                        static_cast<uint8_t>((v >> 4) << (2 * hb * (c % per_plane) + hb * (n % 2)));
+                  if (hb) {  // the high bits into the plane (layout in kernels.h)
+                    const PlaneSpot spot = panel_plane_spot(hb, c, r, e, n);
+                    out[spot.byte] |= static_cast<uint8_t>((v >> 4) << spot.shift);
+                  }
                 }
                 std::memcpy(out + c * kPanelChunk + r * 4 + e * 2, &w, 2);
               }
