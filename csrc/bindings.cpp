@@ -13,6 +13,7 @@
 #include "backend/cpu/cpu_features.h"
 #include "cache/radix_tree.h"
 #include "engine/engine.h"
+#include "engine/grammar.h"
 #include "model/llama.h"
 #include "tensor/dequantize.h"
 
@@ -208,6 +209,8 @@ SamplingParams sampling_fields(const py::dict& d) {
   p.stop_token_ids = get_or<std::vector<int32_t>>(d, "stop_token_ids", {});
   p.ignore_eos = get_or<bool>(d, "ignore_eos", false);
   p.pin_prompt = get_or<bool>(d, "pin_prompt", false);
+  if (d.contains("grammar") && !d["grammar"].is_none())
+    p.grammar = d["grammar"].cast<std::shared_ptr<CompiledGrammar>>();
   return p;
 }
 
@@ -313,6 +316,8 @@ py::dict stats_dict(const EngineStats& s) {
   d["spec_verifies"] = s.spec_verifies;
   d["spec_draft_tokens"] = s.spec_draft_tokens;
   d["spec_accepted_tokens"] = s.spec_accepted_tokens;
+  d["grammar_masks"] = s.grammar_masks;
+  d["grammar_mask_seconds"] = s.grammar_mask_seconds;
   d["spec_accepted_by_position"] = s.spec_accepted_by_position;
   return d;
 }
@@ -669,6 +674,42 @@ PYBIND11_MODULE(_C, m) {
            "Appends tokens to the sequence; returns logits [len(tokens) or 1, vocab].")
       .def("reset", &Session::reset)
       .def_property_readonly("length", &Session::length);
+
+  // Structured output (engine/grammar.h): llguidance through its C API, loaded at run time.
+  py::class_<GrammarVocabulary, std::shared_ptr<GrammarVocabulary>>(m, "GrammarVocabulary")
+      .def(py::init([](const std::string& library, const std::vector<py::bytes>& tokens, int32_t eos,
+                       std::vector<int32_t> also_eos) {
+             std::vector<std::string> raw(tokens.begin(), tokens.end());
+             py::gil_scoped_release unlocked;
+             return std::make_shared<GrammarVocabulary>(library, raw, eos, std::move(also_eos));
+           }),
+           py::arg("library"), py::arg("tokens"), py::arg("eos"), py::arg("also_eos") = std::vector<int32_t>{},
+           "library: llguidance's extension module; tokens: each id's bytes (special ones after a 0xFF byte)")
+      .def_property_readonly("vocab_size", &GrammarVocabulary::vocab_size)
+      .def("compile",
+           [](const std::shared_ptr<GrammarVocabulary>& v, const std::string& kind, const std::string& data) {
+             py::gil_scoped_release unlocked;
+             return std::make_shared<CompiledGrammar>(v, kind, data);
+           },
+           py::arg("kind"), py::arg("data"),
+           "kind: json_schema | regex | lark | llguidance. ValueError with the reason when it does not compile.");
+  py::class_<CompiledGrammar, std::shared_ptr<CompiledGrammar>>(m, "Grammar")
+      .def("matcher", [](const CompiledGrammar& g) { return std::shared_ptr<GrammarMatcher>(g.start()); },
+           "A matcher at the start (what the engine walks per choice; here for tests).");
+  py::class_<GrammarMatcher, std::shared_ptr<GrammarMatcher>>(m, "GrammarMatcher")
+      .def("mask", [](GrammarMatcher& g) {
+             py::array_t<uint32_t> out(g.vocabulary().mask_words());
+             g.fill_mask(out.mutable_data());
+             return out;
+           }, "uint32 words, bit t % 32 of word t / 32 set when token t may come next")
+      .def("consume", &GrammarMatcher::consume, py::arg("token"))
+      .def("rollback", &GrammarMatcher::rollback, py::arg("n"))
+      .def("valid_prefix", [](GrammarMatcher& g, const std::vector<int32_t>& t) {
+             return g.valid_prefix(t.data(), static_cast<int>(t.size()));
+           })
+      .def_property_readonly("accepting", &GrammarMatcher::accepting)
+      .def_property_readonly("stopped", &GrammarMatcher::stopped)
+      .def_property_readonly("error", &GrammarMatcher::error);
 
   py::class_<Engine, EnginePtr>(m, "Engine")
       .def(py::init(&make_engine), py::arg("model"), py::arg("config"))

@@ -1,6 +1,7 @@
 #include "engine/engine_core.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cassert>
 #include <cstdio>
 #include <cstring>
@@ -102,6 +103,11 @@ void EngineCore::add_request(int64_t id, std::vector<int32_t> prompt, SamplingPa
   if (r->params.penalised()) {
     r->history = std::make_unique<TokenHistory>();
     r->history->add_prompt(r->tokens, vocab);
+  }
+  if (r->params.grammar) {
+    if (r->params.grammar->vocabulary().vocab_size() != vocab)
+      throw std::invalid_argument("the grammar was compiled for another vocabulary");
+    r->grammar = r->params.grammar->start();
   }
   seed_rng(*r);
   Request* raw = r.get();
@@ -366,6 +372,8 @@ void EngineCore::propose() {
     int room = static_cast<int>(std::min<int64_t>(k, limit - s->num_tokens - 1));
     if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
     if (room > 0) ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
+    if (r.grammar && !s->drafts.empty())  // a draft the grammar refuses could never be kept
+      s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
     if (!weigh) continue;
     // Explore a sequence whose first drafts were never tested, or not for 16 of its steps.
     const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= 16;
@@ -506,13 +514,20 @@ void EngineCore::accept() {
         for (int j = 0; j <= u.drafts; ++j) {
           TokenLogprob lp;
           const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row + j) * V;
-          const int32_t tok = sampler_.sample(lg, V, r.params, r.rng, r.history.get(), r.num_generated + j, eos, &lp);
+          // A grammar's mask is where its matcher stands now: after the tokens kept before row j.
+          const uint32_t* allowed = r.grammar ? grammar_mask(*r.grammar) : nullptr;
+          const int32_t tok =
+              sampler_.sample(lg, V, r.params, r.rng, r.history.get(), r.num_generated + j, eos, &lp, allowed);
+          if (r.grammar && (!token_allowed(allowed, tok) || !r.grammar->consume(tok)))
+            throw std::runtime_error("the grammar left no token to draw: " + r.grammar->error());
           a.tokens.push_back(tok);
           if (r.history) r.history->add_generated(tok, V);  // the next row's penalties count it
           if (r.params.logprobs >= 0) a.logprobs.push_back(std::move(lp));
           if (std::find(stops.begin(), stops.end(), tok) != stops.end() ||
               (!r.params.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end()))
             a.reason = "stop";
+          else if (r.grammar && r.grammar->stopped())
+            a.reason = "stop";  // the grammar is complete: only EOS could follow
           else if ((r.params.max_tokens >= 0 && r.num_generated + j + 1 >= r.params.max_tokens) ||
                    r.seq.num_tokens + j + 1 >= context_limit())
             a.reason = "length";
@@ -544,6 +559,15 @@ void EngineCore::accept() {
       fail_request(r, std::string("engine fault while sampling: ") + e.what());
     }
   }
+}
+
+const uint32_t* EngineCore::grammar_mask(GrammarMatcher& m) {
+  const auto t0 = std::chrono::steady_clock::now();
+  grammar_mask_.resize(static_cast<size_t>(m.vocabulary().mask_words()));
+  m.fill_mask(grammar_mask_.data());
+  ++counters_.grammar_masks;
+  counters_.grammar_mask_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return grammar_mask_.data();
 }
 
 void EngineCore::commit() {
@@ -614,6 +638,7 @@ void EngineCore::fork(Request& parent) {
         c->history = std::make_unique<TokenHistory>();
         c->history->add_prompt(c->tokens, model_->config().vocab_size);
       }
+      if (parent.params.grammar) c->grammar = parent.params.grammar->start();
       seed_rng(*c);
       Request* raw = c.get();
       requests_[raw->seq.id] = std::move(c);

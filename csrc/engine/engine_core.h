@@ -94,6 +94,9 @@ struct EngineStats {
   // verified and accepted, and the accepted ones by position (1st draft, 2nd, ...).
   int64_t spec_verifies = 0, spec_draft_tokens = 0, spec_accepted_tokens = 0;
   std::vector<int64_t> spec_accepted_by_position;
+  // Structured output: allowed-token masks computed, and the time spent computing them.
+  int64_t grammar_masks = 0;
+  double grammar_mask_seconds = 0;
 };
 
 class EngineCore {
@@ -189,6 +192,7 @@ class EngineCore {
   void fork(Request& parent);
   void seed_rng(Request& r);
   void score_prompt_rows(const RowUse& u, const float* hidden);
+  const uint32_t* grammar_mask(GrammarMatcher& m);  // m's allowed tokens now (valid until the next call)
   int64_t context_limit() const;
 
   std::shared_ptr<LlamaModel> model_;
@@ -213,6 +217,7 @@ class EngineCore {
   std::vector<float> sample_hidden_;     // [sample rows, hidden]
   std::vector<float> sample_logits_;     // [sample rows <= max_num_seqs, vocab]
   std::vector<float> prompt_logits_;     // [<= prompt_logit_rows, vocab]
+  std::vector<uint32_t> grammar_mask_;   // [ceil(vocab / 32)] bits
 
   // Automatic draft length: the chance that a draft at position j >= 1 is kept when the one
   // before it was, measured over every sequence.

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "engine/draft_policy.h"
+#include "engine/grammar.h"
 #include "engine/sampler.h"
 #include "engine/scheduler.h"
 
@@ -21,6 +22,7 @@ struct Request {
   SamplingParams params;
   std::mt19937_64 rng;
   std::unique_ptr<TokenHistory> history;  // only when a penalty is asked for
+  std::unique_ptr<GrammarMatcher> grammar; // structured output: where its output stands in the grammar
   bool forked = false;                     // choice 0 of n > 1: the others exist
   bool prompt_logprobs_done = false;
   bool prompt_logprobs_sent = false;

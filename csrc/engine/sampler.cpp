@@ -41,6 +41,16 @@ int32_t argmax(const float* x, int n) {
   return best;
 }
 
+void apply_token_mask(float* x, int n, const uint32_t* allowed) {
+  for (int w = 0; w * 32 < n; ++w) {
+    const uint32_t bits = allowed[w];
+    if (bits == ~0u) continue;
+    const int end = std::min(n, w * 32 + 32);
+    for (int i = w * 32; i < end; ++i)
+      if (!((bits >> (i - w * 32)) & 1u)) x[i] = -INFINITY;
+  }
+}
+
 TokenLogprob token_logprob(const float* x, int n, int32_t token, int k) {
   float m = -INFINITY;
   for (int i = 0; i < n; ++i) m = std::max(m, x[i]);
@@ -83,7 +93,7 @@ double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11)
 
 int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& params, std::mt19937_64& rng,
                         const TokenHistory* history, int num_generated, const std::vector<int32_t>& eos,
-                        TokenLogprob* logprob) {
+                        TokenLogprob* logprob, const uint32_t* allowed) {
   // Temperatures this small are greedy in effect, and dividing by them overflows to inf (NaN
   // probabilities); vLLM draws the same line.
   SamplingParams greedy_copy;
@@ -94,12 +104,13 @@ int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& pa
   }
   const SamplingParams& p = tiny_t ? greedy_copy : params;
   const bool masked = num_generated < p.min_tokens;
-  const bool processed = !p.logit_bias.empty() || (p.penalised() && history) || masked ||
+  const bool processed = allowed || !p.logit_bias.empty() || (p.penalised() && history) || masked ||
                          (p.temperature != 0.f && p.temperature != 1.f);
   const float* x = logits;
   if (processed) {
     work_.assign(logits, logits + vocab);
     float* w = work_.data();
+    if (allowed) apply_token_mask(w, vocab, allowed);
     for (const auto& [tok, bias] : p.logit_bias) w[tok] += bias;
     if (history && p.repetition_penalty != 1.f && !history->seen.empty())
       for (int i = 0; i < vocab; ++i)
@@ -171,11 +182,10 @@ int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& pa
     double r = uniform01(rng) * total;
     chosen = c.back().second;
     for (const auto& e : c) {
+      if (e.first <= 0) continue;  // ruled out (a mask's -inf): never drawn, even at rounding's edge
+      chosen = e.second;
       r -= e.first;
-      if (r < 0) {
-        chosen = e.second;
-        break;
-      }
+      if (r < 0) break;
     }
   }
   if (logprob && p.logprobs >= 0) *logprob = token_logprob(x, vocab, chosen, p.logprobs);

@@ -1,16 +1,20 @@
 #pragma once
-// Turns one row of logits into a token id, the way OpenAI's parameters ask: logit_bias, then
+// Turns one row of logits into a token id, the way OpenAI's parameters ask: a grammar's
+// allowed-token mask (structured output) first, then logit_bias, then
 // repetition / presence / frequency penalties, then EOS masking until min_tokens, then
 // temperature; logprobs are taken here (the log-softmax of these processed logits); finally
 // top-k, top-p and min-p filtering and a draw from the request's own RNG, so a seeded request
 // gives the same tokens whatever else is in the batch. Temperature 0 is greedy.
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 namespace pyserve {
+
+class CompiledGrammar;
 
 struct SamplingParams {
   float temperature = 1.f;  // 0: greedy
@@ -30,6 +34,9 @@ struct SamplingParams {
   int logprobs = -1;        // < 0: none; k >= 0: the sampled token's logprob and the top k
   int prompt_logprobs = -1; // < 0: none; k >= 0: each prompt token's logprob and the top k
   int n = 1;                // choices; they share the prompt's KV pages
+  // Structured output: the tokens each step may draw (null: any). Shared, immutable; each choice
+  // walks its own matcher (request.h).
+  std::shared_ptr<const CompiledGrammar> grammar;
   bool pin_prompt = false;  // MLC's debug_config.pinned_system_prompt: the prompt's pages stay cached until reset
   void validate(int vocab_size) const;  // throws std::invalid_argument naming the parameter
   bool penalised() const { return presence_penalty != 0.f || frequency_penalty != 0.f || repetition_penalty != 1.f; }
@@ -53,10 +60,11 @@ class Sampler {
  public:
   // logits: one row (not modified). history may be null when no penalty is asked for.
   // eos: token ids masked while num_generated < min_tokens. logprob (optional) receives the
-  // sampled token's logprob and top-k when params.logprobs >= 0.
+  // sampled token's logprob and top-k when params.logprobs >= 0. allowed (optional): a bit per
+  // token (bit t of word t / 32); tokens without one are ruled out before anything else.
   int32_t sample(const float* logits, int vocab, const SamplingParams& p, std::mt19937_64& rng,
                  const TokenHistory* history, int num_generated, const std::vector<int32_t>& eos,
-                 TokenLogprob* logprob);
+                 TokenLogprob* logprob, const uint32_t* allowed = nullptr);
 
  private:
   std::vector<float> work_;                            // processed logits
@@ -64,6 +72,9 @@ class Sampler {
 };
 
 int32_t argmax(const float* x, int n);
+// Sets x[t] = -inf for every token t whose bit in `allowed` is clear.
+void apply_token_mask(float* x, int n, const uint32_t* allowed);
+inline bool token_allowed(const uint32_t* allowed, int32_t t) { return (allowed[t >> 5] >> (t & 31)) & 1u; }
 // log-softmax of x at `token`, plus the top k (most likely first).
 TokenLogprob token_logprob(const float* x, int n, int32_t token, int k);
 

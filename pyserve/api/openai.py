@@ -33,8 +33,10 @@ from pyserve.api.generation import (
 )
 from pyserve.engine.detokenizer import TokenStrings
 from pyserve.engine.errors import EngineError, EngineFailed
+from pyserve.engine.grammar import GrammarError
 from pyserve.protocol import responses as R
 from pyserve.protocol.errors import SERVER_ERROR, ProtocolError
+from pyserve.protocol.structured import Constraint
 from pyserve.protocol.requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -216,6 +218,7 @@ async def chat_completions(ctx: ServingContext, request: Request) -> None:
     check_prompt_length(len(prompt_ids), ctx.max_model_len, "messages")
     _check_request_token_ids(ctx, req)
     jobs = [_Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)]
+    await _constrain(ctx, req.constraint, jobs)
     fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, req.n, req.include_usage, req.logprobs is not None)
     await _serve(ctx, request, req, jobs, fmt)
 
@@ -243,6 +246,7 @@ async def completions(ctx: ServingContext, request: Request) -> None:
     _check_request_token_ids(ctx, req)
     for job in jobs:
         job.params = _params(ctx, req, job.prompt_ids)
+    await _constrain(ctx, req.constraint, jobs)
     fmt = _Format(False, R.new_id("cmpl"), R.now(), ctx.model_name, len(jobs) * req.n, req.include_usage, req.logprobs is not None)
     await _serve(ctx, request, req, jobs, fmt)
 
@@ -285,6 +289,29 @@ def _params(ctx: ServingContext, req: GenerationRequest, ids: list[int]) -> Any:
         params.ignore_eos = params.ignore_eos or debug.ignore_eos
         params.pin_prompt = debug.pinned_system_prompt
     return params
+
+
+async def _compile(ctx: ServingContext, constraint: Constraint) -> Any:
+    """The constraint's compiled grammar: from the cache, else compiled off the event loop (a
+    large schema takes a while). A constraint that does not compile is the client's 400."""
+    compiler = getattr(ctx.engine, "grammars", None)
+    if compiler is None:
+        raise ProtocolError("Structured output is not available with this engine.", param=constraint.param)
+    try:
+        hit = compiler.cached(constraint)
+        if hit is not None:
+            return hit
+        return await anyio.to_thread.run_sync(compiler.compile, constraint, limiter=ctx.encode_limiter)
+    except GrammarError as e:
+        raise ProtocolError(f"Invalid '{constraint.param}': {e}", param=constraint.param) from None
+
+
+async def _constrain(ctx: ServingContext, constraint: Constraint | None, jobs: list[_Job]) -> None:
+    if constraint is None:
+        return
+    grammar = await _compile(ctx, constraint)
+    for job in jobs:
+        job.params.grammar = grammar
 
 
 def _usage(jobs: list[_Job], results: list[PromptResult]) -> dict[str, Any]:

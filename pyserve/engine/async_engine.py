@@ -29,6 +29,7 @@ import anyio
 
 from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
 from pyserve.engine.errors import EngineError, EngineFailed
+from pyserve.engine.grammar import GrammarCompiler
 from pyserve.engine.native import engine_options, measure_token_cost, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
@@ -97,6 +98,8 @@ class AsyncEngine:
                      options["spec_token_cost"])
         options["notify_fd"] = self._notify_w.fileno()  # the engine keeps its own dup
         self._engine = _C.Engine(self._c_model, options)
+        # Structured output: constraints compiled against this model's vocabulary, cached.
+        self.grammars = GrammarCompiler(model.tokenizer, model.config.vocab_size, model.eos_token_ids)
         self._live: dict[int, _Mailbox] = {}
         self._ids = itertools.count(1)
         self._closed = False

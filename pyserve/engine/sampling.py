@@ -25,6 +25,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # for echo: every prompt token's logprob and the top k
     n: int = 1  # choices; they share the prompt's KV pages
     pin_prompt: bool = False  # keep the prompt's KV pages cached until the engine is reset (debug)
+    grammar: Any = None  # structured output: a compiled grammar (pyserve/engine/grammar.py), or None
 
     def to_engine(self) -> dict[str, Any]:
         """The dict the C++ engine reads (csrc/bindings.cpp: sampling_from)."""
@@ -47,6 +48,7 @@ class SamplingParams:
             "prompt_logprobs": -1 if self.prompt_logprobs is None else int(self.prompt_logprobs),
             "n": int(self.n),
             "pin_prompt": bool(self.pin_prompt),
+            "grammar": self.grammar,
         }
 
 

@@ -2,7 +2,7 @@
 
 Validation follows OpenAI's documented ranges; every violation is a `ProtocolError` (HTTP 400) that
 names the offending parameter. Unknown fields are ignored, as OpenAI and vLLM do. Fields we know but
-cannot serve yet (tools, a forced tool_choice, JSON response formats, suffix, best_of > n) are
+cannot serve yet (suffix, best_of > n) are
 refused with "not supported yet" rather than silently ignored, so a client never gets output that
 quietly disregards what it asked for.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pyserve.protocol.errors import ProtocolError
+from pyserve.protocol.structured import Constraint, constraint_from_request
 
 _MISSING: Any = object()
 
@@ -310,6 +311,8 @@ class GenerationRequest:
     # MLC's debug_config (honoured only when the server runs with --enable-debug): kept as given,
     # checked by parse_debug_config where it is applied.
     debug_config: Any = None
+    # Structured output (response_format, vLLM's structured_outputs / guided_*): what the text must match.
+    constraint: Constraint | None = None
 
     def _parse_common(self, data: dict) -> None:
         self.model = _opt_str(data, "model")
@@ -337,15 +340,7 @@ class GenerationRequest:
         best_of = _opt_int(data, "best_of", lo=1)
         if best_of is not None and best_of != self.n:
             raise _not_supported("best_of", "'best_of' other than n")
-        fmt = data.get("response_format")
-        if fmt is not None:
-            if not isinstance(fmt, dict):
-                raise _type_error("response_format", "an object", fmt)
-            kind = fmt.get("type", "text")
-            if not isinstance(kind, str):
-                raise _type_error("response_format.type", "a string", kind)
-            if kind != "text":
-                raise _not_supported("response_format", f"response_format type {kind!r}")
+        self.constraint = constraint_from_request(data)
 
     def _check_min_tokens(self) -> None:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
