@@ -2,7 +2,8 @@
 
 Three spellings reach the same `Constraint`:
 - OpenAI's `response_format`: {"type": "text"} (none), {"type": "json_object"} (any JSON object),
-  {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}};
+  {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}; with
+  `strict: true` objects take no properties beyond those named (as OpenAI's strict mode);
 - vLLM's `structured_outputs`: {"json": schema, "regex": str, "choice": [str], "grammar": str
   (GBNF or Lark), "json_object": true}, exactly one of them;
 - vLLM's older top-level `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
@@ -54,6 +55,29 @@ def _schema_text(schema: Any, param: str) -> str:
     return json.dumps(schema, separators=(",", ":"))  # key order kept: properties come out in it
 
 
+def closed_objects(schema: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object schema that does not say
+    otherwise: OpenAI's strict mode (and vLLM's disable_additional_properties). Without it a model
+    may go on inventing keys until max_tokens cuts the JSON short."""
+    if isinstance(schema, list):
+        return [closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: closed_objects(v) if k in _SUBSCHEMAS else v for k, v in schema.items()}
+    for key in ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas"):
+        if isinstance(schema.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in schema[key].items()}
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema \
+            and "patternProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+_SUBSCHEMAS = {"items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else", "contains",
+               "additionalItems", "additionalProperties", "propertyNames", "unevaluatedItems",
+               "unevaluatedProperties"}
+
+
 def _response_format(fmt: Any) -> Constraint | None:
     if not isinstance(fmt, dict):
         raise ProtocolError(f"'response_format' must be an object, got {type(fmt).__name__}.", param="response_format")
@@ -77,6 +101,8 @@ def _response_format(fmt: Any) -> Constraint | None:
                                 param="response_format.json_schema.strict")
         # OpenAI's SDK sends the schema under "schema"; a few clients under "json_schema".
         schema = spec.get("schema", spec.get("json_schema", _ANY_OBJECT))
+        if strict:
+            schema = closed_objects(json.loads(_schema_text(schema, "response_format.json_schema.schema")))
         return Constraint("json_schema", _schema_text(schema, "response_format.json_schema.schema"))
     raise ProtocolError(
         f"'response_format.type' must be one of 'text', 'json_object', 'json_schema', got {kind!r}.",
@@ -90,9 +116,10 @@ def _choice_text(choices: Any, param: str) -> str:
     return json.dumps(choices)
 
 
-def _vllm(kind: str, value: Any, param: str) -> Constraint:
+def _vllm(kind: str, value: Any, param: str, closed: bool = False) -> Constraint:
     if kind == "json":
-        return Constraint("json_schema", _schema_text(value, param), param)
+        text = _schema_text(value, param)
+        return Constraint("json_schema", _schema_text(closed_objects(json.loads(text)), param) if closed else text, param)
     if kind == "json_object":
         if value is not True:
             raise ProtocolError(f"'{param}' must be true when given.", param=param)
@@ -126,7 +153,8 @@ def constraint_from_request(data: dict[str, Any]) -> Constraint | None:
             raise ProtocolError(f"'structured_outputs' takes one of json, regex, choice, grammar, json_object; "
                                 f"got {', '.join(given)}.", param="structured_outputs")
         if given:
-            found.append(_vllm(given[0], so[given[0]], f"structured_outputs.{given[0]}"))
+            closed = so.get("disable_additional_properties") is True
+            found.append(_vllm(given[0], so[given[0]], f"structured_outputs.{given[0]}", closed))
     for field, kind in _GUIDED.items():
         if data.get(field) is not None:
             found.append(_vllm(kind, data[field], field))
