@@ -341,7 +341,8 @@ def test_validation_through_the_sdk(client):
     bad_request(lambda: chat(client, extra_body={"stop": 5}), "stop")
     bad_request(lambda: chat(client, extra_body={"min_tokens": -1}), "min_tokens")
     bad_request(lambda: complete(client, extra_body={"echo": "yes"}), "echo")
-    bad_request(lambda: chat(client, tools=[{"type": "function", "function": {"name": "f"}}]), "tools")
+    bad_request(lambda: chat(client, tools=[{"type": "function", "function": {"name": "f", "parameters": []}}]),
+                "tools[0].function.parameters")
     bad_request(lambda: chat(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}), "response_format")
     # unknown fields are ignored; a text response_format asks for nothing special
     assert chat(client, extra_body={"some_new_field": {"x": 1}}, response_format={"type": "text"}).choices

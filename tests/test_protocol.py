@@ -180,7 +180,9 @@ def test_bad_messages_name_the_param(data, param):
         ("logit_bias", []),
         ("response_format", {"type": "json_schema"}),
         ("response_format", {"type": "xml"}),
-        ("tools", [{"type": "function", "function": {"name": "f"}}]),
+        ("tools", [{"type": "function", "function": {"name": "f g"}}]),
+        ("tools", {"type": "function"}),
+        ("tools", [{"type": "retrieval"}]),
         ("logprobs", 1),
         ("logprobs", "yes"),
         ("top_logprobs", 2),  # without logprobs=true
@@ -188,7 +190,8 @@ def test_bad_messages_name_the_param(data, param):
         ("tool_choice", "required"),
         ("tool_choice", {"type": "function", "function": {"name": "f"}}),
         ("tool_choice", 3),
-        ("function_call", {"name": "f"}),
+        ("function_call", {"name": "f"}),  # no such function
+        ("tool_choice", "sometimes"),
         ("response_format", {"type": 3}),
         ("response_format", "text"),
         ("min_tokens", -1),

@@ -31,6 +31,7 @@ from pyserve.api.generation import (
     prompt_entries,
     run_prompt,
 )
+from pyserve.api.tools import ToolPlan, ToolStream, chat_messages, plan_tools, tool_message
 from pyserve.engine.detokenizer import TokenStrings
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.grammar import GrammarError
@@ -168,6 +169,7 @@ class _Format:
     n_choices: int
     include_usage: bool
     logprobs: bool
+    tools: ToolPlan | None = None  # chat with tools: replies are parsed into tool_calls
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.chat:
@@ -188,10 +190,12 @@ class _Format:
             return []
         return [self._chunk([R.chat_chunk_choice(i, role="assistant", content="")]) for i in range(self.n_choices)]
 
-    def text_chunk(self, index: int, text: str, entries: list[R.LogprobEntry] | None = None) -> dict[str, Any]:
+    def text_chunk(self, index: int, text: str, entries: list[R.LogprobEntry] | None = None,
+                   tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         lp = self._logprobs(entries)
         if self.chat:
-            return self._chunk([R.chat_chunk_choice(index, content=text, logprobs=lp)])
+            return self._chunk([R.chat_chunk_choice(index, content=text if text or not tool_calls else None,
+                                                    logprobs=lp, tool_calls=tool_calls)])
         return self._chunk([R.completion_choice(index, text, None, lp)])
 
     def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
@@ -204,7 +208,15 @@ class _Format:
 
     def response(self, choices: list[tuple[str, str, list[R.LogprobEntry] | None]], usage: dict[str, Any]) -> dict[str, Any]:
         if self.chat:
-            objs = [R.chat_choice(i, text, reason, self._logprobs(lp)) for i, (text, reason, lp) in enumerate(choices)]
+            objs = []
+            for i, (text, reason, lp) in enumerate(choices):
+                if self.tools is None:
+                    objs.append(R.chat_choice(i, text, reason, self._logprobs(lp)))
+                    continue
+                content, calls = tool_message(text, self.tools)
+                if calls and reason == "stop":
+                    reason = "tool_calls"
+                objs.append(R.chat_choice(i, content, reason, self._logprobs(lp), calls))
             return R.chat_completion(self.id, self.created, self.model, objs, usage)
         objs = [R.completion_choice(i, text, reason, self._logprobs(lp)) for i, (text, reason, lp) in enumerate(choices)]
         return R.completion(self.id, self.created, self.model, objs, usage)
@@ -214,12 +226,18 @@ async def chat_completions(ctx: ServingContext, request: Request) -> None:
     ctx.check_ready()
     req = ChatCompletionRequest.from_json(parse_json_object(await request.body(ctx.max_body_bytes)))
     ctx.check_model(req.model)
-    prompt_ids = await _chat_prompt_ids(ctx, req.messages)
+    template = ctx.engine.model.chat_template
+    plan = plan_tools(req, template, ctx.tokenizer)
+    messages, extra = chat_messages(req, template)
+    prompt_ids = await _chat_prompt_ids(ctx, messages, **extra)
     check_prompt_length(len(prompt_ids), ctx.max_model_len, "messages")
     _check_request_token_ids(ctx, req)
     jobs = [_Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)]
-    await _constrain(ctx, req.constraint, jobs)
-    fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, req.n, req.include_usage, req.logprobs is not None)
+    await _constrain(ctx, req.constraint or (plan.constraint if plan else None), jobs)
+    if plan is not None and plan.keep_special:
+        req.skip_special_tokens = False  # a marker the parser needs is a special token
+    fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, req.n, req.include_usage,
+                  req.logprobs is not None, plan)
     await _serve(ctx, request, req, jobs, fmt)
 
 
@@ -265,9 +283,9 @@ async def _encode(ctx: ServingContext, text: str, *, add_special_tokens: bool) -
     return list(ids)
 
 
-async def _chat_prompt_ids(ctx: ServingContext, messages: list[dict[str, Any]]) -> list[int]:
+async def _chat_prompt_ids(ctx: ServingContext, messages: list[dict[str, Any]], **extra: Any) -> list[int]:
     try:
-        text = ctx.engine.model.chat_template.render(messages, add_generation_prompt=True)
+        text = ctx.engine.model.chat_template.render(messages, add_generation_prompt=True, **extra)
     except (ValueError, jinja2.TemplateError) as e:  # ChatTemplateError is a ValueError
         raise ProtocolError(f"Could not apply the chat template: {e}", param="messages") from None
     # The template writes BOS itself when the model wants one; never add a second (as vLLM does).
@@ -347,6 +365,7 @@ class _StreamSink(Sink):
     def __init__(self, stream: EventStream, fmt: _Format, ctx: ServingContext, job: _Job) -> None:
         self.stream, self.fmt, self.ctx, self.job = stream, fmt, ctx, job
         self.echo_len = len(job.echo_text) if job.echo_text is not None else 0
+        self.tool_streams: dict[int, ToolStream] = {}
 
     async def start(self, choice: int, prompt_logprobs: list[R.LogprobEntry] | None) -> None:
         if self.job.echo_text is not None:
@@ -355,10 +374,26 @@ class _StreamSink(Sink):
     async def delta(self, choice: int, text: str, logprobs: list[R.LogprobEntry] | None) -> None:
         if self.echo_len and logprobs:
             logprobs = [replace(e, text_offset=e.text_offset + self.echo_len) for e in logprobs]
+        if self.fmt.tools is not None:
+            await self._tool_delta(choice, text, logprobs)
+            return
         await self.stream.send(self.fmt.text_chunk(self.job.first + choice, text, logprobs))
 
+    async def _tool_delta(self, choice: int, text: str, logprobs: list[R.LogprobEntry] | None,
+                          final: bool = False) -> None:
+        assert self.fmt.tools is not None
+        ts = self.tool_streams.setdefault(choice, ToolStream(self.fmt.tools))
+        content, calls = ts.feed(text, final)
+        if content or calls or logprobs:
+            await self.stream.send(self.fmt.text_chunk(self.job.first + choice, content, logprobs, calls))
+
     async def finish(self, choice: int, result: ChoiceResult) -> None:
-        await self.stream.send(self.fmt.finish_chunk(self.job.first + choice, result.finish_reason))
+        reason = result.finish_reason
+        if self.fmt.tools is not None:
+            await self._tool_delta(choice, "", None, final=True)
+            if self.tool_streams[choice].called and reason == "stop":
+                reason = "tool_calls"
+        await self.stream.send(self.fmt.finish_chunk(self.job.first + choice, reason))
 
 
 async def _serve(

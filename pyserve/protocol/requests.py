@@ -393,6 +393,12 @@ class ChatCompletionRequest(GenerationRequest):
     # Normalized for the chat template: {"role": str, "content": str, ...name/tool_calls kept}.
     messages: list[dict[str, Any]] = field(default_factory=list)
     max_completion_tokens: int | None = None
+    # Tool calling: OpenAI's function tools ({"type": "function", "function": {...}}), the choice
+    # ("none" | "auto" | "required" | {"type": "function", "function": {"name"}}) and whether a
+    # reply may call several. Legacy `functions` / `function_call` arrive here as tools too.
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "none"
+    parallel_tool_calls: bool = True
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ChatCompletionRequest":
@@ -409,23 +415,79 @@ class ChatCompletionRequest(GenerationRequest):
         if top is not None and not want:
             raise ProtocolError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
         req.logprobs = (top or 0) if want else None
-        _refuse_tools(data)
+        req.tools, req.tool_choice = _tools(data)
+        req.parallel_tool_calls = _opt_bool(data, "parallel_tool_calls", True)
+        if req.constraint is not None and req.tool_choice not in ("none", "auto"):
+            raise ProtocolError(f"'{req.constraint.param}' cannot be combined with a tool_choice that forces a call.",
+                                param="tool_choice")
         return req
 
 
-def _refuse_tools(data: dict) -> None:
-    """Tool calling is a later issue: refuse what would need it, allow what does not."""
-    if data.get("tools"):
-        raise _not_supported("tools", "Tool calling ('tools')")
-    if data.get("functions"):
-        raise _not_supported("functions", "Function calling ('functions')")
-    for name in ("tool_choice", "function_call"):
-        choice = data.get(name)
-        if choice is None or choice in ("none", "auto"):
-            continue  # nothing to call: both mean "answer in text"
-        if not isinstance(choice, (str, dict)):
-            raise _type_error(name, "a string or an object", choice)
-        raise _not_supported(name, f"{name} {choice!r}")
+_FUNCTION_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _function(fn: Any, where: str) -> dict[str, Any]:
+    if not isinstance(fn, dict):
+        raise _type_error(where, "a function object", fn)
+    name = fn.get("name")
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise ProtocolError(f"'{where}.name' must be 1-64 letters, digits, '_', '.' or '-', got {name!r}.",
+                            param=f"{where}.name")
+    if fn.get("description") is not None and not isinstance(fn["description"], str):
+        raise _type_error(f"{where}.description", "a string", fn["description"])
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise _type_error(f"{where}.parameters", "a JSON schema object", params)
+    if fn.get("strict") is not None and not isinstance(fn["strict"], bool):
+        raise _type_error(f"{where}.strict", "a boolean", fn["strict"])
+    return {k: fn[k] for k in ("name", "description", "parameters", "strict") if fn.get(k) is not None}
+
+
+def _tools(data: dict) -> tuple[list[dict[str, Any]], str | dict[str, Any]]:
+    """(tools, tool_choice) from `tools` / `tool_choice`, or the legacy `functions` /
+    `function_call`. tool_choice defaults to "auto" with tools and "none" without (OpenAI)."""
+    tools: list[dict[str, Any]] = []
+    if data.get("tools") is not None:
+        raw = data["tools"]
+        if not isinstance(raw, list):
+            raise _type_error("tools", "an array of tools", raw)
+        for i, tool in enumerate(raw):
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+                raise ProtocolError(f"'tools[{i}]' must be a function tool ({{\"type\": \"function\", ...}}).",
+                                    param=f"tools[{i}]")
+            tools.append({"type": "function", "function": _function(tool.get("function"), f"tools[{i}].function")})
+    elif data.get("functions") is not None:
+        raw = data["functions"]
+        if not isinstance(raw, list):
+            raise _type_error("functions", "an array of functions", raw)
+        tools = [{"type": "function", "function": _function(f, f"functions[{i}]")} for i, f in enumerate(raw)]
+    names = [t["function"]["name"] for t in tools]
+    if len(set(names)) != len(names):
+        raise ProtocolError("Function names in 'tools' must be unique.", param="tools")
+    param, choice = "tool_choice", data.get("tool_choice")
+    if choice is None and data.get("function_call") is not None:
+        param, choice = "function_call", data["function_call"]
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+    if choice is None:
+        return tools, ("auto" if tools else "none")
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise ProtocolError(f"'{param}' must be 'none', 'auto', 'required' or a named function, got {choice!r}.",
+                                param=param)
+        if choice == "required" and not tools:
+            raise ProtocolError(f"'{param}' is 'required' but no tools were given.", param=param)
+        return tools, choice
+    if not isinstance(choice, dict):
+        raise _type_error(param, "a string or an object", choice)
+    fn = choice.get("function")
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if choice.get("type") != "function" or not isinstance(name, str):
+        raise ProtocolError(f"'{param}' must name a function: {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.",
+                            param=param)
+    if name not in names:
+        raise ProtocolError(f"'{param}' names the function {name!r}, which is not in 'tools'.", param=param)
+    return tools, {"type": "function", "function": {"name": name}}
 
 
 def _messages(data: dict) -> list[dict[str, Any]]:

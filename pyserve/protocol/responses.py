@@ -118,16 +118,15 @@ def completion_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 
 
 def chat_choice(
-    index: int, content: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+    index: int, content: str | None, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     # OpenAI's schema requires `refusal` on every message (null: the model did not refuse); typed
     # clients generated from that schema reject a message without it.
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": content, "refusal": None},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def _generation_object(
@@ -160,12 +159,15 @@ def chat_chunk_choice(
     role: str | None = None,
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role is not None:
         delta["role"] = role
     if content is not None:
         delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
