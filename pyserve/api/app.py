@@ -31,7 +31,7 @@ from typing import Any, AsyncIterator
 import anyio
 from anyio.abc import TaskStatus
 
-from pyserve.api import openai
+from pyserve.api import openai, responses_api
 from pyserve.api.asgi import (
     DEFAULT_MAX_BODY_BYTES,
     ClientDisconnected,
@@ -49,6 +49,7 @@ from pyserve.api.debug import DebugRoutes
 from pyserve.api.instrument import InstrumentedEngine, RequestAccount, current_account
 from pyserve.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from pyserve.api.metrics import ServingMetrics
+from pyserve.api.response_store import ResponseStore
 from pyserve.api.router import Router
 from pyserve.protocol.errors import INVALID_REQUEST, SERVER_ERROR, ProtocolError
 from pyserve.protocol.requests import OutputLimits
@@ -106,6 +107,13 @@ class App:
         self.router.add(
             "POST", "/v1/chat/completions", self._generation(functools.partial(openai.chat_completions, ctx))
         )
+        # OpenAI's Responses API; its store lives as long as the app (bounded, in memory).
+        self.responses = ResponseStore()
+        self.router.add("POST", "/v1/responses",
+                        self._generation(functools.partial(responses_api.create_response, ctx, self.responses)))
+        self.router.add("GET", "/v1/responses/{response_id}", functools.partial(responses_api.get_response, self.responses))
+        self.router.add("DELETE", "/v1/responses/{response_id}",
+                        functools.partial(responses_api.delete_response, self.responses))
         if enable_debug:
             DebugRoutes(engine, self.metrics).mount(self.router)
 

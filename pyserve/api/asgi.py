@@ -103,9 +103,12 @@ class EventStream:
     plain HTTP error. Concurrent writers (one per choice) are serialized by a lock.
     """
 
-    def __init__(self, request: Request, on_start: Callable[[], list[Any]] | None = None) -> None:
+    def __init__(self, request: Request, on_start: Callable[[], list[Any]] | None = None, *,
+                 done_marker: bool = True, named: bool = False) -> None:
         self._request = request
         self._on_start = on_start  # events to send right after the headers (e.g. role chunks)
+        self._done_marker = done_marker  # Chat / Completions end with [DONE]; the Responses API does not
+        self._named = named  # an `event: <obj["type"]>` line before each data line (the Responses API)
         self._lock = anyio.Lock(fast_acquire=True)  # no trip through the event loop when free
         self.started = False
         self.closed = False
@@ -113,14 +116,21 @@ class EventStream:
     async def send(self, obj: Any) -> None:
         async with self._lock:
             await self._ensure_started()
-            await self._write(b"data: " + dumps(obj) + b"\n\n")
+            await self._write(self._event(obj))
+
+    def _event(self, obj: Any) -> bytes:
+        data = b"data: " + dumps(obj) + b"\n\n"
+        if self._named and isinstance(obj, dict) and isinstance(obj.get("type"), str):
+            return b"event: " + obj["type"].encode() + b"\n" + data
+        return data
 
     async def close(self) -> None:
         async with self._lock:
             if self.closed:
                 return
             await self._ensure_started()
-            await self._write(b"data: [DONE]\n\n")
+            if self._done_marker:
+                await self._write(b"data: [DONE]\n\n")
             await self._request.send({"type": "http.response.body", "body": b"", "more_body": False})
             self.closed = True
 
@@ -140,7 +150,7 @@ class EventStream:
             }
         )
         for obj in self._on_start() if self._on_start else ():
-            await self._write(b"data: " + dumps(obj) + b"\n\n")
+            await self._write(self._event(obj))
 
     async def _write(self, data: bytes) -> None:
         await self._request.send({"type": "http.response.body", "body": data, "more_body": True})

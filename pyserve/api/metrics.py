@@ -217,6 +217,11 @@ class ServingMetrics:
             ReadCounterByPosition("spec_decode_num_accepted_tokens_per_pos",
                                   "Draft tokens accepted, by their position in the draft (0: the first).", labels,
                                   stat("spec_accepted_by_position")),
+            ReadCounter("structured_output_masks_total",
+                        "Allowed-token masks computed for constrained sequences (one per token drawn).", labels,
+                        stat("grammar_masks")),
+            ReadCounter("structured_output_mask_seconds_total", "Time spent computing allowed-token masks.",
+                        labels, stat("grammar_mask_seconds")),
         ]
         self.request_success = Counter(
             "request_success_total", "Count of finished requests, by finish reason (abort: cancelled or client gone).",
