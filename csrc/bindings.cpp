@@ -703,7 +703,6 @@ PYBIND11_MODULE(_C, m) {
              return out;
            }, "uint32 words, bit t % 32 of word t / 32 set when token t may come next")
       .def("consume", &GrammarMatcher::consume, py::arg("token"))
-      .def("rollback", &GrammarMatcher::rollback, py::arg("n"))
       .def("valid_prefix", [](GrammarMatcher& g, const std::vector<int32_t>& t) {
              return g.valid_prefix(t.data(), static_cast<int>(t.size()));
            })

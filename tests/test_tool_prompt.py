@@ -76,13 +76,23 @@ def test_tools_render_as_transformers_renders_them(messages) -> None:
     req = request(messages)
     template = ChatTemplate(HERMES_TEMPLATE, "<s>", "</s>")
     msgs, extra = chat_messages(req, template)
-    assert msgs is req.messages and extra == {"tools": req.tools}
+    assert extra == {"tools": req.tools}
     ours = template.render(msgs, add_generation_prompt=True, **extra)
     hf = tm.hf_gguf_tokenizer(default_model_path())
     theirs = hf.apply_chat_template(req.messages, tools=req.tools, chat_template=HERMES_TEMPLATE, tokenize=False,
                                     add_generation_prompt=True)
     assert ours == theirs
     assert '"name": "get_weather"' in ours
+
+
+def test_earlier_call_arguments_reach_the_template_as_objects() -> None:
+    """OpenAI sends arguments as JSON text; templates write `arguments | tojson` (Qwen's, Llama's):
+    the text must not be encoded a second time."""
+    template = ChatTemplate("{{ tools | length }}{% for m in messages %}{% for c in m.tool_calls or [] %}"
+                            "{{ c.function.arguments | tojson }};{% endfor %}{% endfor %}", None, None)
+    msgs, extra = chat_messages(request(), template)
+    assert template.render(msgs, add_generation_prompt=False, **extra) == '2{"city": "Oslo"};{"city": "Rome"};'
+    assert request().messages[2]["tool_calls"][0]["function"]["arguments"] == '{"city": "Oslo"}'  # untouched
 
 
 def test_templates_without_tools_get_the_fallback_prompt_and_rewritten_turns() -> None:

@@ -75,6 +75,8 @@ void EngineCore::check_request(int64_t id, const std::vector<int32_t>& prompt, c
     if (t < 0 || t >= vocab)
       throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary [0, " +
                                   std::to_string(vocab) + ")");
+  if (params.grammar && params.grammar->vocabulary().vocab_size() != vocab)
+    throw std::invalid_argument("the grammar was compiled for another vocabulary");
   const int64_t limit = context_limit();
   if (static_cast<int64_t>(prompt.size()) >= limit)
     throw std::invalid_argument("the prompt has " + std::to_string(prompt.size()) +
@@ -104,11 +106,7 @@ void EngineCore::add_request(int64_t id, std::vector<int32_t> prompt, SamplingPa
     r->history = std::make_unique<TokenHistory>();
     r->history->add_prompt(r->tokens, vocab);
   }
-  if (r->params.grammar) {
-    if (r->params.grammar->vocabulary().vocab_size() != vocab)
-      throw std::invalid_argument("the grammar was compiled for another vocabulary");
-    r->grammar = r->params.grammar->start();
-  }
+  if (r->params.grammar) r->grammar = r->params.grammar->start();
   seed_rng(*r);
   Request* raw = r.get();
   const int n = std::max(r->params.n, 1);
@@ -515,9 +513,12 @@ void EngineCore::accept() {
           TokenLogprob lp;
           const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row + j) * V;
           // A grammar's mask is where its matcher stands now: after the tokens kept before row j.
-          const uint32_t* allowed = r.grammar ? grammar_mask(*r.grammar) : nullptr;
+          bool more = true;  // the grammar allows something besides EOS
+          const uint32_t* allowed = r.grammar ? grammar_mask(*r.grammar, &more) : nullptr;
+          // A complete grammar ends the choice even before min_tokens (masking EOS would leave nothing).
+          const int generated = more ? r.num_generated + j : std::max(r.params.min_tokens, r.num_generated + j);
           const int32_t tok =
-              sampler_.sample(lg, V, r.params, r.rng, r.history.get(), r.num_generated + j, eos, &lp, allowed);
+              sampler_.sample(lg, V, r.params, r.rng, r.history.get(), generated, eos, &lp, allowed);
           if (r.grammar && (!token_allowed(allowed, tok) || !r.grammar->consume(tok)))
             throw std::runtime_error("the grammar left no token to draw: " + r.grammar->error());
           a.tokens.push_back(tok);
@@ -561,10 +562,10 @@ void EngineCore::accept() {
   }
 }
 
-const uint32_t* EngineCore::grammar_mask(GrammarMatcher& m) {
+const uint32_t* EngineCore::grammar_mask(GrammarMatcher& m, bool* more) {
   const auto t0 = std::chrono::steady_clock::now();
   grammar_mask_.resize(static_cast<size_t>(m.vocabulary().mask_words()));
-  m.fill_mask(grammar_mask_.data());
+  *more = m.fill_mask(grammar_mask_.data());
   ++counters_.grammar_masks;
   counters_.grammar_mask_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return grammar_mask_.data();

@@ -192,7 +192,8 @@ class EngineCore {
   void fork(Request& parent);
   void seed_rng(Request& r);
   void score_prompt_rows(const RowUse& u, const float* hidden);
-  const uint32_t* grammar_mask(GrammarMatcher& m);  // m's allowed tokens now (valid until the next call)
+  // m's allowed tokens now (valid until the next call); *more: anything besides EOS.
+  const uint32_t* grammar_mask(GrammarMatcher& m, bool* more);
   int64_t context_limit() const;
 
   std::shared_ptr<LlamaModel> model_;

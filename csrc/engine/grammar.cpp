@@ -42,7 +42,7 @@ union ConstraintInit {
   alignas(8) unsigned char bytes[1024];
 };
 static_assert(offsetof(ConstraintInitHead, log_stderr_level) == 12, "LlgConstraintInit layout");
-static_assert(offsetof(TokenizerInit, token_lens) == 8, "LlgTokenizerInit layout");
+static_assert(offsetof(TokenizerInit, token_lens) == 8 && sizeof(TokenizerInit) == 72, "LlgTokenizerInit layout");
 
 }  // namespace
 
@@ -60,7 +60,6 @@ struct GrammarLibrary {
   size_t (*matcher_get_mask_byte_size)(const void*) = nullptr;
   int32_t (*matcher_consume_token)(void*, uint32_t) = nullptr;
   int32_t (*matcher_validate_tokens)(void*, const uint32_t*, size_t) = nullptr;
-  int32_t (*matcher_rollback)(void*, size_t) = nullptr;
   bool (*matcher_is_accepting)(void*) = nullptr;
   bool (*matcher_is_stopped)(const void*) = nullptr;
 
@@ -90,7 +89,6 @@ struct GrammarLibrary {
     lib->bind(lib->matcher_get_mask_byte_size, "llg_matcher_get_mask_byte_size");
     lib->bind(lib->matcher_consume_token, "llg_matcher_consume_token");
     lib->bind(lib->matcher_validate_tokens, "llg_matcher_validate_tokens");
-    lib->bind(lib->matcher_rollback, "llg_matcher_rollback");
     lib->bind(lib->matcher_is_accepting, "llg_matcher_is_accepting");
     lib->bind(lib->matcher_is_stopped, "llg_matcher_is_stopped");
     opened[path] = lib;
@@ -191,7 +189,7 @@ uint32_t GrammarMatcher::map_eos(int32_t token) const {
                                                                    : static_cast<uint32_t>(token);
 }
 
-void GrammarMatcher::fill_mask(uint32_t* mask) {
+bool GrammarMatcher::fill_mask(uint32_t* mask) {
   const GrammarLibrary& lib = *vocab_->lib_;
   if (lib.matcher_compute_mask_into(matcher_, mask, static_cast<size_t>(vocab_->mask_words()) * 4) != 0)
     throw std::runtime_error("grammar: " + error());
@@ -201,6 +199,18 @@ void GrammarMatcher::fill_mask(uint32_t* mask) {
     if (eos_ok) mask[t >> 5] |= 1u << (t & 31);
     else mask[t >> 5] &= ~(1u << (t & 31));
   }
+  if (!eos_ok) return true;
+  // Anything allowed besides the EOS ids?
+  const int words = vocab_->mask_words();
+  for (int w = 0; w < words; ++w) {
+    uint32_t bits = mask[w];
+    if (!bits) continue;
+    if ((eos >> 5) == w) bits &= ~(1u << (eos & 31));
+    for (int32_t t : vocab_->also_eos_)
+      if ((t >> 5) == w) bits &= ~(1u << (t & 31));
+    if (bits) return true;
+  }
+  return false;
 }
 
 bool GrammarMatcher::consume(int32_t token) {
@@ -216,11 +226,6 @@ int GrammarMatcher::valid_prefix(const int32_t* tokens, int n) {
   }
   const int32_t ok = vocab_->lib_->matcher_validate_tokens(matcher_, ids.data(), ids.size());
   return ok < 0 ? 0 : std::min(ok, n);
-}
-
-void GrammarMatcher::rollback(int n) {
-  if (n > 0 && vocab_->lib_->matcher_rollback(matcher_, static_cast<size_t>(n)) != 0)
-    throw std::runtime_error("grammar: rollback failed: " + error());
 }
 
 bool GrammarMatcher::accepting() { return vocab_->lib_->matcher_is_accepting(matcher_); }

@@ -11,7 +11,7 @@
 //   CompiledGrammar    a grammar checked and compiled once (Python caches them per schema);
 //                      immutable: each choice of each request starts its own matcher from it
 //   GrammarMatcher     one sequence's position in its grammar: the allowed-token mask, consume,
-//                      rollback (speculative drafts), accepting / stopped
+//                      the drafts it would accept, accepting / stopped
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -81,15 +81,14 @@ class GrammarMatcher {
   GrammarMatcher& operator=(const GrammarMatcher&) = delete;
 
   // mask: [mask_words] bits, bit t of word t / 32 set when token t may come next. Every also_eos
-  // id gets the EOS bit. Throws std::runtime_error when the matcher is in an error state.
-  void fill_mask(uint32_t* mask);
+  // id gets the EOS bit. Returns false when nothing but EOS may come (the grammar is complete).
+  // Throws std::runtime_error when the matcher is in an error state.
+  bool fill_mask(uint32_t* mask);
   // Advances by one token (an also_eos id counts as EOS). False when the grammar rejects it (the
   // matcher is then in an error state; error() says why).
   bool consume(int32_t token);
   // How many of tokens, in order, the grammar would accept from here (nothing is consumed).
   int valid_prefix(const int32_t* tokens, int n);
-  // Undoes the last n consumed tokens.
-  void rollback(int n);
   bool accepting();       // the text so far is a complete match
   bool stopped() const;   // nothing but EOS may follow (or the matcher failed)
   std::string error();    // empty when fine

@@ -124,6 +124,11 @@ class EventStream:
             return b"event: " + obj["type"].encode() + b"\n" + data
         return data
 
+    async def start(self) -> None:
+        """Sends the headers (and the on_start events) now rather than with the first event."""
+        async with self._lock:
+            await self._ensure_started()
+
     async def close(self) -> None:
         async with self._lock:
             if self.closed:

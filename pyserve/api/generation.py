@@ -86,7 +86,7 @@ def build_sampling_params(
 @dataclass
 class ChoiceResult:
     text: str  # the whole text when generated without a sink, else ""
-    finish_reason: str  # "stop" | "length" | "abort" (| "tool_calls" later)
+    finish_reason: str  # "stop" | "length" | "abort" (tool calls are the caller's reading of "stop")
     completion_tokens: int
     logprobs: list[LogprobEntry] | None = None  # the generated tokens' (without a sink); None: not asked
 

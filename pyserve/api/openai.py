@@ -101,6 +101,12 @@ class ServingContext:
         Made on first use, inside the serving loop."""
         return anyio.CapacityLimiter(1)
 
+    @functools.cached_property
+    def compile_limiter(self) -> anyio.CapacityLimiter:
+        """One grammar compilation at a time off the event loop (its own queue: a large schema
+        does not hold up other requests' tokenization)."""
+        return anyio.CapacityLimiter(1)
+
     @property
     def generation_defaults(self) -> dict[str, Any]:
         return dict(getattr(self.engine.model, "generation_defaults", None) or {})
@@ -169,7 +175,7 @@ class _Format:
     n_choices: int
     include_usage: bool
     logprobs: bool
-    tools: ToolPlan | None = None  # chat with tools: replies are parsed into tool_calls
+    tool_plan: ToolPlan | None = None  # chat with tools: replies are parsed into tool_calls
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         if self.chat:
@@ -194,8 +200,18 @@ class _Format:
                    tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         lp = self._logprobs(entries)
         if self.chat:
-            return self._chunk([R.chat_chunk_choice(index, content=text if text or not tool_calls else None,
-                                                    logprobs=lp, tool_calls=tool_calls)])
+            content = text if text or not tool_calls else None
+            if tool_calls and self.tool_plan is not None and self.tool_plan.legacy:
+                # legacy `functions`: the one call's name and argument pieces as `function_call`
+                fn: dict[str, Any] = {}
+                for d in tool_calls:
+                    if d.get("index", 0) == 0:
+                        f = d.get("function") or {}
+                        if f.get("name"):
+                            fn["name"] = f["name"]
+                        fn["arguments"] = fn.get("arguments", "") + (f.get("arguments") or "")
+                return self._chunk([R.chat_chunk_choice(index, content=content, logprobs=lp, function_call=fn or None)])
+            return self._chunk([R.chat_chunk_choice(index, content=content, logprobs=lp, tool_calls=tool_calls)])
         return self._chunk([R.completion_choice(index, text, None, lp)])
 
     def finish_chunk(self, index: int, finish_reason: str) -> dict[str, Any]:
@@ -210,10 +226,15 @@ class _Format:
         if self.chat:
             objs = []
             for i, (text, reason, lp) in enumerate(choices):
-                if self.tools is None:
+                if self.tool_plan is None:
                     objs.append(R.chat_choice(i, text, reason, self._logprobs(lp)))
                     continue
-                content, calls = tool_message(text, self.tools)
+                content, calls = tool_message(text, self.tool_plan)
+                if self.tool_plan.legacy:
+                    fc = calls[0]["function"] if calls else None
+                    objs.append(R.chat_choice(i, content, "function_call" if fc and reason == "stop" else reason,
+                                              self._logprobs(lp), function_call=fc))
+                    continue
                 if calls and reason == "stop":
                     reason = "tool_calls"
                 objs.append(R.chat_choice(i, content, reason, self._logprobs(lp), calls))
@@ -226,19 +247,26 @@ async def chat_completions(ctx: ServingContext, request: Request) -> None:
     ctx.check_ready()
     req = ChatCompletionRequest.from_json(parse_json_object(await request.body(ctx.max_body_bytes)))
     ctx.check_model(req.model)
+    job, plan = await prepare_chat(ctx, req)
+    fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, req.n, req.include_usage,
+                  req.logprobs is not None, plan)
+    await _serve(ctx, request, req, [job], fmt)
+
+
+async def prepare_chat(ctx: ServingContext, req: ChatCompletionRequest, prompt_param: str = "messages") -> tuple[_Job, ToolPlan | None]:
+    """A chat request made ready to run: its tools planned, its prompt rendered and tokenized and
+    checked, its sampling parameters (and grammar, if any) set. Chat and the Responses API share it."""
     template = ctx.engine.model.chat_template
     plan = plan_tools(req, template, ctx.tokenizer)
     messages, extra = chat_messages(req, template)
     prompt_ids = await _chat_prompt_ids(ctx, messages, **extra)
-    check_prompt_length(len(prompt_ids), ctx.max_model_len, "messages")
+    check_prompt_length(len(prompt_ids), ctx.max_model_len, prompt_param)
     _check_request_token_ids(ctx, req)
-    jobs = [_Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)]
-    await _constrain(ctx, req.constraint or (plan.constraint if plan else None), jobs)
+    job = _Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)
+    await _constrain(ctx, req.constraint or (plan.constraint if plan else None), [job])
     if plan is not None and plan.keep_special:
         req.skip_special_tokens = False  # a marker the parser needs is a special token
-    fmt = _Format(True, R.new_id("chatcmpl"), R.now(), ctx.model_name, req.n, req.include_usage,
-                  req.logprobs is not None, plan)
-    await _serve(ctx, request, req, jobs, fmt)
+    return job, plan
 
 
 async def completions(ctx: ServingContext, request: Request) -> None:
@@ -319,7 +347,7 @@ async def _compile(ctx: ServingContext, constraint: Constraint) -> Any:
         hit = compiler.cached(constraint)
         if hit is not None:
             return hit
-        return await anyio.to_thread.run_sync(compiler.compile, constraint, limiter=ctx.encode_limiter)
+        return await anyio.to_thread.run_sync(compiler.compile, constraint, limiter=ctx.compile_limiter)
     except GrammarError as e:
         raise ProtocolError(f"Invalid '{constraint.param}': {e}", param=constraint.param) from None
 
@@ -374,25 +402,25 @@ class _StreamSink(Sink):
     async def delta(self, choice: int, text: str, logprobs: list[R.LogprobEntry] | None) -> None:
         if self.echo_len and logprobs:
             logprobs = [replace(e, text_offset=e.text_offset + self.echo_len) for e in logprobs]
-        if self.fmt.tools is not None:
+        if self.fmt.tool_plan is not None:
             await self._tool_delta(choice, text, logprobs)
             return
         await self.stream.send(self.fmt.text_chunk(self.job.first + choice, text, logprobs))
 
     async def _tool_delta(self, choice: int, text: str, logprobs: list[R.LogprobEntry] | None,
                           final: bool = False) -> None:
-        assert self.fmt.tools is not None
-        ts = self.tool_streams.setdefault(choice, ToolStream(self.fmt.tools))
+        assert self.fmt.tool_plan is not None
+        ts = self.tool_streams.setdefault(choice, ToolStream(self.fmt.tool_plan))
         content, calls = ts.feed(text, final)
         if content or calls or logprobs:
             await self.stream.send(self.fmt.text_chunk(self.job.first + choice, content, logprobs, calls))
 
     async def finish(self, choice: int, result: ChoiceResult) -> None:
         reason = result.finish_reason
-        if self.fmt.tools is not None:
+        if self.fmt.tool_plan is not None:
             await self._tool_delta(choice, "", None, final=True)
             if self.tool_streams[choice].called and reason == "stop":
-                reason = "tool_calls"
+                reason = "function_call" if self.fmt.tool_plan.legacy else "tool_calls"
         await self.stream.send(self.fmt.finish_chunk(self.job.first + choice, reason))
 
 

@@ -15,18 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyserve.api.asgi import EventStream, Request, run_until_disconnect, send_json
-from pyserve.api.generation import ChoiceResult, PromptResult, Sink, check_prompt_length, run_prompt
-from pyserve.api.openai import (
-    ServingContext,
-    _chat_prompt_ids,
-    _check_request_token_ids,
-    _constrain,
-    _Job,
-    _params,
-    as_protocol_error,
-)
+from pyserve.api.generation import ChoiceResult, PromptResult, Sink, run_prompt
+from pyserve.api.openai import ServingContext, as_protocol_error, prepare_chat
 from pyserve.api.response_store import ResponseStore
-from pyserve.api.tools import ToolPlan, ToolStream, chat_messages, plan_tools, tool_message
+from pyserve.api.tools import ToolPlan, ToolStream, tool_message
 from pyserve.protocol.errors import ProtocolError
 from pyserve.protocol.requests import parse_json_object
 from pyserve.protocol.responses_api import (
@@ -92,8 +84,10 @@ class _EventSink(Sink):
         await self._close()
         self.reply.items.append(item)
         self.open, self.open_index = item, len(self.reply.items) - 1
-        await self._send({"type": "response.output_item.added", "output_index": self.open_index,
-                          "item": {**item, "status": "in_progress"}})
+        added = {**item, "status": "in_progress"}
+        if item["type"] == "message":
+            added["content"] = []  # the part arrives with content_part.added (as OpenAI sends it)
+        await self._send({"type": "response.output_item.added", "output_index": self.open_index, "item": added})
         if item["type"] == "message":
             await self._send({"type": "response.content_part.added", "item_id": item["id"],
                               "output_index": self.open_index, "content_index": 0,
@@ -173,27 +167,23 @@ async def create_response(ctx: ServingContext, store: ResponseStore, request: Re
     rr = ResponsesRequest.from_json(data, previous)
     req = rr.chat
     ctx.check_model(req.model)
-    template = ctx.engine.model.chat_template
-    plan = plan_tools(req, template, ctx.tokenizer)
-    messages, extra = chat_messages(req, template)
-    prompt_ids = await _chat_prompt_ids(ctx, messages, **extra)
-    check_prompt_length(len(prompt_ids), ctx.max_model_len, "input")
-    _check_request_token_ids(ctx, req)
-    job = _Job(0, prompt_ids, _params(ctx, req, prompt_ids), 0)
-    await _constrain(ctx, req.constraint or (plan.constraint if plan else None), [job])
-    if plan is not None and plan.keep_special:
-        req.skip_special_tokens = False
+    job, plan = await prepare_chat(ctx, req, "input")
+    prompt_ids = job.prompt_ids
     response_id, created = new_id("resp"), now()
 
     def finished(result: PromptResult, reply: _Reply) -> dict[str, Any]:
         choice = result.choices[0]
         cut = choice.finish_reason == "length"
+        # "abort": the server shut down before the answer was complete.
+        status = "incomplete" if cut else "failed" if choice.finish_reason == "abort" else "completed"
         obj = response_object(rr, id=response_id, created_at=created, model=ctx.model_name,
-                              status="incomplete" if cut else "completed", output=reply.items,
+                              status=status, output=reply.items,
                               usage=response_usage(len(prompt_ids), choice.completion_tokens,
                                                    min(result.cached_tokens, len(prompt_ids))),
-                              incomplete_reason="max_output_tokens" if cut else None)
-        if rr.store:
+                              incomplete_reason="max_output_tokens" if cut else None,
+                              error={"code": "server_error", "message": "The server stopped before the response was complete."}
+                              if status == "failed" else None)
+        if rr.store and status != "failed":
             conversation = list(previous or []) + rr.input_messages + [assistant_message(reply.content, reply.calls)]
             store.put(response_id, obj, conversation)
         return obj
@@ -218,9 +208,10 @@ async def create_response(ctx: ServingContext, store: ResponseStore, request: Re
     sink = _EventSink(stream, plan)
 
     async def produce() -> None:
+        await stream.start()  # response.created goes out now, not with the first token
         result = await run(sink)
         obj = finished(result, sink.reply)
-        kind = "response.incomplete" if obj["status"] == "incomplete" else "response.completed"
+        kind = {"incomplete": "response.incomplete", "failed": "response.failed"}.get(obj["status"], "response.completed")
         await sink._send({"type": kind, "response": obj})
         await stream.close()
 
@@ -231,8 +222,14 @@ async def create_response(ctx: ServingContext, store: ResponseStore, request: Re
             raise
         if isinstance(exc, OSError):
             return
+        # Headers are out: an error event, then the response as failed (what the SDK waits for).
         err = as_protocol_error(exc)
         await sink._send({"type": "error", "code": err.code, "message": err.message, "param": err.param})
+        failed = response_object(rr, id=response_id, created_at=created, model=ctx.model_name, status="failed",
+                                 output=sink.reply.items, usage=None,
+                                 error={"code": "server_error" if err.status >= 500 else "invalid_request",
+                                        "message": err.message})
+        await sink._send({"type": "response.failed", "response": failed})
         await stream.close()
 
 

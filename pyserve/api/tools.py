@@ -4,7 +4,7 @@ comes back as `tool_calls`.
 - **Prompt**: a chat template that renders `tools` gets them as transformers passes them
   (`tools=` to the template); one that does not (SmolLM2's, for instance) gets a system prompt
   listing the functions in the Hermes convention, and a tool conversation (assistant `tool_calls`,
-  `tool` results) rewritten into turns it can render (pyserve/protocol/tool_calls.py).
+  `tool` results) rewritten into turns it can render (pyserve/protocol/tool_calls/).
 - **Format**: the output is parsed in the format the template teaches — Hermes / Qwen
   `<tool_call>`, Llama 3.1 JSON, Mistral `[TOOL_CALLS]` — or Hermes with the fallback prompt.
 - **Forcing**: tool_choice "required" or a named function constrains decoding to a call whose
@@ -13,6 +13,7 @@ comes back as `tool_calls`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ class ToolPlan:
     constraint: Constraint | None  # the grammar of the forced call(s)
     keep_special: bool  # a marker is a special token: the detokenizer must not drop it
     markers: dict[str, int] = field(default_factory=dict)
+    legacy: bool = False  # asked with `functions`: the reply is one `function_call`, not `tool_calls`
 
 
 def _special_markers(tokenizer: Any) -> dict[str, int]:
@@ -90,7 +92,7 @@ def plan_tools(req: ChatCompletionRequest, chat_template: Any, tokenizer: Any) -
         grammar = tool_call_grammar(_forced_tools(req.tools), req.tool_choice, fmt, req.parallel_tool_calls,
                                     special_tokens=markers)
         constraint = Constraint("lark", grammar, "tool_choice")
-    return ToolPlan(fmt, forced, constraint, keep_special=bool(markers), markers=markers)
+    return ToolPlan(fmt, forced, constraint, keep_special=bool(markers), markers=markers, legacy=req.legacy_functions)
 
 
 def chat_messages(req: ChatCompletionRequest, chat_template: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -100,12 +102,38 @@ def chat_messages(req: ChatCompletionRequest, chat_template: Any) -> tuple[list[
     messages = req.messages
     offered = req.tools if req.tool_choice != "none" else []
     if own:
-        return messages, ({"tools": offered} if offered else {})
+        return _arguments_as_objects(messages), ({"tools": offered} if offered else {})
     if any(m.get("tool_calls") or m.get("role") in ("tool", "function") for m in messages):
         messages = render_tool_messages_fallback(messages)
     if offered:
         messages = add_tools_system_prompt(messages, offered)
     return messages, {}
+
+
+def _arguments_as_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Earlier calls' arguments as objects: OpenAI sends them as JSON text, and templates write
+    `arguments | tojson`, which would encode that text a second time (vLLM and transformers pass
+    objects too)."""
+    if not any(m.get("tool_calls") for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            m = {**m, "tool_calls": [_decoded(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _decoded(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function") or {}
+    arguments = fn.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return call  # not JSON: the template gets it as sent
+    return {**call, "function": {**fn, "arguments": arguments}}
 
 
 def tool_message(text: str, plan: ToolPlan) -> tuple[str | None, list[dict[str, Any]]]:

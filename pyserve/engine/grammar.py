@@ -39,9 +39,11 @@ def grammar_text(constraint: Constraint) -> tuple[str, str]:
 
     if constraint.kind == "json_schema":
         schema = json.loads(constraint.data)
+        own = schema.get("x-guidance") if isinstance(schema, dict) else None
+        says = isinstance(own, dict) and ({"whitespace_pattern", "whitespace_flexible"} & set(own))
         try:
             return "llguidance", LLMatcher.grammar_from_json_schema(
-                schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
+                schema, defaults={} if says else {"whitespace_pattern": JSON_WHITESPACE})
         except ValueError as e:
             raise GrammarError(str(e)) from None
     if constraint.kind == "regex":
@@ -90,16 +92,22 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._cache_size = cache_size
         self._vocab: Any = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the cache (held for dict operations only)
+        self._vocab_lock = threading.Lock()  # building the vocabulary (seconds for a large one)
 
     def _vocabulary(self) -> Any:
-        with self._lock:
+        with self._vocab_lock:
             if self._vocab is None:
                 if not self._eos:
                     raise GrammarError("structured output needs an end-of-sequence token, and this model has none")
+                import llguidance
                 import llguidance._lib as lib
 
                 from pyserve import _C
+
+                major = str(getattr(llguidance, "__version__", "0")).split(".")[0]
+                if major != "1":  # the C structs we fill are llguidance 1.x's
+                    raise GrammarError(f"llguidance {llguidance.__version__} is not supported (1.x is)")
 
                 t0 = time.perf_counter()
                 tokens = vocabulary_bytes(self._tokenizer, self._vocab_size)

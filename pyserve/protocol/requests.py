@@ -399,6 +399,7 @@ class ChatCompletionRequest(GenerationRequest):
     tools: list[dict[str, Any]] = field(default_factory=list)
     tool_choice: str | dict[str, Any] = "none"
     parallel_tool_calls: bool = True
+    legacy_functions: bool = False  # asked with `functions`: the reply is a `function_call`
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ChatCompletionRequest":
@@ -416,7 +417,10 @@ class ChatCompletionRequest(GenerationRequest):
             raise ProtocolError("'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs")
         req.logprobs = (top or 0) if want else None
         req.tools, req.tool_choice = _tools(data)
-        req.parallel_tool_calls = _opt_bool(data, "parallel_tool_calls", True)
+        req.legacy_functions = data.get("tools") is None and data.get("functions") is not None
+        if req.legacy_functions:
+            req.parallel_tool_calls = False  # a function_call is one call
+        req.parallel_tool_calls = _opt_bool(data, "parallel_tool_calls", not req.legacy_functions)
         if req.constraint is not None and req.tool_choice not in ("none", "auto"):
             raise ProtocolError(f"'{req.constraint.param}' cannot be combined with a tool_choice that forces a call.",
                                 param="tool_choice")
@@ -531,8 +535,31 @@ def _message(msg: Any, where: str) -> dict[str, Any]:
         out["name"] = msg["name"]
     if isinstance(msg.get("tool_call_id"), str):
         out["tool_call_id"] = msg["tool_call_id"]
-    if isinstance(msg.get("tool_calls"), list):
-        out["tool_calls"] = msg["tool_calls"]
+    if msg.get("tool_calls") is not None:
+        out["tool_calls"] = _tool_calls(msg["tool_calls"], f"{where}.tool_calls")
+    return out
+
+
+def _tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant turn's earlier calls: [{id, type: "function", function: {name, arguments}}]."""
+    if not isinstance(value, list):
+        raise _type_error(where, "an array of tool calls", value)
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ProtocolError(f"'{at}' must be {{\"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}.",
+                                param=at)
+        if call.get("type", "function") != "function":
+            raise ProtocolError(f"'{at}.type' must be 'function'.", param=f"{at}.type")
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise _type_error(f"{at}.id", "a string", call["id"])
+        arguments = fn.get("arguments", "{}")
+        if not isinstance(arguments, (str, dict)):
+            raise _type_error(f"{at}.function.arguments", "a JSON string", arguments)
+        out.append({**({"id": call["id"]} if call.get("id") is not None else {}), "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
     return out
 
 

@@ -119,13 +119,15 @@ def completion_logprobs(entries: list[LogprobEntry]) -> dict[str, Any]:
 
 def chat_choice(
     index: int, content: str | None, finish_reason: str | None, logprobs: dict[str, Any] | None = None,
-    tool_calls: list[dict[str, Any]] | None = None,
+    tool_calls: list[dict[str, Any]] | None = None, function_call: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     # OpenAI's schema requires `refusal` on every message (null: the model did not refuse); typed
     # clients generated from that schema reject a message without it.
     message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
     if tool_calls:
         message["tool_calls"] = tool_calls
+    if function_call:
+        message["function_call"] = function_call  # the legacy `functions` API
     return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
@@ -160,6 +162,7 @@ def chat_chunk_choice(
     finish_reason: str | None = None,
     logprobs: dict[str, Any] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    function_call: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     delta: dict[str, Any] = {}
     if role is not None:
@@ -168,6 +171,8 @@ def chat_chunk_choice(
         delta["content"] = content
     if tool_calls:
         delta["tool_calls"] = tool_calls
+    if function_call:
+        delta["function_call"] = function_call
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 

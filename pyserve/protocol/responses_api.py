@@ -150,9 +150,7 @@ class ResponsesRequest:
         store = data.get("store", True)
         if not isinstance(store, bool):
             raise ProtocolError("'store' must be a boolean.", param="store")
-        metadata = data.get("metadata") or {}
-        if not isinstance(metadata, dict):
-            raise ProtocolError("'metadata' must be an object.", param="metadata")
+        metadata = _metadata(data.get("metadata"))
         prev_id = data.get("previous_response_id")
         if prev_id is not None and not isinstance(prev_id, str):
             raise ProtocolError("'previous_response_id' must be a string.", param="previous_response_id")
@@ -166,7 +164,7 @@ class ResponsesRequest:
         if data.get("max_output_tokens") is not None:
             chat["max_tokens"] = data["max_output_tokens"]
         if data.get("top_logprobs"):
-            chat["logprobs"], chat["top_logprobs"] = True, data["top_logprobs"]
+            raise ProtocolError("'top_logprobs' is not supported yet on /v1/responses.", param="top_logprobs")
         fmt = _text_format(data.get("text"))
         if fmt is not None:
             chat["response_format"] = fmt
@@ -180,11 +178,23 @@ class ResponsesRequest:
         except ProtocolError as e:
             e.param = _responses_param(e.param)
             raise
-        if req.n != 1:
-            raise ProtocolError("'n' is not a Responses field.", param="n")
         # This input as the chat parser normalised it (what the store keeps for the next turn).
         new = req.messages[len(messages) - len(new):]
         return cls(req, new, instructions, prev_id, store, metadata, data)
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """OpenAI's bounds: at most 16 pairs, keys up to 64 characters, string values up to 512
+    (the store keeps it: an unbounded one would be memory for anyone to fill)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or len(value) > 16:
+        raise ProtocolError("'metadata' must be an object of at most 16 pairs.", param="metadata")
+    for k, v in value.items():
+        if len(k) > 64 or not isinstance(v, str) or len(v) > 512:
+            raise ProtocolError("'metadata' keys must be at most 64 characters and values strings of at most 512.",
+                                param="metadata")
+    return dict(value)
 
 
 def _responses_param(param: str | None) -> str | None:

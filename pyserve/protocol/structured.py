@@ -116,10 +116,17 @@ def _choice_text(choices: Any, param: str) -> str:
     return json.dumps(choices)
 
 
-def _vllm(kind: str, value: Any, param: str, closed: bool = False) -> Constraint:
+def _vllm(kind: str, value: Any, param: str, closed: bool = False, guidance: dict[str, Any] | None = None) -> Constraint:
     if kind == "json":
         text = _schema_text(value, param)
-        return Constraint("json_schema", _schema_text(closed_objects(json.loads(text)), param) if closed else text, param)
+        if not (closed or guidance):
+            return Constraint("json_schema", text, param)
+        schema = json.loads(text)
+        if closed:
+            schema = closed_objects(schema)
+        if guidance and isinstance(schema, dict):  # llguidance reads its JSON options from the schema
+            schema["x-guidance"] = {**guidance, **(schema.get("x-guidance") or {})}
+        return Constraint("json_schema", _schema_text(schema, param), param)
     if kind == "json_object":
         if value is not True:
             raise ProtocolError(f"'{param}' must be true when given.", param=param)
@@ -129,6 +136,21 @@ def _vllm(kind: str, value: Any, param: str, closed: bool = False) -> Constraint
     if not isinstance(value, str) or not value:
         raise ProtocolError(f"'{param}' must be a non-empty string.", param=param)
     return Constraint("regex" if kind == "regex" else "grammar", value, param)
+
+
+def _whitespace(so: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's whitespace options as llguidance's JSON options."""
+    out: dict[str, Any] = {}
+    pattern = so.get("whitespace_pattern")
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise ProtocolError("'structured_outputs.whitespace_pattern' must be a string.",
+                                param="structured_outputs.whitespace_pattern")
+        out["whitespace_pattern"] = pattern
+    if so.get("disable_any_whitespace") is True:
+        out["whitespace_flexible"] = False  # compact JSON: no whitespace between tokens
+        out.pop("whitespace_pattern", None)
+    return out
 
 
 def constraint_from_request(data: dict[str, Any]) -> Constraint | None:
@@ -144,6 +166,7 @@ def constraint_from_request(data: dict[str, Any]) -> Constraint | None:
         if not isinstance(so, dict):
             raise ProtocolError("'structured_outputs' must be an object.", param="structured_outputs")
         given = [k for k in ("json", "regex", "choice", "grammar", "json_object") if so.get(k) not in (None, False)]
+        # disable_fallback is vLLM's "no other backend": there is none here either.
         unknown = sorted(set(so) - {"json", "regex", "choice", "grammar", "json_object", "whitespace_pattern",
                                     "disable_fallback", "disable_any_whitespace", "disable_additional_properties"})
         if unknown:
@@ -154,7 +177,7 @@ def constraint_from_request(data: dict[str, Any]) -> Constraint | None:
                                 f"got {', '.join(given)}.", param="structured_outputs")
         if given:
             closed = so.get("disable_additional_properties") is True
-            found.append(_vllm(given[0], so[given[0]], f"structured_outputs.{given[0]}", closed))
+            found.append(_vllm(given[0], so[given[0]], f"structured_outputs.{given[0]}", closed, _whitespace(so)))
     for field, kind in _GUIDED.items():
         if data.get(field) is not None:
             found.append(_vllm(kind, data[field], field))
