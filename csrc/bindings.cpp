@@ -231,7 +231,9 @@ EngineConfig engine_config_from(const py::dict& d) {
   const std::string mode = get_or<std::string>(d, "speculative_mode", "disable");
   if (mode == "disable") c.speculative_mode = SpeculativeMode::disable;
   else if (mode == "ngram") c.speculative_mode = SpeculativeMode::ngram;
-  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram)");
+  else if (mode == "small_draft") c.speculative_mode = SpeculativeMode::small_draft;
+  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram, small_draft)");
+  if (d.contains("draft_model") && !d["draft_model"].is_none()) c.draft_model = d["draft_model"].cast<PyModel>().model;
   c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
   c.spec_token_cost = get_or<double>(d, "spec_token_cost", c.spec_token_cost);
   if (c.spec_draft_length < 0) throw std::invalid_argument("spec_draft_length must be >= 0 (0: automatic)");

@@ -174,8 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative-mode", choices=SPECULATIVE_MODES, default="disable",
                    help="speculative decoding, as MLC's flag plus 'ngram' (prompt lookup: the tokens that "
                    "followed the latest earlier occurrence of the last few tokens are verified in one step, "
-                   "with output unchanged). small_draft, eagle and medusa are not implemented yet "
-                   "(default: %(default)s)")
+                   "with output unchanged); 'small_draft': a smaller model with the same vocabulary "
+                   "(--additional-models) proposes its greedy continuation. eagle and medusa are not "
+                   "implemented yet (default: %(default)s)")
+    p.add_argument("--additional-models", nargs="+", default=None, metavar="PATH",
+                   help="as MLC's flag: more models the engine uses; with --speculative-mode small_draft the "
+                   "first is the draft model (an HF directory or a GGUF file sharing the target's vocabulary)")
     p.add_argument("--spec-draft-length", type=_non_negative_int, default=None, metavar="N",
                    help="draft tokens per sequence and step; 0: automatic: at most MLC's rule (4 below 10 "
                    "running sequences, 3 below 20, 2 below 30, else none), and only drafts whose chance of "
@@ -284,7 +288,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_tracing=bool(getattr(args, "enable_tracing", False)),
         speculative_mode=getattr(args, "speculative_mode", "disable"),
     )
-    for name in ("spec_draft_length", "spec_tree_width"):
+    for name in ("spec_draft_length", "spec_tree_width", "additional_models"):
         if getattr(args, name, None) is not None:
             setattr(cfg, name, getattr(args, name))
     cfg = apply_overrides(cfg, overrides)
@@ -453,8 +457,10 @@ def build_app(args: argparse.Namespace) -> Any:
     log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
              else f"radix (finished sequences kept: {engine_config.prefix_cache_max_num_recycling_seqs}, -1: any)")
     if engine_config.speculative_mode != "disable":
+        automatic = "automatic (MLC's 4/3/2/0 by running sequences" + (
+            ", weighed by cost)" if engine_config.speculative_mode == "ngram" else ")")
         log.info("speculative decoding: %s, %s drafts a step", engine_config.speculative_mode,
-                 engine_config.spec_draft_length or "automatic (at most 4/3/2/0 by running sequences, weighed by cost)")
+                 engine_config.spec_draft_length or automatic)
     limits = output_limits_from_args(args)  # checked above (parse_args); logged below
 
     from pyserve.api import create_app

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 MODES = ("local", "interactive", "server")
@@ -29,7 +29,7 @@ PREFIX_CACHE_MODES = ("radix", "disable")
 PREFILL_MODES = ("hybrid", "chunked")
 # MLC's --speculative-mode values, plus vLLM's prompt lookup ("ngram"); the ones this build runs:
 SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle", "medusa")
-SPECULATIVE_MODES_RUN = ("disable", "ngram")
+SPECULATIVE_MODES_RUN = ("disable", "ngram", "small_draft")
 
 DEFAULT_MAX_BATCH = 80  # MLC-LLM's default max_batch_size
 LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
@@ -76,6 +76,8 @@ class EngineConfig:
     speculative_mode: str = "disable"
     spec_draft_length: int = 0
     spec_tree_width: int = 1
+    # MLC's --additional-models: model paths for small_draft (the first is the draft model).
+    additional_models: list[str] = field(default_factory=list)
 
     def resolved(self) -> bool:
         return None not in (
@@ -294,6 +296,8 @@ def validate(cfg: EngineConfig) -> None:
     if cfg.speculative_mode not in SPECULATIVE_MODES_RUN:
         raise ConfigError(f"speculative_mode {cfg.speculative_mode!r} is not implemented yet (this build runs: "
                           f"{', '.join(SPECULATIVE_MODES_RUN)})")
+    if cfg.speculative_mode == "small_draft" and not cfg.additional_models:
+        raise ConfigError("speculative_mode small_draft needs the draft model: --additional-models PATH")
     if cfg.spec_tree_width != 1:
         raise ConfigError(f"spec_tree_width {cfg.spec_tree_width} is not implemented yet (drafts form a chain: 1)")
     for name in OVERRIDABLE:

@@ -218,3 +218,80 @@ def test_automatic_length_keeps_the_output(cm) -> None:
     spec, stats = run(cm, reqs, max_num_seqs=8, speculative_mode="ngram", spec_token_cost=0.2)
     assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
     assert stats["spec_accepted_tokens"] > 0
+
+
+# --- small_draft: a draft model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_cm(tmp_path_factory):
+    """Another random tiny Llama with the same tokenizer: a draft that is nearly always wrong."""
+    return c_model(load_model(tiny_models.make_llama(tmp_path_factory.mktemp("spec-llama-other"), seed=7)))
+
+
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_a_draft_identical_to_the_target_is_always_kept(cm, batch: int) -> None:
+    reqs = [(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True).to_engine())
+            for ids in prompts(batch, seed=30 + batch)]
+    plain, _ = run(cm, reqs, max_num_seqs=batch)
+    spec, stats = run(cm, reqs, max_num_seqs=batch, speculative_mode="small_draft", draft_model=cm,
+                      spec_draft_length=4)
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    assert stats["spec_draft_tokens"] > 0 and stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
+    check_counters(stats)
+    assert stats["steps"] < sum(len(c.tokens) for c in spec.values()) / 3  # ~5 tokens a verifying step
+
+
+def test_a_draft_that_is_always_wrong_still_gives_the_target_output(cm, other_cm) -> None:
+    reqs = [(ids, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True).to_engine())
+            for ids in prompts(6, seed=41)]
+    plain, _ = run(cm, reqs, max_num_seqs=6)
+    spec, stats = run(cm, reqs, max_num_seqs=6, speculative_mode="small_draft", draft_model=other_cm,
+                      spec_draft_length=3)
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    assert stats["spec_draft_tokens"] > 0
+    assert stats["spec_accepted_tokens"] < stats["spec_draft_tokens"] / 4
+
+
+def test_small_draft_under_preemption_prefix_hits_sampling_and_forks(cm, other_cm) -> None:
+    """A KV pool too small for everyone (the target preempts and recomputes; the draft's own pool
+    runs short too), shared prompts, seeded sampling with penalties, n > 1, and a draft that is
+    sometimes right: the tokens are the ones plain decoding gives, and nothing leaks."""
+    ps = prompts(8, seed=50)
+    ps += [p + [9, 9] for p in ps[:4]]
+    reqs = [(ids, SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True).to_engine()) for ids in ps]
+    reqs.append((ps[0], SamplingParams(max_tokens=30, temperature=0.8, seed=5, n=3, presence_penalty=0.5,
+                                       ignore_eos=True).to_engine()))
+    small = dict(max_num_seqs=8, kv_capacity_tokens=160, max_batch_tokens=24)
+    plain, _ = run(cm, reqs, **small)
+    for draft in (cm, other_cm):
+        spec, stats = run(cm, reqs, speculative_mode="small_draft", draft_model=draft, spec_draft_length=3, **small)
+        assert stats["preemptions"] > 0
+        assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+        assert stats["spec_draft_tokens"] > 0
+
+
+def test_small_draft_needs_a_draft_of_the_same_vocabulary(cm) -> None:
+    with pytest.raises(ValueError, match="draft model"):
+        core(cm, speculative_mode="small_draft")
+
+
+def test_small_draft_through_the_async_engine(tmp_path) -> None:
+    """--speculative-mode small_draft --additional-models PATH: the draft is loaded, checked for the
+    target's vocabulary, and the greedy tokens are those of plain decoding."""
+    import anyio
+
+    from engine_helpers import engine_greedy
+    from pyserve.config import ConfigError, EngineConfig
+    from pyserve.engine.async_engine import AsyncEngine
+
+    target = tiny_models.tiny_model_dir("llama")
+    ps = prompts(4, seed=60)
+    plain = anyio.run(engine_greedy, target, ps, 24)
+    spec = anyio.run(lambda: engine_greedy(target, ps, 24, speculative_mode="small_draft", additional_models=[target]))
+    assert spec == plain
+    with pytest.raises(ValueError, match="vocabulary"):  # another tokenizer
+        AsyncEngine(load_model(target), EngineConfig(num_threads=2, speculative_mode="small_draft",
+                                                     additional_models=[tiny_models.tiny_model_dir("qwen2")]))
+    with pytest.raises(ConfigError, match="additional-models"):
+        AsyncEngine(load_model(target), EngineConfig(num_threads=2, speculative_mode="small_draft"))

@@ -32,6 +32,14 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
                   model_->config().release_window() > 0 ? model_->config().attention_sink : 0},
                  pool_, prefix_cache_.get()) {
   if (config_.page_size < 1) throw std::invalid_argument("page_size must be >= 1");
+  if (config_.speculative_mode == SpeculativeMode::small_draft) {
+    if (!config_.draft_model) throw std::invalid_argument("speculative_mode small_draft needs a draft model");
+    if (config_.draft_model->config().vocab_size != model_->config().vocab_size)
+      throw std::invalid_argument("the draft model's vocabulary (" + std::to_string(config_.draft_model->config().vocab_size) +
+                                  " tokens) is not the target's (" + std::to_string(model_->config().vocab_size) + ")");
+    draft_ = std::make_unique<DraftModel>(config_.draft_model, config_.kv_capacity_tokens, config_.page_size,
+                                          config_.max_batch_tokens);
+  }
   if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
   config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
   // Everything a step needs is sized here, from the configured limits: serving allocates no
@@ -200,6 +208,7 @@ void EngineCore::emit_replacement_end(int64_t id, int index, const std::string& 
 
 void EngineCore::release(Request& r) {
   const int64_t k = r.seq.id;
+  if (draft_) draft_->release(k);
   try {
     scheduler_.remove(&r.seq);
   } catch (...) {
@@ -288,6 +297,7 @@ void EngineCore::recover_from_plan_failure(const std::string& message) {
     end_choice(id, static_cast<int>(k % 256), num_prompt, "error", message);
   }
   requests_.clear();
+  if (draft_) draft_->reset();
   scheduler_.reset();
   if (prefix_cache_) prefix_cache_->reset(false);
   pool_.reset();
@@ -358,9 +368,12 @@ void EngineCore::propose() {
   const int64_t limit = context_limit();
   // Automatic length: MLC's rule is the most a sequence may verify; the step's cost decides how
   // many it does (draft_policy.h).
-  const bool weigh = config_.spec_draft_length == 0 && config_.spec_token_cost > 0;
+  // (Prompt lookup only: its drafts cost nothing to make; a draft model's are paid for already.)
+  const bool weigh = !draft_ && config_.spec_draft_length == 0 && config_.spec_token_cost > 0;
   std::vector<DraftCandidate> candidates;
   std::vector<Sequence*> weighed;
+  std::vector<DraftModel::Want> wants;  // small_draft: proposed together, batched
+  std::vector<Request*> wanting;
   for (Sequence* s : scheduler_.running()) {
     s->drafts.clear();
     auto it = requests_.find(s->id);
@@ -369,6 +382,13 @@ void EngineCore::propose() {
     // No draft past max_tokens or the context: it could never be kept.
     int room = static_cast<int>(std::min<int64_t>(k, limit - s->num_tokens - 1));
     if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
+    if (draft_) {
+      if (room > 0) {
+        wants.push_back({s->id, &r.tokens, room, &s->drafts});
+        wanting.push_back(&r);
+      }
+      continue;
+    }
     if (room > 0) ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
     if (r.grammar && !s->drafts.empty())  // a draft the grammar refuses could never be kept
       s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
@@ -377,6 +397,13 @@ void EngineCore::propose() {
     const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= 16;
     candidates.push_back({static_cast<int>(s->drafts.size()), r.spec_acceptance.value(), explore});
     weighed.push_back(s);
+  }
+  if (draft_ && !wants.empty()) {
+    draft_->propose(wants);
+    for (Request* r : wanting)  // a draft the grammar refuses could never be kept
+      if (r->grammar && !r->seq.drafts.empty())
+        r->seq.drafts.resize(static_cast<size_t>(
+            r->grammar->valid_prefix(r->seq.drafts.data(), static_cast<int>(r->seq.drafts.size()))));
   }
   if (!weigh) return;
   std::vector<double> later;
@@ -578,6 +605,14 @@ void EngineCore::commit() {
     try {
       faults_.check(Phase::commit, step_index_, r.id);
       r.seq.num_computed += a.count;
+      if (draft_ && !r.seq.drafts.empty()) {
+        // The draft fed back its drafts but the last: its K/V holds the known tokens and those,
+        // and stands as far as the target kept them.
+        const size_t fed = r.seq.drafts.size() - 1;
+        size_t same = 0;
+        while (same < fed && same < a.tokens.size() && a.tokens[same] == r.seq.drafts[same]) ++same;
+        draft_->keep(r.seq.id, r.seq.num_tokens + static_cast<int>(same));
+      }
       r.seq.drafts.clear();
       // Kept drafts are computed tokens: they join the tokens before the prefix cache reads them.
       // (accept counted every new token in the history already)

@@ -28,6 +28,7 @@
 #include "cache/block_pool.h"
 #include "cache/kv_cache.h"
 #include "cache/prefix_cache.h"
+#include "engine/draft_model.h"
 #include "engine/fault_switch.h"
 #include "engine/ngram_proposer.h"
 #include "engine/request.h"
@@ -37,7 +38,7 @@
 
 namespace pyserve {
 
-enum class SpeculativeMode { disable, ngram };
+enum class SpeculativeMode { disable, ngram, small_draft };
 
 struct EngineConfig {
   int max_num_seqs = 4;
@@ -61,6 +62,8 @@ struct EngineConfig {
   // (measured by the caller on the model and machine; 0: tokens are free, MLC's rule alone).
   double spec_token_cost = 0;
   NgramConfig ngram;
+  // small_draft: the draft model (same vocabulary), with a KV cache of kv_capacity_tokens.
+  std::shared_ptr<LlamaModel> draft_model;
 };
 
 struct EngineOutput {
@@ -201,6 +204,7 @@ class EngineCore {
   KVCache cache_;
   BlockPool pool_;
   std::unique_ptr<PrefixCache> prefix_cache_;  // null when disabled
+  std::unique_ptr<DraftModel> draft_;          // small_draft only
   Scheduler scheduler_;
   Sampler sampler_;
   FaultSwitch faults_;

@@ -30,7 +30,7 @@ import anyio
 from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.grammar import GrammarCompiler
-from pyserve.engine.native import engine_options, measure_token_cost, native_model
+from pyserve.engine.native import draft_model, engine_options, measure_token_cost, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
 
@@ -92,7 +92,9 @@ class AsyncEngine:
         self._notify_r.setblocking(False)
         self._notify_w.setblocking(False)
         options = engine_options(model, self.config, self.max_model_len)
-        if self.config.speculative_mode != "disable" and not self.config.spec_draft_length:
+        if self.config.speculative_mode == "small_draft":
+            options["draft_model"] = draft_model(model, self.config, isa)
+        if self.config.speculative_mode == "ngram" and not self.config.spec_draft_length:
             options["spec_token_cost"] = measure_token_cost(self._c_model)
             log.info("speculative decoding: one more token costs %.2f of a one-token step here",
                      options["spec_token_cost"])

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
 from pyserve.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 def native_model(model: LoadedModel, num_threads: int = 0, isa: str = "auto", *,
@@ -62,3 +65,22 @@ def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[
         "speculative_mode": getattr(config, "speculative_mode", "disable"),
         "spec_draft_length": getattr(config, "spec_draft_length", 0),
     }
+
+
+def draft_model(target: LoadedModel, config: Any, isa: str = "auto") -> Any:
+    """The small_draft model (the first of --additional-models), checked to speak the target's
+    vocabulary: the same size and the same token for every id."""
+    from pyserve.model.loader import load_model
+
+    path = config.additional_models[0]
+    draft = load_model(path)
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise ValueError(f"the draft model {path} has {draft.config.vocab_size} tokens; the target has "
+                         f"{target.config.vocab_size}: small_draft needs the same vocabulary")
+    theirs, ours = draft.tokenizer.get_vocab(), target.tokenizer.get_vocab()
+    if theirs != ours:
+        differ = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
+        raise ValueError(f"the draft model {path} has another vocabulary than the target (e.g. {differ}): "
+                         "small_draft needs the same tokens")
+    log.info("small_draft: draft model %s (%d layers)", path, draft.config.num_hidden_layers)
+    return native_model(draft, config.num_threads, isa, release_tensors=True)
