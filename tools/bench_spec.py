@@ -2,7 +2,8 @@
 """Speculative decoding benchmark: decode tok/s of each --speculative-mode against `disable` on the
 same model and machine, in the same run, with acceptance rates.
 
-    python tools/bench_spec.py [--model PATH] [--modes disable ngram] [--concurrency 1 4 16]
+    python tools/bench_spec.py [--model PATH] [--modes disable ngram small_draft] [--draft PATH]
+                               [--concurrency 1 4 16]
                                [--max-tokens 128] [--threads 2]
 
 For each mode a server (`python -m pyserve --speculative-mode MODE`; all up at once, measured in
@@ -149,6 +150,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--draft-length", type=int, default=0, help="--spec-draft-length (0: automatic)")
     ap.add_argument("--rounds", type=int, default=2, help="measurements per mode (alternating); the best counts")
+    ap.add_argument("--draft", default=None, help="small_draft's draft model (--additional-models; default: the "
+                    "target itself, which every draft matches: the mode's overhead with perfect acceptance)")
     args = ap.parse_args()
 
     from bench_serving import model_id
@@ -168,6 +171,8 @@ def main() -> int:
         for mode in args.modes:
             flags = ["--speculative-mode", mode, "--max-num-sequence", str(max(args.concurrency)),
                      "--spec-draft-length", str(args.draft_length)]
+            if mode == "small_draft":
+                flags += ["--additional-models", args.draft or path]
             url = stack.enter_context(running_server(path, *flags))
             model = model_id(url)
             stream_chat(url, model, "Hello!", 8)  # warm up
