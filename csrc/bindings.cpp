@@ -236,6 +236,7 @@ EngineConfig engine_config_from(const py::dict& d) {
   if (d.contains("draft_model") && !d["draft_model"].is_none()) c.draft_model = d["draft_model"].cast<PyModel>().model;
   c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
   c.spec_token_cost = get_or<double>(d, "spec_token_cost", c.spec_token_cost);
+  c.spec_draft_cost = get_or<double>(d, "spec_draft_cost", c.spec_draft_cost);
   if (c.spec_draft_length < 0) throw std::invalid_argument("spec_draft_length must be >= 0 (0: automatic)");
   c.ngram.min_n = get_or<int>(d, "ngram_min", c.ngram.min_n);
   c.ngram.max_n = get_or<int>(d, "ngram_max", c.ngram.max_n);

@@ -367,13 +367,12 @@ void EngineCore::propose() {
   const int k = draft_length();
   const int64_t limit = context_limit();
   // Automatic length: MLC's rule is the most a sequence may verify; the step's cost decides how
-  // many it does (draft_policy.h).
-  // (Prompt lookup only: its drafts cost nothing to make; a draft model's are paid for already.)
-  const bool weigh = !draft_ && config_.spec_draft_length == 0 && config_.spec_token_cost > 0;
+  // many it does (draft_policy.h). Prompt-lookup drafts cost nothing to make, so they are weighed
+  // once proposed; a draft model's are weighed before they are made, each one also paying for the
+  // draft model's step.
+  const bool weigh = config_.spec_draft_length == 0 && config_.spec_token_cost > 0;
   std::vector<DraftCandidate> candidates;
-  std::vector<Sequence*> weighed;
-  std::vector<DraftModel::Want> wants;  // small_draft: proposed together, batched
-  std::vector<Request*> wanting;
+  std::vector<Request*> weighed;
   for (Sequence* s : scheduler_.running()) {
     s->drafts.clear();
     auto it = requests_.find(s->id);
@@ -382,34 +381,43 @@ void EngineCore::propose() {
     // No draft past max_tokens or the context: it could never be kept.
     int room = static_cast<int>(std::min<int64_t>(k, limit - s->num_tokens - 1));
     if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
-    if (draft_) {
-      if (room > 0) {
-        wants.push_back({s->id, &r.tokens, room, &s->drafts});
-        wanting.push_back(&r);
-      }
-      continue;
+    if (room <= 0) continue;
+    int offered = room;  // a draft model offers what it is asked for
+    if (!draft_) {
+      ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
+      if (r.grammar && !s->drafts.empty())  // a draft the grammar refuses could never be kept
+        s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
+      offered = static_cast<int>(s->drafts.size());
     }
-    if (room > 0) ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
-    if (r.grammar && !s->drafts.empty())  // a draft the grammar refuses could never be kept
-      s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
-    if (!weigh) continue;
     // Explore a sequence whose first drafts were never tested, or not for 16 of its steps.
     const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= 16;
-    candidates.push_back({static_cast<int>(s->drafts.size()), r.spec_acceptance.value(), explore});
-    weighed.push_back(s);
+    candidates.push_back({offered, r.spec_acceptance.value(), explore});
+    weighed.push_back(&r);
   }
-  if (draft_ && !wants.empty()) {
-    draft_->propose(wants);
-    for (Request* r : wanting)  // a draft the grammar refuses could never be kept
-      if (r->grammar && !r->seq.drafts.empty())
-        r->seq.drafts.resize(static_cast<size_t>(
-            r->grammar->valid_prefix(r->seq.drafts.data(), static_cast<int>(r->seq.drafts.size()))));
+  std::vector<int> keep;
+  for (const DraftCandidate& c : candidates) keep.push_back(c.proposed);
+  if (weigh && !candidates.empty()) {
+    std::vector<double> later;
+    for (const AcceptanceEstimate& e : spec_later_) later.push_back(e.value());
+    keep = choose_draft_lengths(candidates, later, config_.spec_token_cost + (draft_ ? config_.spec_draft_cost : 0));
   }
-  if (!weigh) return;
-  std::vector<double> later;
-  for (const AcceptanceEstimate& e : spec_later_) later.push_back(e.value());
-  const std::vector<int> keep = choose_draft_lengths(candidates, later, config_.spec_token_cost);
-  for (size_t i = 0; i < weighed.size(); ++i) weighed[i]->drafts.resize(static_cast<size_t>(keep[i]));
+  if (!draft_) {
+    for (size_t i = 0; i < weighed.size(); ++i) weighed[i]->seq.drafts.resize(static_cast<size_t>(keep[i]));
+    return;
+  }
+  std::vector<DraftModel::Want> wants;  // proposed together, batched
+  std::vector<Request*> wanting;
+  for (size_t i = 0; i < weighed.size(); ++i) {
+    if (keep[i] <= 0) continue;
+    wants.push_back({weighed[i]->seq.id, &weighed[i]->tokens, keep[i], &weighed[i]->seq.drafts});
+    wanting.push_back(weighed[i]);
+  }
+  if (wants.empty()) return;
+  draft_->propose(wants);
+  for (Request* r : wanting)  // a draft the grammar refuses could never be kept
+    if (r->grammar && !r->seq.drafts.empty())
+      r->seq.drafts.resize(static_cast<size_t>(
+          r->grammar->valid_prefix(r->seq.drafts.data(), static_cast<int>(r->seq.drafts.size()))));
 }
 
 std::vector<ScheduledChunk> EngineCore::plan() {

@@ -61,6 +61,9 @@ struct EngineConfig {
   // The automatic length's cost of one more token in a step, relative to a one-token step
   // (measured by the caller on the model and machine; 0: tokens are free, MLC's rule alone).
   double spec_token_cost = 0;
+  // small_draft: what one draft token costs the draft model, relative to a one-token target step
+  // (measured by the caller; added to spec_token_cost when weighing drafts, before they are made).
+  double spec_draft_cost = 0;
   NgramConfig ngram;
   // small_draft: the draft model (same vocabulary), with a KV cache of kv_capacity_tokens.
   std::shared_ptr<LlamaModel> draft_model;

@@ -30,7 +30,7 @@ import anyio
 from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.grammar import GrammarCompiler
-from pyserve.engine.native import draft_model, engine_options, measure_token_cost, native_model
+from pyserve.engine.native import draft_model, engine_options, measure_draft_cost, measure_token_cost, native_model
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
 
@@ -94,10 +94,13 @@ class AsyncEngine:
         options = engine_options(model, self.config, self.max_model_len)
         if self.config.speculative_mode == "small_draft":
             options["draft_model"] = draft_model(model, self.config, isa)
-        if self.config.speculative_mode == "ngram" and not self.config.spec_draft_length:
+        if self.config.speculative_mode != "disable" and not self.config.spec_draft_length:
             options["spec_token_cost"] = measure_token_cost(self._c_model)
             log.info("speculative decoding: one more token costs %.2f of a one-token step here",
                      options["spec_token_cost"])
+            if self.config.speculative_mode == "small_draft":
+                options["spec_draft_cost"] = measure_draft_cost(self._c_model, options["draft_model"])
+                log.info("small_draft: one draft costs %.2f of a one-token step", options["spec_draft_cost"])
         options["notify_fd"] = self._notify_w.fileno()  # the engine keeps its own dup
         self._engine = _C.Engine(self._c_model, options)
         # Structured output: constraints compiled against this model's vocabulary, cached.

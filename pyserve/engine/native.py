@@ -28,24 +28,32 @@ def native_model(model: LoadedModel, num_threads: int = 0, isa: str = "auto", *,
     return c_model
 
 
-def measure_token_cost(c_model: Any, tokens: int = 9, repeats: int = 3) -> float:
-    """What one more token adds to a step, relative to a one-token step, on this model and machine:
-    (t(tokens) - t(1)) / (tokens - 1) / t(1), best of `repeats`, every row through the LM head as
-    a verifying step's are. The automatic draft length weighs each draft's chance against it."""
+def step_time(c_model: Any, tokens: int, repeats: int = 3) -> float:
+    """Seconds one step of `tokens` tokens takes after a 32-token context, every row through the
+    LM head as a verifying step's are; best of `repeats`."""
     from pyserve import _C
 
-    def best(n: int) -> float:
-        times = []
-        for _ in range(repeats):
-            s = _C.Session(c_model, 64)
-            s.forward([1] * 32, False)  # some context to attend to
-            t0 = time.perf_counter()
-            s.forward([2] * n, True)
-            times.append(time.perf_counter() - t0)
-        return min(times)
+    times = []
+    for _ in range(repeats):
+        s = _C.Session(c_model, 64)
+        s.forward([1] * 32, False)  # some context to attend to
+        t0 = time.perf_counter()
+        s.forward([2] * tokens, True)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
-    one, many = best(1), best(tokens)
+
+def measure_token_cost(c_model: Any, tokens: int = 9, repeats: int = 3) -> float:
+    """What one more token adds to a step, relative to a one-token step, on this model and machine:
+    (t(tokens) - t(1)) / (tokens - 1) / t(1). The automatic draft length weighs each draft's chance
+    against it."""
+    one, many = step_time(c_model, 1, repeats), step_time(c_model, tokens, repeats)
     return max(0.0, (many - one) / (tokens - 1) / one)
+
+
+def measure_draft_cost(target: Any, draft: Any, repeats: int = 3) -> float:
+    """A draft model's one-token step, relative to the target's: what making one draft costs."""
+    return step_time(draft, 1, repeats) / step_time(target, 1, repeats)
 
 
 def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[str, Any]:
@@ -82,5 +90,11 @@ def draft_model(target: LoadedModel, config: Any, isa: str = "auto") -> Any:
         differ = sorted(set(theirs.items()) ^ set(ours.items()))[:3]
         raise ValueError(f"the draft model {path} has another vocabulary than the target (e.g. {differ}): "
                          "small_draft needs the same tokens")
+    if not draft.format.startswith("gguf"):
+        # A draft is worth its cost only if it is cheap: an HF checkpoint runs in MLC's 4-bit
+        # q4f16_1 (its LM head alone, in float32, would read more than a Q4 target does).
+        from pyserve.model.quantize import quantize_model
+
+        quantize_model(draft, "q4f16_1")
     log.info("small_draft: draft model %s (%d layers)", path, draft.config.num_hidden_layers)
     return native_model(draft, config.num_threads, isa, release_tensors=True)
