@@ -397,3 +397,14 @@ def test_constrained_logprobs_rule_out_disallowed_tokens(default) -> None:
     assert len(finite) == 5 or np.isclose(sum(np.exp(lp) for _, lp in finite), 1.0, atol=1e-4)
     stats = e.stats()
     assert stats["grammar_masks"] >= len(lps) and stats["grammar_mask_seconds"] > 0
+
+
+def test_greedy_fast_path_picks_what_the_full_sampler_picks(default) -> None:
+    """Greedy under a grammar takes the argmax over the allowed tokens without copying the row;
+    asking for logprobs takes the full path (copy, mask, log-softmax): the same tokens either way."""
+    model, cm = default
+    g = compiler_for(model).compile(json_constraint(SCHEMAS["nested"]))
+    ids = chat_ids(model, ASKS["nested"])
+    fast = run(core(cm, model), [(ids, params(g, temperature=0.0))])
+    full = run(core(cm, model), [(ids, params(g, temperature=0.0, logprobs=0))])
+    assert fast[(1, 0)].tokens == full[(1, 0)].tokens and len(fast[(1, 0)].tokens) > 20

@@ -41,6 +41,20 @@ int32_t argmax(const float* x, int n) {
   return best;
 }
 
+int32_t masked_argmax(const float* x, int n, const uint32_t* allowed) {
+  int32_t best = -1;
+  for (int w = 0; w * 32 < n; ++w) {
+    uint32_t bits = allowed[w];
+    while (bits) {  // set bits in index order: the first maximum wins, as argmax
+      const int i = w * 32 + __builtin_ctz(bits);
+      bits &= bits - 1;
+      if (i >= n) break;
+      if (best < 0 || x[i] > x[best]) best = i;
+    }
+  }
+  return best < 0 ? argmax(x, n) : best;  // nothing allowed: the caller finds out (token_allowed)
+}
+
 void apply_token_mask(float* x, int n, const uint32_t* allowed) {
   for (int w = 0; w * 32 < n; ++w) {
     const uint32_t bits = allowed[w];
@@ -104,6 +118,9 @@ int32_t Sampler::sample(const float* logits, int vocab, const SamplingParams& pa
   }
   const SamplingParams& p = tiny_t ? greedy_copy : params;
   const bool masked = num_generated < p.min_tokens;
+  if (allowed && (p.temperature == 0.f || p.top_k == 1) && p.logit_bias.empty() && !(p.penalised() && history) &&
+      !masked && !(logprob && p.logprobs >= 0))
+    return masked_argmax(logits, vocab, allowed);  // greedy under a grammar: no copy of the row
   const bool processed = allowed || !p.logit_bias.empty() || (p.penalised() && history) || masked ||
                          (p.temperature != 0.f && p.temperature != 1.f);
   const float* x = logits;

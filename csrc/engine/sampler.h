@@ -72,6 +72,8 @@ class Sampler {
 };
 
 int32_t argmax(const float* x, int n);
+// argmax over the tokens whose bit in `allowed` is set (the first maximum, as argmax).
+int32_t masked_argmax(const float* x, int n, const uint32_t* allowed);
 // Sets x[t] = -inf for every token t whose bit in `allowed` is clear.
 void apply_token_mask(float* x, int n, const uint32_t* allowed);
 inline bool token_allowed(const uint32_t* allowed, int32_t t) { return (allowed[t >> 5] >> (t & 31)) & 1u; }
