@@ -187,3 +187,27 @@ def test_forced_function_call_and_its_result(client, stream) -> None:
                                      input=[{"type": "function_call_output", "call_id": call.call_id,
                                              "output": "18 C and sunny"}], max_output_tokens=40, temperature=0)
     assert follow.status in ("completed", "incomplete") and follow.output
+
+
+def test_an_engine_error_mid_stream_ends_with_error_and_response_failed() -> None:
+    """Headers are out when the engine fails: an `error` event, then `response.failed` (what the
+    SDK's stream helper waits for), and no `[DONE]`, which the Responses API does not send."""
+    from api_fakes import FakeEngine
+    from live_server import pyserve_server, request
+
+    from pyserve.api import create_app
+
+    engine = FakeEngine(reply="Hello there, how are you?")
+    engine.error_after = 3
+    with pyserve_server(create_app(engine)) as srv:
+        status, _, raw = request(srv.url, "POST", "/v1/responses", {"input": "hi", "stream": True})
+    assert status == 200
+    blocks = [b for b in raw.decode().split("\n\n") if b]
+    names = [b.split("\n")[0].removeprefix("event: ") for b in blocks]
+    events = [json.loads(b.split("\n")[1].removeprefix("data: ")) for b in blocks]
+    assert names == [e["type"] for e in events]  # each data line under its event line
+    assert names[:2] == ["response.created", "response.in_progress"] and "response.output_text.delta" in names
+    assert names[-2:] == ["error", "response.failed"]
+    assert events[-1]["response"]["status"] == "failed" and events[-1]["response"]["error"]["code"] == "server_error"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert b"[DONE]" not in raw

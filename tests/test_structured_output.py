@@ -408,3 +408,16 @@ def test_greedy_fast_path_picks_what_the_full_sampler_picks(default) -> None:
     fast = run(core(cm, model), [(ids, params(g, temperature=0.0))])
     full = run(core(cm, model), [(ids, params(g, temperature=0.0, logprobs=0))])
     assert fast[(1, 0)].tokens == full[(1, 0)].tokens and len(fast[(1, 0)].tokens) > 20
+
+
+def test_gbnf_and_lark_grammars_both_constrain(default) -> None:
+    """guided_grammar / structured_outputs.grammar take llama.cpp's GBNF as well as Lark."""
+    model = default[0]
+    tok = model.tokenizer
+    gc = compiler_for(model)
+    for text in ('root ::= "yes" | "no" | digit digit\ndigit ::= [0-9]', 'start: "yes" | "no" | /[0-9]{2}/'):
+        m = gc.compile(Constraint("grammar", text, "guided_grammar")).matcher()
+        assert all(m.valid_prefix(ids) == len(ids) for ids in [tok.encode(w, add_special_tokens=False)
+                                                               for w in ("yes", "no", "42")])
+        maybe = tok.encode("maybe", add_special_tokens=False)
+        assert m.valid_prefix(maybe) < len(maybe)

@@ -76,17 +76,22 @@ CHAT = [
 ]
 
 
-def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> dict:
+def stream_chat(url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+    """One streamed greedy chat request (`extra`: more request fields); its text, token count,
+    finish reason and timings."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}).encode()
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+                       **(extra or {})}).encode()
     req = urllib.request.Request(url + "/v1/chat/completions", body, {"Content-Type": "application/json"})
     t0 = time.perf_counter()
-    first, text, tokens = None, [], 0
+    first, text, tokens, finish = None, [], 0, None
     with urllib.request.urlopen(req, timeout=900) as resp:
         for line in resp:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"stream error: {chunk['error']}")
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):
@@ -94,7 +99,8 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> dict:
                 if piece:
                     first = first or time.perf_counter()
                     text.append(piece)
-    return {"text": "".join(text), "tokens": tokens, "t0": t0, "first": first or time.perf_counter(),
+                finish = c.get("finish_reason") or finish
+    return {"text": "".join(text), "tokens": tokens, "finish": finish, "t0": t0, "first": first or time.perf_counter(),
             "end": time.perf_counter()}
 
 

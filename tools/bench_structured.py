@@ -3,7 +3,7 @@
 requests unconstrained, on one server, in the same run, with the cost of the allowed-token masks.
 
     python tools/bench_structured.py [--model PATH] [--concurrency 1 16] [--max-tokens 128]
-                                     [--rounds 3] [--threads 2] [--port 0]
+                                     [--rounds 3] [--threads 2]
 
 One server (`python -m pyserve --max-num-sequence MAX(concurrency)`) answers, at each concurrency C,
 C streamed greedy chat requests at once ("List groceries for a party of k people as JSON.",
@@ -23,20 +23,16 @@ goal: json keeps >= 90% of free decode tok/s at batch 1 and 16.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import re
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
-import time
-import urllib.request
-from typing import Iterator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from bench_serving import model_id  # noqa: E402 - the tools' and tests' folders are on the path now
+from bench_spec import metric, stream_chat  # noqa: E402
+from server_process import running_server  # noqa: E402
 
 GOAL = 0.90
 PROMPT = "List groceries for a party of {k} people as JSON."
@@ -63,82 +59,6 @@ RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "groceries", "
 MASKS, MASK_SECONDS = "structured_output_masks_total", "structured_output_mask_seconds_total"
 
 
-@contextlib.contextmanager
-def server(path: str, port: int, threads: int, max_seqs: int) -> Iterator[str]:
-    """`python -m pyserve` on `port` (0: a free one); yields its URL once /health answers. Stopped with
-    SIGINT on the way out (killed if it hangs); it dies with this process even if we are killed."""
-    from server_process import free_port, stop_gracefully, wait_until_healthy
-
-    port = port or free_port()
-    cmd = [sys.executable, "-m", "pyserve", path, "--port", str(port), "--num-threads", str(threads),
-           "--max-num-sequence", str(max_seqs)]
-    log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    try:
-        try:
-            url = wait_until_healthy(proc, port, 180.0, what=" ".join(cmd))
-        except RuntimeError:
-            log.seek(0)
-            sys.stderr.write(log.read()[-4000:].decode(errors="replace"))
-            raise
-        yield url
-    finally:
-        try:
-            stop_gracefully(proc)
-        except AssertionError as e:  # the numbers stand; say the server did not stop cleanly
-            print(f"warning: {e}", file=sys.stderr)
-        log.close()
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when this benchmark dies, however it dies (Linux)."""
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def model_id(url: str) -> str:
-    with urllib.request.urlopen(url + "/v1/models") as r:
-        return json.loads(r.read())["data"][0]["id"]
-
-
-def metric(url: str, name: str) -> float:
-    """A counter from /metrics, summed over its series; the prefix (pyserve: or vllm:) is not checked."""
-    with urllib.request.urlopen(url + "/metrics") as r:
-        body = r.read().decode()
-    return sum(float(v) for v in re.findall(rf"^\w+:{name}(?:\{{[^}}]*\}})? (\S+)$", body, re.M))
-
-
-def stream_chat(url: str, model: str, prompt: str, max_tokens: int, constrained: bool) -> dict:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    if constrained:
-        body["response_format"] = RESPONSE_FORMAT
-    else:
-        body["ignore_eos"] = True
-    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    first, text, tokens, finish = None, [], 0, None
-    with urllib.request.urlopen(req, timeout=900) as resp:
-        for line in resp:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(f"stream error: {chunk['error']}")
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            for c in chunk.get("choices", []):
-                piece = c.get("delta", {}).get("content")
-                if piece:
-                    first = first or time.perf_counter()
-                    text.append(piece)
-                finish = c.get("finish_reason") or finish
-    return {"text": "".join(text), "tokens": tokens, "finish": finish, "first": first or time.perf_counter(),
-            "end": time.perf_counter()}
-
-
 def run_round(url: str, model: str, concurrency: int, max_tokens: int, constrained: bool) -> dict:
     """`concurrency` requests at once; decode tok/s summed over them, and the mask counters' deltas."""
     results: list[dict] = [{}] * concurrency
@@ -147,7 +67,8 @@ def run_round(url: str, model: str, concurrency: int, max_tokens: int, constrain
 
     def one(i: int) -> None:
         try:
-            results[i] = stream_chat(url, model, PROMPT.format(k=i + 1), max_tokens, constrained)
+            results[i] = stream_chat(url, model, PROMPT.format(k=i + 1), max_tokens,
+                                     {"response_format": RESPONSE_FORMAT} if constrained else {"ignore_eos": True})
         except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
             errors.append(e)
 
@@ -175,7 +96,6 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="measurements per form (alternating); the best counts")
     ap.add_argument("--threads", type=int, default=2, help="the server's --num-threads")
-    ap.add_argument("--port", type=int, default=0, help="the server's port (0: a free one)")
     args = ap.parse_args()
 
     from pyserve.model import default_model_path
@@ -186,11 +106,13 @@ def main() -> int:
     best: dict[tuple[str, int], dict] = {}
     mask_totals: dict[int, list[float]] = {c: [0.0, 0.0] for c in args.concurrency}
     failures: list[str] = []
-    with server(path, args.port, args.threads, max(args.concurrency)) as url:
+    os.environ.setdefault("PYSERVE_TEST_QUIET", "1")
+    os.environ["PYSERVE_TEST_THREADS"] = str(args.threads)
+    with running_server(path, "--max-num-sequence", str(max(args.concurrency))) as url:
         model = model_id(url)
         # Warm up both paths (the grammar compiles once and is cached per constraint).
-        stream_chat(url, model, "Hello!", 8, constrained=False)
-        sample = stream_chat(url, model, PROMPT.format(k=1), args.max_tokens, constrained=True)
+        stream_chat(url, model, "Hello!", 8)
+        sample = stream_chat(url, model, PROMPT.format(k=1), args.max_tokens, {"response_format": RESPONSE_FORMAT})
         print(f"json sample ({sample['tokens']} tokens, finish {sample['finish']}): {sample['text'][:200]!r}")
         if not sample["text"].lstrip().startswith("{"):
             failures.append("the constrained answer does not start with '{'")

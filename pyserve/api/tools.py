@@ -13,8 +13,9 @@ comes back as `tool_calls`.
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pyserve.engine.grammar import JSON_WHITESPACE
@@ -49,14 +50,15 @@ class ToolPlan:
     forced: bool  # tool_choice "required" or a named function: decoding is constrained to calls
     constraint: Constraint | None  # the grammar of the forced call(s)
     keep_special: bool  # a marker is a special token: the detokenizer must not drop it
-    markers: dict[str, int] = field(default_factory=dict)
     legacy: bool = False  # asked with `functions`: the reply is one `function_call`, not `tool_calls`
 
 
+@functools.lru_cache(maxsize=4)
 def _special_markers(tokenizer: Any) -> dict[str, int]:
-    """Markers that are one special token in this vocabulary (a grammar must name them by id)."""
+    """Markers that are one special token in this vocabulary (a grammar must name them by id).
+    Known once the tokenizer is: cached per tokenizer, not worked out per request."""
     out: dict[str, int] = {}
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
+    special = getattr(tokenizer, "all_special_ids", ()) or ()
     for marker in _MARKERS:
         tid = tokenizer.token_to_id(marker) if hasattr(tokenizer, "token_to_id") else None
         if tid is not None and tid in special:
@@ -78,13 +80,17 @@ def _forced_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _renders_tools(chat_template: Any) -> bool:
+    """The model's own template renders `tools` (else the fallback prompt and Hermes format)."""
+    return template_supports_tools(getattr(chat_template, "source", None)) and not getattr(
+        chat_template, "is_fallback", False)
+
+
 def plan_tools(req: ChatCompletionRequest, chat_template: Any, tokenizer: Any) -> ToolPlan | None:
     """None when the request offers no tools or tool_choice is "none" (a plain text reply)."""
     if not req.tools or req.tool_choice == "none":
         return None
-    source = getattr(chat_template, "source", None)
-    own = template_supports_tools(source) and not getattr(chat_template, "is_fallback", False)
-    fmt = detect_tool_call_format(source if own else None)
+    fmt = detect_tool_call_format(chat_template.source if _renders_tools(chat_template) else None)
     markers = _special_markers(tokenizer)
     forced = req.tool_choice != "auto"
     constraint = None
@@ -92,16 +98,14 @@ def plan_tools(req: ChatCompletionRequest, chat_template: Any, tokenizer: Any) -
         grammar = tool_call_grammar(_forced_tools(req.tools), req.tool_choice, fmt, req.parallel_tool_calls,
                                     special_tokens=markers)
         constraint = Constraint("lark", grammar, "tool_choice")
-    return ToolPlan(fmt, forced, constraint, keep_special=bool(markers), markers=markers, legacy=req.legacy_functions)
+    return ToolPlan(fmt, forced, constraint, keep_special=bool(markers), legacy=req.legacy_functions)
 
 
 def chat_messages(req: ChatCompletionRequest, chat_template: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(messages, extra template variables) for rendering the prompt."""
-    source = getattr(chat_template, "source", None)
-    own = template_supports_tools(source) and not getattr(chat_template, "is_fallback", False)
     messages = req.messages
     offered = req.tools if req.tool_choice != "none" else []
-    if own:
+    if _renders_tools(chat_template):
         return _arguments_as_objects(messages), ({"tools": offered} if offered else {})
     if any(m.get("tool_calls") or m.get("role") in ("tool", "function") for m in messages):
         messages = render_tool_messages_fallback(messages)

@@ -418,8 +418,7 @@ class ChatCompletionRequest(GenerationRequest):
         req.logprobs = (top or 0) if want else None
         req.tools, req.tool_choice = _tools(data)
         req.legacy_functions = data.get("tools") is None and data.get("functions") is not None
-        if req.legacy_functions:
-            req.parallel_tool_calls = False  # a function_call is one call
+        # A legacy function_call is one call.
         req.parallel_tool_calls = _opt_bool(data, "parallel_tool_calls", not req.legacy_functions)
         if req.constraint is not None and req.tool_choice not in ("none", "auto"):
             raise ProtocolError(f"'{req.constraint.param}' cannot be combined with a tool_choice that forces a call.",

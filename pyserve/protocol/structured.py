@@ -16,7 +16,7 @@ is the engine's (pyserve/engine/grammar.py), and a constraint it cannot compile 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from pyserve.protocol.errors import ProtocolError
@@ -42,7 +42,9 @@ class Constraint:
         return (self.kind, self.data)
 
 
-def _schema_text(schema: Any, param: str) -> str:
+def _json_schema(schema: Any, param: str, *, closed: bool = False, guidance: dict[str, Any] | None = None) -> Constraint:
+    """A JSON-schema constraint from a schema given as an object, a JSON text or a boolean;
+    `closed`: strict mode (closed_objects); `guidance`: llguidance's JSON options for it."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -52,7 +54,12 @@ def _schema_text(schema: Any, param: str) -> str:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise ProtocolError(f"'{param}' must be a JSON schema object, got {type(schema).__name__}.", param=param)
-    return json.dumps(schema, separators=(",", ":"))  # key order kept: properties come out in it
+    if closed:
+        schema = closed_objects(schema)
+    if guidance:  # llguidance reads its JSON options from the schema; the schema's own win
+        schema = {**schema, "x-guidance": {**guidance, **(schema.get("x-guidance") or {})}}
+    # Key order kept: properties come out in it.
+    return Constraint("json_schema", json.dumps(schema, separators=(",", ":")), param)
 
 
 def closed_objects(schema: Any) -> Any:
@@ -85,7 +92,7 @@ def _response_format(fmt: Any) -> Constraint | None:
     if kind == "text":
         return None
     if kind == "json_object":
-        return Constraint("json_schema", _schema_text(_ANY_OBJECT, "response_format"))
+        return _json_schema(_ANY_OBJECT, "response_format")
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
@@ -101,9 +108,9 @@ def _response_format(fmt: Any) -> Constraint | None:
                                 param="response_format.json_schema.strict")
         # OpenAI's SDK sends the schema under "schema"; a few clients under "json_schema".
         schema = spec.get("schema", spec.get("json_schema", _ANY_OBJECT))
-        if strict:
-            schema = closed_objects(json.loads(_schema_text(schema, "response_format.json_schema.schema")))
-        return Constraint("json_schema", _schema_text(schema, "response_format.json_schema.schema"))
+        # A schema that does not compile is the whole response_format's fault (what OpenAI names).
+        return replace(_json_schema(schema, "response_format.json_schema.schema", closed=bool(strict)),
+                       param="response_format")
     raise ProtocolError(
         f"'response_format.type' must be one of 'text', 'json_object', 'json_schema', got {kind!r}.",
         param="response_format.type",
@@ -118,19 +125,11 @@ def _choice_text(choices: Any, param: str) -> str:
 
 def _vllm(kind: str, value: Any, param: str, closed: bool = False, guidance: dict[str, Any] | None = None) -> Constraint:
     if kind == "json":
-        text = _schema_text(value, param)
-        if not (closed or guidance):
-            return Constraint("json_schema", text, param)
-        schema = json.loads(text)
-        if closed:
-            schema = closed_objects(schema)
-        if guidance and isinstance(schema, dict):  # llguidance reads its JSON options from the schema
-            schema["x-guidance"] = {**guidance, **(schema.get("x-guidance") or {})}
-        return Constraint("json_schema", _schema_text(schema, param), param)
+        return _json_schema(value, param, closed=closed, guidance=guidance)
     if kind == "json_object":
         if value is not True:
             raise ProtocolError(f"'{param}' must be true when given.", param=param)
-        return Constraint("json_schema", _schema_text(_ANY_OBJECT, param), param)
+        return _json_schema(_ANY_OBJECT, param)
     if kind == "choice":
         return Constraint("choice", _choice_text(value, param), param)
     if not isinstance(value, str) or not value:
