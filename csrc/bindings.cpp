@@ -94,9 +94,9 @@ struct PyModel {
   std::shared_ptr<LlamaModel> model;
 };
 
-PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa) {
-  ModelConfig c = model_config_from(config);
-  std::vector<py::buffer_info> infos;
+// (name, format, buffer, shape) tuples -> views of the buffers (infos keeps each buffer's request
+// alive while the views are read).
+TensorMap tensor_map_from(const py::list& tensors, std::vector<py::buffer_info>& infos) {
   infos.reserve(tensors.size());
   TensorMap map;
   for (const py::handle& item : tensors) {
@@ -119,6 +119,13 @@ PyModel make_model(const py::dict& config, const py::list& tensors, int num_thre
                                   " bytes, shape and format need " + std::to_string(v.bytes()));
     map.add(std::move(v));
   }
+  return map;
+}
+
+PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa) {
+  ModelConfig c = model_config_from(config);
+  std::vector<py::buffer_info> infos;
+  TensorMap map = tensor_map_from(tensors, infos);
   auto backend = make_cpu_backend(num_threads, isa);
   PyModel m;
   {
@@ -232,8 +239,10 @@ EngineConfig engine_config_from(const py::dict& d) {
   if (mode == "disable") c.speculative_mode = SpeculativeMode::disable;
   else if (mode == "ngram") c.speculative_mode = SpeculativeMode::ngram;
   else if (mode == "small_draft") c.speculative_mode = SpeculativeMode::small_draft;
-  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram, small_draft)");
+  else if (mode == "medusa") c.speculative_mode = SpeculativeMode::medusa;
+  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram, small_draft, medusa)");
   if (d.contains("draft_model") && !d["draft_model"].is_none()) c.draft_model = d["draft_model"].cast<PyModel>().model;
+  if (d.contains("medusa") && !d["medusa"].is_none()) c.medusa = d["medusa"].cast<std::shared_ptr<MedusaHeads>>();
   c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
   c.spec_token_cost = get_or<double>(d, "spec_token_cost", c.spec_token_cost);
   c.spec_draft_cost = get_or<double>(d, "spec_draft_cost", c.spec_draft_cost);
@@ -670,6 +679,34 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_threads", [](const PyModel& p) { return p.model->backend().num_threads(); })
       .def_property_readonly("weight_bytes", [](const PyModel& p) { return p.model->weight_bytes(); })
       .def_property_readonly("config", [](const PyModel& p) { return model_config_to_dict(p.model->config()); });
+
+  py::class_<MedusaHeads, std::shared_ptr<MedusaHeads>>(m, "MedusaHeads")
+      .def(py::init([](const PyModel& target, const py::list& tensors, int num_heads, std::vector<int32_t> draft_vocab) {
+             std::vector<py::buffer_info> infos;
+             TensorMap map = tensor_map_from(tensors, infos);
+             py::gil_scoped_release unlocked;
+             return std::make_shared<MedusaHeads>(target.model, map, num_heads, std::move(draft_vocab));
+           }),
+           py::arg("target"), py::arg("tensors"), py::arg("num_heads"), py::arg("draft_vocab") = std::vector<int32_t>{},
+           "tensors: [(name, format, buffer, shape)]: medusa.K.weight / .bias, and lm_head with a draft vocabulary")
+      .def_property_readonly("num_heads", &MedusaHeads::num_heads)
+      .def_property_readonly("draft_vocab_size", &MedusaHeads::draft_vocab_size)
+      .def("propose",
+           [](MedusaHeads& h, py::array_t<float, py::array::c_style | py::array::forcecast> hidden, int k) {
+             if (hidden.ndim() != 2 || hidden.shape(1) != h.target().config().hidden_size)
+               throw std::invalid_argument("hidden: expected [n, " + std::to_string(h.target().config().hidden_size) + "]");
+             const int n = static_cast<int>(hidden.shape(0));
+             std::vector<std::vector<int32_t>> drafts(static_cast<size_t>(n));
+             std::vector<std::vector<int32_t>*> out;
+             for (auto& d : drafts) out.push_back(&d);
+             {
+               py::gil_scoped_release unlocked;
+               auto lock = h.target().lock();
+               h.propose(hidden.data(), n, k, out.data());
+             }
+             return drafts;
+           },
+           py::arg("hidden"), py::arg("k"), "hidden: [n, hidden_size] -> each row's first k drafts (tools and tests)");
 
   py::class_<Session>(m, "Session")
       .def(py::init<PyModel, int, int>(), py::arg("model"), py::arg("max_tokens"), py::arg("page_size") = 16)

@@ -175,11 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding, as MLC's flag plus 'ngram' (prompt lookup: the tokens that "
                    "followed the latest earlier occurrence of the last few tokens are verified in one step, "
                    "with output unchanged); 'small_draft': a smaller model with the same vocabulary "
-                   "(--additional-models) proposes its greedy continuation. eagle and medusa are not "
-                   "implemented yet (default: %(default)s)")
+                   "(--additional-models) proposes its greedy continuation; 'medusa': heads on the target's own "
+                   "hidden state (trained by tools/train_medusa.py, --additional-models DIR) propose the next "
+                   "tokens at once. eagle is not implemented yet (default: %(default)s)")
     p.add_argument("--additional-models", nargs="+", default=None, metavar="PATH",
                    help="as MLC's flag: more models the engine uses; with --speculative-mode small_draft the "
-                   "first is the draft model (an HF directory or a GGUF file sharing the target's vocabulary)")
+                   "first is the draft model (an HF directory or a GGUF file sharing the target's vocabulary); "
+                   "with medusa, the heads' directory")
     p.add_argument("--spec-draft-length", type=_non_negative_int, default=None, metavar="N",
                    help="draft tokens per sequence and step; 0: automatic: at most MLC's rule (4 below 10 "
                    "running sequences, 3 below 20, 2 below 30, else none), and only drafts whose chance of "
@@ -457,8 +459,7 @@ def build_app(args: argparse.Namespace) -> Any:
     log.info("prefix cache: %s", "disabled" if engine_config.prefix_cache_mode == "disable"
              else f"radix (finished sequences kept: {engine_config.prefix_cache_max_num_recycling_seqs}, -1: any)")
     if engine_config.speculative_mode != "disable":
-        automatic = "automatic (MLC's 4/3/2/0 by running sequences" + (
-            ", weighed by cost)" if engine_config.speculative_mode == "ngram" else ")")
+        automatic = "automatic (MLC's 4/3/2/0 by running sequences, weighed by cost)"
         log.info("speculative decoding: %s, %s drafts a step", engine_config.speculative_mode,
                  engine_config.spec_draft_length or automatic)
     limits = output_limits_from_args(args)  # checked above (parse_args); logged below

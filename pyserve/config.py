@@ -29,7 +29,7 @@ PREFIX_CACHE_MODES = ("radix", "disable")
 PREFILL_MODES = ("hybrid", "chunked")
 # MLC's --speculative-mode values, plus vLLM's prompt lookup ("ngram"); the ones this build runs:
 SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle", "medusa")
-SPECULATIVE_MODES_RUN = ("disable", "ngram", "small_draft")
+SPECULATIVE_MODES_RUN = ("disable", "ngram", "small_draft", "medusa")
 
 DEFAULT_MAX_BATCH = 80  # MLC-LLM's default max_batch_size
 LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
@@ -76,7 +76,8 @@ class EngineConfig:
     speculative_mode: str = "disable"
     spec_draft_length: int = 0
     spec_tree_width: int = 1
-    # MLC's --additional-models: model paths for small_draft (the first is the draft model).
+    # MLC's --additional-models: model paths for small_draft (the first is the draft model) and the
+    # Medusa heads' directory for medusa.
     additional_models: list[str] = field(default_factory=list)
 
     def resolved(self) -> bool:
@@ -298,6 +299,9 @@ def validate(cfg: EngineConfig) -> None:
                           f"{', '.join(SPECULATIVE_MODES_RUN)})")
     if cfg.speculative_mode == "small_draft" and not cfg.additional_models:
         raise ConfigError("speculative_mode small_draft needs the draft model: --additional-models PATH")
+    if cfg.speculative_mode == "medusa" and not cfg.additional_models:
+        raise ConfigError("speculative_mode medusa needs the heads (tools/train_medusa.py makes them): "
+                          "--additional-models DIR")
     if cfg.spec_tree_width != 1:
         raise ConfigError(f"spec_tree_width {cfg.spec_tree_width} is not implemented yet (drafts form a chain: 1)")
     for name in OVERRIDABLE:

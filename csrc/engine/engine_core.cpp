@@ -40,6 +40,10 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
     draft_ = std::make_unique<DraftModel>(config_.draft_model, config_.kv_capacity_tokens, config_.page_size,
                                           config_.max_batch_tokens);
   }
+  if (config_.speculative_mode == SpeculativeMode::medusa) {
+    if (!config_.medusa) throw std::invalid_argument("speculative_mode medusa needs Medusa heads");
+    medusa_ = config_.medusa;
+  }
   if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
   config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
   // Everything a step needs is sized here, from the configured limits: serving allocates no
@@ -351,7 +355,8 @@ bool EngineCore::step() {
 
 int EngineCore::max_draft_length() const {
   if (config_.speculative_mode == SpeculativeMode::disable) return 0;
-  return config_.spec_draft_length > 0 ? config_.spec_draft_length : 4;
+  const int most = config_.spec_draft_length > 0 ? config_.spec_draft_length : 4;
+  return medusa_ ? std::min(most, medusa_->num_heads()) : most;  // one draft per head
 }
 
 int EngineCore::draft_length() const {
@@ -359,7 +364,7 @@ int EngineCore::draft_length() const {
   // MLC's automatic length: fewer drafts as the batch grows (a big batch is compute-bound, and
   // every rejected draft is compute thrown away).
   const size_t running = scheduler_.running().size();
-  return running < 10 ? 4 : running < 20 ? 3 : running < 30 ? 2 : 0;
+  return std::min(max_draft_length(), running < 10 ? 4 : running < 20 ? 3 : running < 30 ? 2 : 0);
 }
 
 void EngineCore::propose() {
@@ -382,8 +387,9 @@ void EngineCore::propose() {
     int room = static_cast<int>(std::min<int64_t>(k, limit - s->num_tokens - 1));
     if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
     if (room <= 0) continue;
-    int offered = room;  // a draft model offers what it is asked for
-    if (!draft_) {
+    if (medusa_ && r.spec_hidden.empty()) continue;  // no token drawn yet (a fork's child)
+    int offered = room;  // a draft model or the heads offer what they are asked for
+    if (!draft_ && !medusa_) {
       ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
       if (r.grammar && !s->drafts.empty())  // a draft the grammar refuses could never be kept
         s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
@@ -399,10 +405,15 @@ void EngineCore::propose() {
   if (weigh && !candidates.empty()) {
     std::vector<double> later;
     for (const AcceptanceEstimate& e : spec_later_) later.push_back(e.value());
-    keep = choose_draft_lengths(candidates, later, config_.spec_token_cost + (draft_ ? config_.spec_draft_cost : 0));
+    keep = choose_draft_lengths(candidates, later,
+                                config_.spec_token_cost + (draft_ || medusa_ ? config_.spec_draft_cost : 0));
   }
-  if (!draft_) {
+  if (!draft_ && !medusa_) {
     for (size_t i = 0; i < weighed.size(); ++i) weighed[i]->seq.drafts.resize(static_cast<size_t>(keep[i]));
+    return;
+  }
+  if (medusa_) {
+    propose_medusa(weighed, keep);
     return;
   }
   std::vector<DraftModel::Want> wants;  // proposed together, batched
@@ -418,6 +429,37 @@ void EngineCore::propose() {
     if (r->grammar && !r->seq.drafts.empty())
       r->seq.drafts.resize(static_cast<size_t>(
           r->grammar->valid_prefix(r->seq.drafts.data(), static_cast<int>(r->seq.drafts.size()))));
+}
+
+void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep) {
+  // The heads run once over every sequence that drafts, as many heads as the longest wants.
+  const size_t H = static_cast<size_t>(model_->config().hidden_size);
+  std::vector<std::vector<int32_t>*> outs;
+  std::vector<Request*> drafting;
+  int most = 0;
+  medusa_hidden_.clear();
+  for (size_t i = 0; i < weighed.size(); ++i) {
+    if (keep[i] <= 0) continue;
+    Request& r = *weighed[i];
+    medusa_hidden_.insert(medusa_hidden_.end(), r.spec_hidden.begin(), r.spec_hidden.end());
+    outs.push_back(&r.seq.drafts);
+    drafting.push_back(&r);
+    most = std::max(most, keep[i]);
+  }
+  if (drafting.empty()) return;
+  if (medusa_hidden_.size() != drafting.size() * H) throw std::logic_error("medusa: a hidden state of the wrong size");
+  {
+    auto model_lock = model_->lock();  // the heads compute on the target's backend (and LM head)
+    medusa_->propose(medusa_hidden_.data(), static_cast<int>(drafting.size()), most, outs.data());
+  }
+  for (size_t i = 0, d = 0; i < weighed.size(); ++i) {
+    if (keep[i] <= 0) continue;
+    Request& r = *drafting[d++];
+    if (r.seq.drafts.size() > static_cast<size_t>(keep[i])) r.seq.drafts.resize(static_cast<size_t>(keep[i]));
+    if (r.grammar && !r.seq.drafts.empty())  // a draft the grammar refuses could never be kept
+      r.seq.drafts.resize(static_cast<size_t>(
+          r.grammar->valid_prefix(r.seq.drafts.data(), static_cast<int>(r.seq.drafts.size()))));
+  }
 }
 
 std::vector<ScheduledChunk> EngineCore::plan() {
@@ -573,6 +615,11 @@ void EngineCore::accept() {
             ++counters_.spec_accepted_by_position[j];
           }
           if (a.reason || !draft_kept) break;
+        }
+        if (medusa_) {  // the heads' next input: the row that gave the last token drawn
+          const size_t H = static_cast<size_t>(model_->config().hidden_size);
+          const float* h = sample_hidden_.data() + static_cast<size_t>(u.sample_row) * H + (a.tokens.size() - 1) * H;
+          r.spec_hidden.assign(h, h + H);
         }
         if (u.drafts > 0) {
           // K/V stands for the last known token and each kept draft; the rest is rolled back.

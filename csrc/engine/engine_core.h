@@ -30,6 +30,7 @@
 #include "cache/prefix_cache.h"
 #include "engine/draft_model.h"
 #include "engine/fault_switch.h"
+#include "engine/medusa_heads.h"
 #include "engine/ngram_proposer.h"
 #include "engine/request.h"
 #include "engine/sampler.h"
@@ -38,7 +39,7 @@
 
 namespace pyserve {
 
-enum class SpeculativeMode { disable, ngram, small_draft };
+enum class SpeculativeMode { disable, ngram, small_draft, medusa };
 
 struct EngineConfig {
   int max_num_seqs = 4;
@@ -61,12 +62,14 @@ struct EngineConfig {
   // The automatic length's cost of one more token in a step, relative to a one-token step
   // (measured by the caller on the model and machine; 0: tokens are free, MLC's rule alone).
   double spec_token_cost = 0;
-  // small_draft: what one draft token costs the draft model, relative to a one-token target step
+  // small_draft / medusa: what one draft costs to make, relative to a one-token target step
   // (measured by the caller; added to spec_token_cost when weighing drafts, before they are made).
   double spec_draft_cost = 0;
   NgramConfig ngram;
   // small_draft: the draft model (same vocabulary), with a KV cache of kv_capacity_tokens.
   std::shared_ptr<LlamaModel> draft_model;
+  // medusa: heads on the target's hidden states (built for this engine's model).
+  std::shared_ptr<MedusaHeads> medusa;
 };
 
 struct EngineOutput {
@@ -179,6 +182,8 @@ class EngineCore {
   void propose();
   int draft_length() const;      // this step's drafts per sequence
   int max_draft_length() const;  // the most any step proposes
+  // medusa: drafts for weighed[i] (keep[i] of them, when > 0) from the heads, batched.
+  void propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep);
   std::vector<ScheduledChunk> plan();
   void build(const std::vector<ScheduledChunk>& chunks);
   void run();
@@ -208,6 +213,7 @@ class EngineCore {
   BlockPool pool_;
   std::unique_ptr<PrefixCache> prefix_cache_;  // null when disabled
   std::unique_ptr<DraftModel> draft_;          // small_draft only
+  std::shared_ptr<MedusaHeads> medusa_;        // medusa only
   Scheduler scheduler_;
   Sampler sampler_;
   FaultSwitch faults_;
@@ -226,6 +232,7 @@ class EngineCore {
   std::vector<float> sample_logits_;     // [sample rows <= max_num_seqs, vocab]
   std::vector<float> prompt_logits_;     // [<= prompt_logit_rows, vocab]
   std::vector<uint32_t> grammar_mask_;   // [ceil(vocab / 32)] bits
+  std::vector<float> medusa_hidden_;     // [sequences drafting, hidden]: the heads' input
 
   // Automatic draft length: the chance that a draft at position j >= 1 is kept when the one
   // before it was, measured over every sequence.

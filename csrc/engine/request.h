@@ -29,6 +29,9 @@ struct Request {
   std::vector<TokenLogprob> prompt_logprobs;
   AcceptanceEstimate spec_acceptance;  // how often its drafts are kept (automatic draft length)
   int spec_untested = 0;               // decode steps since its drafts were last tested
+  // medusa: the target's final hidden state at the row whose logits gave the latest token (empty
+  // until a token is drawn); the heads propose from it.
+  std::vector<float> spec_hidden;
 
   // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices.
   int choices_represented() const { return (index == 0 && !forked) ? params.n : 1; }

@@ -98,3 +98,87 @@ def draft_model(target: LoadedModel, config: Any, isa: str = "auto") -> Any:
         quantize_model(draft, "q4f16_1")
     log.info("small_draft: draft model %s (%d layers)", path, draft.config.num_hidden_layers)
     return native_model(draft, config.num_threads, isa, release_tensors=True)
+
+
+@dataclasses.dataclass
+class MedusaSpec:
+    """What `_C.MedusaHeads` is built from: tools/train_medusa.py's directory, with the target's
+    LM head rows for the heads' draft vocabulary (taken before the target's tensors go)."""
+    path: str
+    num_heads: int
+    tensors: list[tuple[str, str, Any, tuple[int, ...]]]
+    draft_vocab: list[int]
+
+
+def medusa_spec(target: LoadedModel, path: str) -> MedusaSpec:
+    """Reads and checks a Medusa heads directory (config.json + medusa.safetensors) against the
+    target: the same hidden size and vocabulary size, a head count >= 1, draft tokens in range."""
+    import json
+    import os
+
+    import numpy as np
+
+    from pyserve.model.safetensors import read_header, read_safetensors
+
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a Medusa heads directory (tools/train_medusa.py makes one): {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("architecture") != "medusa":
+        raise ValueError(f"{path}/config.json: architecture is not 'medusa'")
+    heads, hidden, vocab = cfg.get("num_heads"), cfg.get("hidden_size"), cfg.get("vocab_size")
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{path}/config.json: num_heads must be an integer >= 1, got {heads!r}")
+    if (hidden, vocab) != (target.config.hidden_size, target.config.vocab_size):
+        raise ValueError(f"the Medusa heads in {path} were made for hidden size {hidden} and {vocab} tokens; "
+                         f"the target has {target.config.hidden_size} and {target.config.vocab_size}")
+    file = os.path.join(path, "medusa.safetensors")
+    records = read_safetensors(file, select=lambda name: name != "draft_vocab")
+    tensors = []
+    for k in range(heads):
+        for part in ("weight", "bias"):
+            name = f"medusa.{k}.{part}"
+            if name not in records:
+                raise ValueError(f"{path}/medusa.safetensors has no tensor {name}")
+            r = records[name]
+            tensors.append((name, r.format, r.data, tuple(r.shape)))
+    draft_vocab: list[int] = []
+    header, start = read_header(file)
+    if "draft_vocab" in header:
+        # int32 token ids (the weights reader takes float formats only)
+        entry = header["draft_vocab"]
+        if entry.get("dtype") != "I32":
+            raise ValueError(f"{file}: draft_vocab must be I32, got {entry.get('dtype')}")
+        begin, end = entry["data_offsets"]
+        with open(file, "rb") as f:
+            f.seek(start + begin)
+            draft_vocab = np.frombuffer(f.read(end - begin), dtype="<i4").tolist()
+        if not draft_vocab or min(draft_vocab) < 0 or max(draft_vocab) >= target.config.vocab_size:
+            raise ValueError(f"{path}: draft_vocab holds token ids outside [0, {target.config.vocab_size})")
+        head = target.tensors.get("lm_head.weight") or target.tensors["model.embed_tokens.weight"]
+        rows = np.ascontiguousarray(np.asarray(head.data)[np.asarray(draft_vocab)])
+        tensors.append(("lm_head", head.format, rows, (len(draft_vocab), target.config.hidden_size)))
+    return MedusaSpec(path, heads, tensors, draft_vocab)
+
+
+def medusa_heads(c_model: Any, spec: MedusaSpec) -> Any:
+    from pyserve import _C
+
+    log.info("medusa: %d heads from %s, draft vocabulary %s", spec.num_heads, spec.path,
+             len(spec.draft_vocab) or "the target's")
+    return _C.MedusaHeads(c_model, spec.tensors, spec.num_heads, spec.draft_vocab)
+
+
+def measure_medusa_cost(c_model: Any, heads: Any, repeats: int = 3) -> float:
+    """What one Medusa draft costs: the heads over one sequence, per head, relative to the
+    target's one-token step."""
+    import numpy as np
+
+    hidden = np.random.default_rng(0).standard_normal((1, c_model.config["hidden_size"]), dtype=np.float32)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        heads.propose(hidden, heads.num_heads)
+        times.append(time.perf_counter() - t0)
+    return min(times) / heads.num_heads / step_time(c_model, 1, repeats)
