@@ -239,8 +239,11 @@ EngineConfig engine_config_from(const py::dict& d) {
   if (mode == "disable") c.speculative_mode = SpeculativeMode::disable;
   else if (mode == "ngram") c.speculative_mode = SpeculativeMode::ngram;
   else if (mode == "small_draft") c.speculative_mode = SpeculativeMode::small_draft;
+  else if (mode == "eagle") c.speculative_mode = SpeculativeMode::eagle;
   else if (mode == "medusa") c.speculative_mode = SpeculativeMode::medusa;
-  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram, small_draft, medusa)");
+  else throw std::invalid_argument("speculative_mode '" + mode + "' is not supported (supported: disable, ngram, small_draft, eagle, medusa)");
+  if (d.contains("eagle") && !d["eagle"].is_none()) c.eagle = d["eagle"].cast<std::shared_ptr<EagleInput>>();
+  c.draft_vocab = get_or<std::vector<int32_t>>(d, "draft_vocab", {});
   if (d.contains("draft_model") && !d["draft_model"].is_none()) c.draft_model = d["draft_model"].cast<PyModel>().model;
   if (d.contains("medusa") && !d["medusa"].is_none()) c.medusa = d["medusa"].cast<std::shared_ptr<MedusaHeads>>();
   c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
@@ -679,6 +682,22 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_threads", [](const PyModel& p) { return p.model->backend().num_threads(); })
       .def_property_readonly("weight_bytes", [](const PyModel& p) { return p.model->weight_bytes(); })
       .def_property_readonly("config", [](const PyModel& p) { return model_config_to_dict(p.model->config()); });
+
+  py::class_<EagleInput, std::shared_ptr<EagleInput>>(m, "EagleInput")
+      .def(py::init([](const PyModel& target, const PyModel& draft, const py::list& tensors) {
+             std::vector<py::buffer_info> infos;
+             TensorMap map = tensor_map_from(tensors, infos);
+             const int64_t H = draft.model->config().hidden_size;
+             auto e = std::make_shared<EagleInput>();
+             e->target = target.model;
+             py::gil_scoped_release unlocked;
+             e->fc = draft.model->backend().pack({&map.get("fc.weight", {H, 2 * H})});
+             e->fc_bias = map.get("fc.bias", {H}).to_f32();
+             return e;
+           }),
+           py::arg("target"), py::arg("draft"), py::arg("tensors"),
+           "an EAGLE draft's input: fc.weight [H, 2H] and fc.bias [H] (packed on the draft's backend) over the "
+           "target's features and embeddings");
 
   py::class_<MedusaHeads, std::shared_ptr<MedusaHeads>>(m, "MedusaHeads")
       .def(py::init([](const PyModel& target, const py::list& tensors, int num_heads, std::vector<int32_t> draft_vocab) {

@@ -177,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "with output unchanged); 'small_draft': a smaller model with the same vocabulary "
                    "(--additional-models) proposes its greedy continuation; 'medusa': heads on the target's own "
                    "hidden state (trained by tools/train_medusa.py, --additional-models DIR) propose the next "
-                   "tokens at once. eagle is not implemented yet (default: %(default)s)")
+                   "tokens at once; 'eagle': one decoder layer over the target's hidden states and the tokens "
+                   "(trained by tools/train_eagle.py, --additional-models DIR) drafts token by token "
+                   "(default: %(default)s)")
     p.add_argument("--additional-models", nargs="+", default=None, metavar="PATH",
                    help="as MLC's flag: more models the engine uses; with --speculative-mode small_draft the "
                    "first is the draft model (an HF directory or a GGUF file sharing the target's vocabulary); "
-                   "with medusa, the heads' directory")
+                   "with medusa or eagle, the directory tools/train_medusa.py or tools/train_eagle.py wrote")
     p.add_argument("--spec-draft-length", type=_non_negative_int, default=None, metavar="N",
                    help="draft tokens per sequence and step; 0: automatic: at most MLC's rule (4 below 10 "
                    "running sequences, 3 below 20, 2 below 30, else none), and only drafts whose chance of "

@@ -27,9 +27,8 @@ MODES = ("local", "interactive", "server")
 DEVICES = ("cpu", "cuda")
 PREFIX_CACHE_MODES = ("radix", "disable")
 PREFILL_MODES = ("hybrid", "chunked")
-# MLC's --speculative-mode values, plus vLLM's prompt lookup ("ngram"); the ones this build runs:
+# MLC's --speculative-mode values, plus vLLM's prompt lookup ("ngram"):
 SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle", "medusa")
-SPECULATIVE_MODES_RUN = ("disable", "ngram", "small_draft", "medusa")
 
 DEFAULT_MAX_BATCH = 80  # MLC-LLM's default max_batch_size
 LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
@@ -294,14 +293,11 @@ def validate(cfg: EngineConfig) -> None:
         raise ConfigError(f"prefill_mode must be one of {', '.join(PREFILL_MODES)}, got {cfg.prefill_mode!r}")
     if cfg.speculative_mode not in SPECULATIVE_MODES:
         raise ConfigError(f"speculative_mode must be one of {', '.join(SPECULATIVE_MODES)}, got {cfg.speculative_mode!r}")
-    if cfg.speculative_mode not in SPECULATIVE_MODES_RUN:
-        raise ConfigError(f"speculative_mode {cfg.speculative_mode!r} is not implemented yet (this build runs: "
-                          f"{', '.join(SPECULATIVE_MODES_RUN)})")
     if cfg.speculative_mode == "small_draft" and not cfg.additional_models:
         raise ConfigError("speculative_mode small_draft needs the draft model: --additional-models PATH")
-    if cfg.speculative_mode == "medusa" and not cfg.additional_models:
-        raise ConfigError("speculative_mode medusa needs the heads (tools/train_medusa.py makes them): "
-                          "--additional-models DIR")
+    if cfg.speculative_mode in ("medusa", "eagle") and not cfg.additional_models:
+        raise ConfigError(f"speculative_mode {cfg.speculative_mode} needs its trained weights "
+                          f"(tools/train_{cfg.speculative_mode}.py makes them): --additional-models DIR")
     if cfg.spec_tree_width != 1:
         raise ConfigError(f"spec_tree_width {cfg.spec_tree_width} is not implemented yet (drafts form a chain: 1)")
     for name in OVERRIDABLE:

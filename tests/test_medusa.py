@@ -95,7 +95,7 @@ def test_heads_are_checked_against_the_target(target, tmp_path) -> None:
         medusa_spec(model, write_heads(tmp_path / "a", H + 4, V, 2))
     with pytest.raises(ValueError, match="outside"):
         medusa_spec(model, write_heads(tmp_path / "b", H, V, 2, draft_vocab=[1, V]))
-    with pytest.raises(ValueError, match="Medusa heads directory"):
+    with pytest.raises(ValueError, match="not a medusa directory"):
         medusa_spec(model, str(tmp_path))
     with pytest.raises(ValueError, match="needs Medusa heads"):
         _C.EngineCore(target[1], {"speculative_mode": "medusa", "eos_token_ids": []})

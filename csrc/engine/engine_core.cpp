@@ -32,13 +32,19 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
                   model_->config().release_window() > 0 ? model_->config().attention_sink : 0},
                  pool_, prefix_cache_.get()) {
   if (config_.page_size < 1) throw std::invalid_argument("page_size must be >= 1");
-  if (config_.speculative_mode == SpeculativeMode::small_draft) {
-    if (!config_.draft_model) throw std::invalid_argument("speculative_mode small_draft needs a draft model");
-    if (config_.draft_model->config().vocab_size != model_->config().vocab_size)
+  if (config_.speculative_mode == SpeculativeMode::small_draft || config_.speculative_mode == SpeculativeMode::eagle) {
+    const bool eagle = config_.speculative_mode == SpeculativeMode::eagle;
+    if (!config_.draft_model) throw std::invalid_argument(eagle ? "speculative_mode eagle needs the EAGLE draft layer"
+                                                                 : "speculative_mode small_draft needs a draft model");
+    if (eagle && !config_.eagle) throw std::invalid_argument("speculative_mode eagle needs the draft's input fc");
+    const int vocab = config_.draft_vocab.empty() ? config_.draft_model->config().vocab_size : model_->config().vocab_size;
+    if (vocab != model_->config().vocab_size)
       throw std::invalid_argument("the draft model's vocabulary (" + std::to_string(config_.draft_model->config().vocab_size) +
                                   " tokens) is not the target's (" + std::to_string(model_->config().vocab_size) + ")");
+    for (int32_t t : config_.draft_vocab)
+      if (t < 0 || t >= model_->config().vocab_size) throw std::invalid_argument("the draft vocabulary holds a token outside the target's");
     draft_ = std::make_unique<DraftModel>(config_.draft_model, config_.kv_capacity_tokens, config_.page_size,
-                                          config_.max_batch_tokens);
+                                          config_.max_batch_tokens, eagle ? config_.eagle : nullptr, config_.draft_vocab);
   }
   if (config_.speculative_mode == SpeculativeMode::medusa) {
     if (!config_.medusa) throw std::invalid_argument("speculative_mode medusa needs Medusa heads");
@@ -387,7 +393,8 @@ void EngineCore::propose() {
     int room = static_cast<int>(std::min<int64_t>(k, limit - s->num_tokens - 1));
     if (r.params.max_tokens >= 0) room = std::min(room, r.params.max_tokens - r.num_generated - 1);
     if (room <= 0) continue;
-    if (medusa_ && r.spec_hidden.empty()) continue;  // no token drawn yet (a fork's child)
+    // Medusa reads the hidden state that drew the latest token: none yet for a fork's child.
+    if (medusa_ && (r.spec_features.empty() || r.spec_features.end() != s->num_tokens - 1)) continue;
     int offered = room;  // a draft model or the heads offer what they are asked for
     if (!draft_ && !medusa_) {
       ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
@@ -420,11 +427,15 @@ void EngineCore::propose() {
   std::vector<Request*> wanting;
   for (size_t i = 0; i < weighed.size(); ++i) {
     if (keep[i] <= 0) continue;
-    wants.push_back({weighed[i]->seq.id, &weighed[i]->tokens, keep[i], &weighed[i]->seq.drafts});
+    const FeatureStore& f = weighed[i]->spec_features;
+    wants.push_back({weighed[i]->seq.id, &weighed[i]->tokens, keep[i], &weighed[i]->seq.drafts,
+                     f.empty() ? nullptr : f.data(), f.from(), f.count()});
     wanting.push_back(weighed[i]);
   }
   if (wants.empty()) return;
   draft_->propose(wants);
+  if (draft_->eagle())  // what the draft consumed: it re-reads from the feature before its last position
+    for (Request* r : wanting) r->spec_features.drop_before(draft_->computed(r->seq.id) - 1);
   for (Request* r : wanting)  // a draft the grammar refuses could never be kept
     if (r->grammar && !r->seq.drafts.empty())
       r->seq.drafts.resize(static_cast<size_t>(
@@ -441,7 +452,7 @@ void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std:
   for (size_t i = 0; i < weighed.size(); ++i) {
     if (keep[i] <= 0) continue;
     Request& r = *weighed[i];
-    medusa_hidden_.insert(medusa_hidden_.end(), r.spec_hidden.begin(), r.spec_hidden.end());
+    medusa_hidden_.insert(medusa_hidden_.end(), r.spec_features.latest(), r.spec_features.latest() + H);
     outs.push_back(&r.seq.drafts);
     drafting.push_back(&r);
     most = std::max(most, keep[i]);
@@ -491,7 +502,7 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
       faults_.check(Phase::build, step_index_, r.id);
       const int drafts = c.drafts();
       if (drafts > static_cast<int>(r.seq.drafts.size())) throw std::logic_error("more drafts planned than proposed");
-      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, drafts, -1, -1, 0};
+      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, drafts, -1, -1, 0, -1, 0};
       for (int i = 0; i < c.count; ++i) {
         const int t = c.start + i;  // the known tokens, then the drafts
         batch_.tokens.push_back(t < r.seq.num_tokens ? r.tokens[t] : r.seq.drafts[t - r.seq.num_tokens]);
@@ -505,6 +516,13 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
         u.prompt_row = static_cast<int>(batch_.logit_rows.size());
         u.prompt_rows = scored;
         for (int i = 0; i < scored; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
+      }
+      // eagle: a prompt chunk's rows (those that do not sample) are its draft's features.
+      const int plain_rows = c.count - (c.sample ? 1 + drafts : 0);
+      if (draft_ && draft_->eagle() && plain_rows > 0) {
+        u.feature_row = static_cast<int>(batch_.logit_rows.size());
+        u.feature_rows = plain_rows;
+        for (int i = 0; i < plain_rows; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
       }
       if (c.sample) {  // the last known token's row, then each draft's
         u.sample_row = static_cast<int>(sample_rows_.size());
@@ -616,11 +634,6 @@ void EngineCore::accept() {
           }
           if (a.reason || !draft_kept) break;
         }
-        if (medusa_) {  // the heads' next input: the row that gave the last token drawn
-          const size_t H = static_cast<size_t>(model_->config().hidden_size);
-          const float* h = sample_hidden_.data() + static_cast<size_t>(u.sample_row) * H + (a.tokens.size() - 1) * H;
-          r.spec_hidden.assign(h, h + H);
-        }
         if (u.drafts > 0) {
           // K/V stands for the last known token and each kept draft; the rest is rolled back.
           a.count = u.count - u.drafts + kept;
@@ -636,12 +649,27 @@ void EngineCore::accept() {
           counters_.spec_accepted_tokens += kept;
         }
       }
+      if (medusa_ || (draft_ && draft_->eagle())) keep_features(u, r, a.tokens.size());
       accepted_.push_back(std::move(a));
     } catch (const std::exception& e) {
       ++counters_.step_failures;
       fail_request(r, std::string("engine fault while sampling: ") + e.what());
     }
   }
+}
+
+void EngineCore::keep_features(const RowUse& u, Request& r, size_t accepted) {
+  const size_t H = static_cast<size_t>(model_->config().hidden_size);
+  // Bounds what a sequence that does not draft for a while holds (older rows read as zeros).
+  constexpr int kMaxFeatures = 4096;
+  for (int i = 0; i < u.feature_rows; ++i)
+    r.spec_features.put(u.start + i, hidden_ + static_cast<size_t>(u.feature_row + i) * H, H, kMaxFeatures);
+  // Sample row j (at position start + count - 1 - drafts + j) drew accepted token j.
+  const int first = u.start + u.count - 1 - u.drafts;
+  for (size_t j = 0; j < accepted; ++j)
+    r.spec_features.put(first + static_cast<int>(j), sample_hidden_.data() + (static_cast<size_t>(u.sample_row) + j) * H,
+                        H, kMaxFeatures);
+  if (medusa_) r.spec_features.drop_before(r.spec_features.end() - 1);  // the heads read the latest only
 }
 
 const uint32_t* EngineCore::grammar_mask(GrammarMatcher& m, bool* more) {
@@ -660,7 +688,11 @@ void EngineCore::commit() {
     try {
       faults_.check(Phase::commit, step_index_, r.id);
       r.seq.num_computed += a.count;
-      if (draft_ && !r.seq.drafts.empty()) {
+      if (draft_ && draft_->eagle()) {
+        // An EAGLE draft's K/V stands for the known tokens only (drafts were fed with the draft's
+        // own features); the kept ones are caught up on with the target's.
+        draft_->keep(r.seq.id, r.seq.num_tokens);
+      } else if (draft_ && !r.seq.drafts.empty()) {
         // The draft fed back its drafts but the last: its K/V holds the known tokens and those,
         // and stands as far as the target kept them.
         const size_t fed = r.seq.drafts.size() - 1;

@@ -39,7 +39,7 @@
 
 namespace pyserve {
 
-enum class SpeculativeMode { disable, ngram, small_draft, medusa };
+enum class SpeculativeMode { disable, ngram, small_draft, eagle, medusa };
 
 struct EngineConfig {
   int max_num_seqs = 4;
@@ -67,7 +67,11 @@ struct EngineConfig {
   double spec_draft_cost = 0;
   NgramConfig ngram;
   // small_draft: the draft model (same vocabulary), with a KV cache of kv_capacity_tokens.
+  // eagle: the EAGLE draft layer as a one-layer model, its input fc, and the token id of each of
+  // its LM head rows (empty: the target's vocabulary).
   std::shared_ptr<LlamaModel> draft_model;
+  std::shared_ptr<EagleInput> eagle;
+  std::vector<int32_t> draft_vocab;
   // medusa: heads on the target's hidden states (built for this engine's model).
   std::shared_ptr<MedusaHeads> medusa;
 };
@@ -168,6 +172,8 @@ class EngineCore {
     int sample_row;   // its (first) row in sample_logits_, or -1
     int prompt_row;   // first of its prompt-logprob rows in the hidden states, or -1
     int prompt_rows;
+    int feature_row;  // eagle: first of its rows kept as features (a prompt chunk's), or -1
+    int feature_rows;
   };
   // What accept decided for one request; commit applies it.
   struct Accepted {
@@ -184,6 +190,9 @@ class EngineCore {
   int max_draft_length() const;  // the most any step proposes
   // medusa: drafts for weighed[i] (keep[i] of them, when > 0) from the heads, batched.
   void propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep);
+  // medusa / eagle: the hidden states of this step's rows that drew r's accepted tokens (and, for
+  // eagle, of its prompt chunk) into r.spec_features.
+  void keep_features(const RowUse& u, Request& r, size_t accepted);
   std::vector<ScheduledChunk> plan();
   void build(const std::vector<ScheduledChunk>& chunks);
   void run();
@@ -212,7 +221,7 @@ class EngineCore {
   KVCache cache_;
   BlockPool pool_;
   std::unique_ptr<PrefixCache> prefix_cache_;  // null when disabled
-  std::unique_ptr<DraftModel> draft_;          // small_draft only
+  std::unique_ptr<DraftModel> draft_;          // small_draft and eagle
   std::shared_ptr<MedusaHeads> medusa_;        // medusa only
   Scheduler scheduler_;
   Sampler sampler_;

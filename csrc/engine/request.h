@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "engine/draft_policy.h"
+#include "engine/feature_store.h"
 #include "engine/grammar.h"
 #include "engine/sampler.h"
 #include "engine/scheduler.h"
@@ -29,9 +30,9 @@ struct Request {
   std::vector<TokenLogprob> prompt_logprobs;
   AcceptanceEstimate spec_acceptance;  // how often its drafts are kept (automatic draft length)
   int spec_untested = 0;               // decode steps since its drafts were last tested
-  // medusa: the target's final hidden state at the row whose logits gave the latest token (empty
-  // until a token is drawn); the heads propose from it.
-  std::vector<float> spec_hidden;
+  // medusa / eagle: the target's final hidden states the drafts read (Medusa: the row that drew the
+  // latest token; EAGLE: those its draft has not consumed).
+  FeatureStore spec_features;
 
   // Choice 0 of an n > 1 request that has not forked yet stands for all of its choices.
   int choices_represented() const { return (index == 0 && !forked) ? params.n : 1; }

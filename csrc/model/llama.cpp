@@ -1,5 +1,6 @@
 #include "model/llama.h"
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -98,6 +99,10 @@ void LlamaModel::forward(const ForwardBatch& batch, KVCache& cache, float* logit
   lm_head(hidden, static_cast<int>(batch.logit_rows.size()), logits);
 }
 
+void LlamaModel::embed(const int32_t* ids, int m, float* out) {
+  if (m > 0) backend_->gather_rows(*embed_, ids, m, out);
+}
+
 void LlamaModel::lm_head(const float* hidden, int rows, float* logits) {
   if (rows <= 0) return;
   const Matrix& head = lm_head_ ? *lm_head_ : *embed_;
@@ -115,9 +120,15 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
   const int H = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate_size;
   const int QKV = Q + 2 * KV, half = c.head_dim / 2, ps = cache.page_size();
 
-  // x: [n, H] token embeddings (Gemma: times sqrt(H), rounded to float32 as HF's embed_scale is)
-  be.gather_rows(*embed_, batch.tokens.data(), n, ws_.h.data());
-  if (c.is_gemma3()) be.scale(ws_.h.data(), static_cast<int64_t>(n) * H, static_cast<float>(std::sqrt(static_cast<double>(H))));
+  // x: [n, H] token embeddings (Gemma: times sqrt(H), rounded to float32 as HF's embed_scale is),
+  // or the caller's input rows
+  if (!batch.inputs.empty()) {
+    if (batch.inputs.size() != static_cast<size_t>(n) * H) throw std::invalid_argument("forward: inputs are not [n, hidden]");
+    std::copy(batch.inputs.begin(), batch.inputs.end(), ws_.h.begin());
+  } else {
+    be.gather_rows(*embed_, batch.tokens.data(), n, ws_.h.data());
+    if (c.is_gemma3()) be.scale(ws_.h.data(), static_cast<int64_t>(n) * H, static_cast<float>(std::sqrt(static_cast<double>(H))));
+  }
 
   // cos/sin: [n, head_dim/2]; angle = pos * inv_freq in float32, as HF computes it.
   for (int i = 0; i < n; ++i) {

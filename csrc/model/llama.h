@@ -19,7 +19,10 @@ struct ForwardBatch {
   std::vector<int32_t> positions;            // [n]
   std::vector<const int32_t*> page_tables;   // [n] (tokens of one sequence share one table)
   std::vector<int32_t> logit_rows;           // indices into [0, n) whose logits are wanted
-  void clear() { tokens.clear(); positions.clear(); page_tables.clear(); logit_rows.clear(); }
+  // [n, hidden] when not empty: the layers' input rows in place of the tokens' embeddings (an
+  // EAGLE draft feeds its own); the tokens then only size the batch.
+  std::vector<float> inputs;
+  void clear() { tokens.clear(); positions.clear(); page_tables.clear(); logit_rows.clear(); inputs.clear(); }
 };
 
 // The Llama-family decoder (Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2, Gemma 3) over a
@@ -43,6 +46,8 @@ class LlamaModel {
   // The transformer body: writes the batch's K/V into the cache and returns the final-normed
   // hidden states of batch.logit_rows: [logit_rows.size(), hidden_size], valid until the next call.
   const float* forward_hidden(const ForwardBatch& batch, KVCache& cache);
+  // out: [m, hidden] = the embeddings of ids (Gemma's scale not applied).
+  void embed(const int32_t* ids, int m, float* out);
   // The LM head over `rows` hidden rows: logits [rows, vocab_size].
   void lm_head(const float* hidden, int rows, float* logits);
   // Both: logits [batch.logit_rows.size(), vocab_size]. For tests and tools.

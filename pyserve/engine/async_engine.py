@@ -30,8 +30,8 @@ import anyio
 from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.grammar import GrammarCompiler
-from pyserve.engine.native import (draft_model, engine_options, measure_draft_cost, measure_medusa_cost,
-                                   measure_token_cost, medusa_heads, medusa_spec, native_model)
+from pyserve.engine.native import (draft_model, eagle_draft, eagle_spec, engine_options, measure_draft_cost,
+                                   measure_medusa_cost, measure_token_cost, medusa_heads, medusa_spec, native_model)
 from pyserve.engine.sampling import RequestOutput, SamplingParams, TokenLogprob
 from pyserve.model.loader import LoadedModel
 
@@ -88,8 +88,9 @@ class AsyncEngine:
         self.config = resolve_for_model(config, model.config)
         self.model = model
         # Medusa heads read the target's LM head rows: taken before its tensors are released.
-        medusa = (medusa_spec(model, self.config.additional_models[0])
-                  if self.config.speculative_mode == "medusa" else None)
+        mode = self.config.speculative_mode
+        medusa = medusa_spec(model, self.config.additional_models[0]) if mode == "medusa" else None
+        eagle = eagle_spec(model, self.config.additional_models[0]) if mode == "eagle" else None
         self._c_model = native_model(model, self.config.num_threads, isa, release_tensors=True)
         self.max_model_len: int = int(self.config.max_single_sequence_length)
         self._notify_r, self._notify_w = socket.socketpair()
@@ -100,13 +101,16 @@ class AsyncEngine:
             options["draft_model"] = draft_model(model, self.config, isa)
         if medusa is not None:
             options["medusa"] = medusa_heads(self._c_model, medusa)
+        if eagle is not None:
+            options["draft_model"], options["eagle"] = eagle_draft(self._c_model, eagle, self.config.num_threads, isa)
+            options["draft_vocab"] = eagle.draft_vocab
         if self.config.speculative_mode != "disable" and not self.config.spec_draft_length:
             options["spec_token_cost"] = measure_token_cost(self._c_model)
             log.info("speculative decoding: one more token costs %.2f of a one-token step here",
                      options["spec_token_cost"])
-            if self.config.speculative_mode == "small_draft":
+            if mode in ("small_draft", "eagle"):
                 options["spec_draft_cost"] = measure_draft_cost(self._c_model, options["draft_model"])
-                log.info("small_draft: one draft costs %.2f of a one-token step", options["spec_draft_cost"])
+                log.info("%s: one draft costs %.2f of a one-token step", mode, options["spec_draft_cost"])
             if medusa is not None:
                 options["spec_draft_cost"] = measure_medusa_cost(self._c_model, options["medusa"])
                 log.info("medusa: one draft costs %.2f of a one-token step", options["spec_draft_cost"])

@@ -101,18 +101,26 @@ def draft_model(target: LoadedModel, config: Any, isa: str = "auto") -> Any:
 
 
 @dataclasses.dataclass
-class MedusaSpec:
-    """What `_C.MedusaHeads` is built from: tools/train_medusa.py's directory, with the target's
-    LM head rows for the heads' draft vocabulary (taken before the target's tensors go)."""
+class DraftDir:
+    """A directory of trained draft weights (tools/train_medusa.py, tools/train_eagle.py), read and
+    checked against the target: config.json and one safetensors file, with an optional draft
+    vocabulary (int32 token ids) whose LM head rows are taken from the target's own head."""
     path: str
-    num_heads: int
-    tensors: list[tuple[str, str, Any, tuple[int, ...]]]
+    config: dict[str, Any]
+    records: dict[str, Any]  # name -> TensorRecord
     draft_vocab: list[int]
+    lm_head: tuple[str, str, Any, tuple[int, ...]] | None  # the target's rows for draft_vocab
+
+    def tensor(self, name: str) -> tuple[str, str, Any, tuple[int, ...]]:
+        if name not in self.records:
+            raise ValueError(f"{self.path}: no tensor {name}")
+        r = self.records[name]
+        return (name, r.format, r.data, tuple(r.shape))
 
 
-def medusa_spec(target: LoadedModel, path: str) -> MedusaSpec:
-    """Reads and checks a Medusa heads directory (config.json + medusa.safetensors) against the
-    target: the same hidden size and vocabulary size, a head count >= 1, draft tokens in range."""
+def read_draft_dir(target: LoadedModel, path: str, architecture: str, weights: str) -> DraftDir:
+    """Reads `path` (config.json with this architecture, the hidden and vocabulary sizes of the
+    target; the safetensors file `weights`)."""
     import json
     import os
 
@@ -120,31 +128,23 @@ def medusa_spec(target: LoadedModel, path: str) -> MedusaSpec:
 
     from pyserve.model.safetensors import read_header, read_safetensors
 
+    maker = f"tools/train_{architecture}.py"
     try:
         with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not a Medusa heads directory (tools/train_medusa.py makes one): {e}") from e
-    if not isinstance(cfg, dict) or cfg.get("architecture") != "medusa":
-        raise ValueError(f"{path}/config.json: architecture is not 'medusa'")
-    heads, hidden, vocab = cfg.get("num_heads"), cfg.get("hidden_size"), cfg.get("vocab_size")
-    if not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"{path}/config.json: num_heads must be an integer >= 1, got {heads!r}")
+        raise ValueError(f"{path}: not a {architecture} directory ({maker} makes one): {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("architecture") != architecture:
+        raise ValueError(f"{path}/config.json: architecture is not {architecture!r}")
+    hidden, vocab = cfg.get("hidden_size"), cfg.get("vocab_size")
     if (hidden, vocab) != (target.config.hidden_size, target.config.vocab_size):
-        raise ValueError(f"the Medusa heads in {path} were made for hidden size {hidden} and {vocab} tokens; "
+        raise ValueError(f"the {architecture} weights in {path} were made for hidden size {hidden} and {vocab} tokens; "
                          f"the target has {target.config.hidden_size} and {target.config.vocab_size}")
-    file = os.path.join(path, "medusa.safetensors")
+    file = os.path.join(path, weights)
     records = read_safetensors(file, select=lambda name: name != "draft_vocab")
-    tensors = []
-    for k in range(heads):
-        for part in ("weight", "bias"):
-            name = f"medusa.{k}.{part}"
-            if name not in records:
-                raise ValueError(f"{path}/medusa.safetensors has no tensor {name}")
-            r = records[name]
-            tensors.append((name, r.format, r.data, tuple(r.shape)))
-    draft_vocab: list[int] = []
     header, start = read_header(file)
+    draft_vocab: list[int] = []
+    lm_head = None
     if "draft_vocab" in header:
         # int32 token ids (the weights reader takes float formats only)
         entry = header["draft_vocab"]
@@ -158,8 +158,29 @@ def medusa_spec(target: LoadedModel, path: str) -> MedusaSpec:
             raise ValueError(f"{path}: draft_vocab holds token ids outside [0, {target.config.vocab_size})")
         head = target.tensors.get("lm_head.weight") or target.tensors["model.embed_tokens.weight"]
         rows = np.ascontiguousarray(np.asarray(head.data)[np.asarray(draft_vocab)])
-        tensors.append(("lm_head", head.format, rows, (len(draft_vocab), target.config.hidden_size)))
-    return MedusaSpec(path, heads, tensors, draft_vocab)
+        lm_head = ("lm_head", head.format, rows, (len(draft_vocab), target.config.hidden_size))
+    return DraftDir(path, cfg, records, draft_vocab, lm_head)
+
+
+@dataclasses.dataclass
+class MedusaSpec:
+    """What `_C.MedusaHeads` is built from (taken before the target's tensors go)."""
+    path: str
+    num_heads: int
+    tensors: list[tuple[str, str, Any, tuple[int, ...]]]
+    draft_vocab: list[int]
+
+
+def medusa_spec(target: LoadedModel, path: str) -> MedusaSpec:
+    """A tools/train_medusa.py directory (config.json + medusa.safetensors), checked."""
+    d = read_draft_dir(target, path, "medusa", "medusa.safetensors")
+    heads = d.config.get("num_heads")
+    if not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"{path}/config.json: num_heads must be an integer >= 1, got {heads!r}")
+    tensors = [d.tensor(f"medusa.{k}.{part}") for k in range(heads) for part in ("weight", "bias")]
+    if d.lm_head is not None:
+        tensors.append(d.lm_head)
+    return MedusaSpec(path, heads, tensors, d.draft_vocab)
 
 
 def medusa_heads(c_model: Any, spec: MedusaSpec) -> Any:
@@ -182,3 +203,54 @@ def measure_medusa_cost(c_model: Any, heads: Any, repeats: int = 3) -> float:
         heads.propose(hidden, heads.num_heads)
         times.append(time.perf_counter() - t0)
     return min(times) / heads.num_heads / step_time(c_model, 1, repeats)
+
+
+@dataclasses.dataclass
+class EagleSpec:
+    """What an EAGLE draft is built from (taken before the target's tensors go): its layer as a
+    one-layer model (config and tensors, the LM head rows as its tied embedding) and its fc."""
+    path: str
+    config: dict[str, Any]
+    tensors: list[tuple[str, str, Any, tuple[int, ...]]]
+    fc: list[tuple[str, str, Any, tuple[int, ...]]]
+    draft_vocab: list[int]
+
+
+# How an EAGLE draft's matrices run: MLC's q8f16_1 (Q8_0 blocks). In float32 its layer alone would
+# read 14 MB a draft on the default model, a sixth of what the whole Q4_1 target reads.
+EAGLE_SCHEME = "q8f16_1"
+
+
+def eagle_spec(target: LoadedModel, path: str) -> EagleSpec:
+    """A tools/train_eagle.py directory (config.json + eagle.safetensors: model.layers.0.*,
+    model.norm.weight, fc.weight, fc.bias, draft_vocab), checked and quantized."""
+    from pyserve.model.quantize import quantize_tensors
+
+    d = read_draft_dir(target, path, "eagle", "eagle.safetensors")
+    layer = {n: r for n, r in d.records.items() if n.startswith("model.")}
+    if "model.norm.weight" not in layer or not any(n.startswith("model.layers.0.") for n in layer):
+        raise ValueError(f"{path}/eagle.safetensors: the layer (model.layers.0.*) or its norm is missing")
+    layer = quantize_tensors(layer, EAGLE_SCHEME, path)
+    fc = quantize_tensors({n: d.records[n] for n in ("fc.weight", "fc.bias") if n in d.records}, EAGLE_SCHEME, path)
+    if len(fc) != 2:
+        raise ValueError(f"{path}/eagle.safetensors: fc.weight and fc.bias are needed")
+    if d.lm_head is not None:
+        head = d.lm_head
+    else:  # the target's whole LM head
+        rec = target.tensors.get("lm_head.weight") or target.tensors["model.embed_tokens.weight"]
+        head = ("", rec.format, rec.data, tuple(rec.shape))
+    config = dataclasses.asdict(target.config)
+    config.update(num_hidden_layers=1, vocab_size=head[3][0], tie_word_embeddings=True, layer_types=None)
+    tensors = [(n, r.format, r.data, tuple(r.shape)) for n, r in layer.items()]
+    tensors.append(("model.embed_tokens.weight", head[1], head[2], head[3]))
+    return EagleSpec(path, config, tensors, [(n, r.format, r.data, tuple(r.shape)) for n, r in fc.items()],
+                     d.draft_vocab)
+
+
+def eagle_draft(c_target: Any, spec: EagleSpec, num_threads: int = 0, isa: str = "auto") -> tuple[Any, Any]:
+    """(the draft layer as a one-layer `_C.Model`, its `_C.EagleInput`)."""
+    from pyserve import _C
+
+    draft = _C.Model(spec.config, spec.tensors, num_threads, isa)
+    log.info("eagle: draft layer from %s, draft vocabulary %s", spec.path, len(spec.draft_vocab) or "the target's")
+    return draft, _C.EagleInput(c_target, draft, spec.fc)

@@ -68,17 +68,13 @@ def _blocks_q4_0(w: np.ndarray) -> np.ndarray:
     return out.reshape(n, nb * 18)
 
 
-def quantize_model(model: LoadedModel, scheme: str) -> None:
-    """Applies `scheme` to model.tensors in place (ModelLoadError when it cannot)."""
+def quantize_tensors(tensors: dict[str, TensorRecord], scheme: str, what: str = "the model") -> dict[str, TensorRecord]:
+    """Every matrix of `tensors` in `scheme` (vectors as they are); ModelLoadError when a matrix
+    cannot take it."""
     if scheme not in SCHEMES:
         raise ModelLoadError(f"unknown --quantization {scheme!r} (expected one of {', '.join(SCHEMES)})")
-    if model.format.startswith("gguf"):
-        raise ModelLoadError(f"--quantization {scheme} applies to HF checkpoints; {model.name} is a GGUF file, "
-                             "already quantized, and runs as its blocks are")
-    t0 = time.perf_counter()
-    before = sum(r.nbytes for r in model.tensors.values())
     out: dict[str, TensorRecord] = {}
-    for name, rec in model.tensors.items():
+    for name, rec in tensors.items():
         if len(rec.shape) != 2:
             out[name] = rec
             continue
@@ -91,12 +87,25 @@ def quantize_model(model: LoadedModel, scheme: str) -> None:
             out[name] = TensorRecord("bf16", bf16_bits(w), rec.shape)
         else:
             if rec.shape[1] % GROUP:
-                raise ModelLoadError(f"--quantization {scheme}: {name} has {rec.shape[1]} input features, "
+                raise ModelLoadError(f"--quantization {scheme}: {name} of {what} has {rec.shape[1]} input features, "
                                      f"not a multiple of the group size {GROUP}")
             if scheme == "q8f16_1":
                 out[name] = TensorRecord("q8_0", _blocks_q8_0(w), rec.shape)
             else:
                 out[name] = TensorRecord("q4_0", _blocks_q4_0(w), rec.shape)
+    return out
+
+
+def quantize_model(model: LoadedModel, scheme: str) -> None:
+    """Applies `scheme` to model.tensors in place (ModelLoadError when it cannot)."""
+    if scheme not in SCHEMES:
+        raise ModelLoadError(f"unknown --quantization {scheme!r} (expected one of {', '.join(SCHEMES)})")
+    if model.format.startswith("gguf"):
+        raise ModelLoadError(f"--quantization {scheme} applies to HF checkpoints; {model.name} is a GGUF file, "
+                             "already quantized, and runs as its blocks are")
+    t0 = time.perf_counter()
+    before = sum(r.nbytes for r in model.tensors.values())
+    out = quantize_tensors(model.tensors, scheme, model.name)
     model.tensors = out
     after = sum(r.nbytes for r in out.values())
     log.info("quantization %s: %d matrices, %.0f MB -> %.0f MB in %.2f s", scheme,
