@@ -47,16 +47,17 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=20.0, help="training time budget")
     ap.add_argument("--batch", type=int, default=1024, help="positions per step")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--data", default=None, help="a JSON file caching the target's answers (read if it matches)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    import numpy as np
     import torch
     from safetensors.numpy import save_file
 
     from pyserve.model.loader import default_model_path
-    from self_distill import chat_prompts, load_teacher, split_held_out, target_answers
+    from self_distill import (chat_prompts, draft_vocabulary, load_teacher, split_held_out, target_answers,
+                              target_features)
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -65,20 +66,17 @@ def main() -> int:
     K = args.heads
 
     data = target_answers(path, chat_prompts(args.prompts, args.seed), args.answer_tokens, (0.0, 0.7),
-                          threads=args.threads, seed=args.seed)
+                          threads=args.threads, seed=args.seed, cache=args.data)
     train, held = split_held_out(data)
     teacher, _ = load_teacher(path)
     head = teacher.get_output_embeddings().weight.detach()  # [V, H]
     V, H = head.shape
 
-    # The draft vocabulary: the answers' most frequent tokens, in order of frequency.
-    counts = np.bincount(np.concatenate([a.answer for a in train]), minlength=V)
-    n_vocab = V if args.draft_vocab <= 0 else min(args.draft_vocab, V)
-    vocab = np.argsort(-counts, kind="stable")[:n_vocab].astype(np.int32)
+    vocab, covered = draft_vocabulary(train, V, args.draft_vocab)
+    n_vocab = len(vocab)
     to_draft = torch.full((V,), -1, dtype=torch.long)
     to_draft[torch.from_numpy(vocab).long()] = torch.arange(n_vocab)
-    print(f"draft vocabulary: {n_vocab} tokens cover {counts[vocab].sum() / counts.sum():.1%} of the answers' tokens",
-          flush=True)
+    print(f"draft vocabulary: {n_vocab} tokens cover {covered:.1%} of the training answers' tokens", flush=True)
     head_d = head[torch.from_numpy(vocab).long()].contiguous()  # [N, H]
 
     def features(items) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +84,8 @@ def main() -> int:
         [P, K] (token t+1+k in the draft vocabulary; -1 past the end; -2 outside the vocabulary)."""
         xs, ys = [], []
         with torch.no_grad():
-            for it in items:
+            for it, hidden in zip(items, target_features(teacher, items)):  # hidden: [T, H], final-normed
                 toks = it.prompt + it.answer
-                hidden = teacher.model(torch.tensor([toks])).last_hidden_state[0]  # [T, H], final-normed
                 first = len(it.prompt) - 1
                 xs.append(hidden[first: len(toks) - 1])
                 lab = torch.full((len(toks) - 1 - first, K), -1, dtype=torch.long)
