@@ -2,8 +2,8 @@
 """Speculative decoding benchmark: decode tok/s of each --speculative-mode against `disable` on the
 same model and machine, in the same run, with acceptance rates.
 
-    python tools/bench_spec.py [--model PATH] [--modes disable ngram small_draft] [--draft PATH]
-                               [--concurrency 1 4 16]
+    python tools/bench_spec.py [--model PATH] [--modes disable ngram small_draft medusa eagle]
+                               [--draft PATH] [--medusa DIR] [--eagle DIR] [--concurrency 1 4 16]
                                [--max-tokens 128] [--threads 2]
 
 For each mode a server (`python -m pyserve --speculative-mode MODE`; all up at once, measured in
@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="measurements per mode (alternating); the best counts")
     ap.add_argument("--draft", default=None, help="small_draft's draft model (--additional-models; default: the "
                     "target itself, which every draft matches: the mode's overhead with perfect acceptance)")
+    ap.add_argument("--medusa", default=None, help="medusa's heads (tools/train_medusa.py's directory)")
+    ap.add_argument("--eagle", default=None, help="eagle's draft (tools/train_eagle.py's directory)")
     args = ap.parse_args()
 
     from bench_serving import model_id
@@ -179,6 +181,11 @@ def main() -> int:
                      "--spec-draft-length", str(args.draft_length)]
             if mode == "small_draft":
                 flags += ["--additional-models", args.draft or path]
+            elif mode in ("medusa", "eagle"):
+                trained = getattr(args, mode)
+                if not trained:
+                    ap.error(f"--modes {mode} needs --{mode} DIR (tools/train_{mode}.py makes it)")
+                flags += ["--additional-models", trained]
             url = stack.enter_context(running_server(path, *flags))
             model = model_id(url)
             stream_chat(url, model, "Hello!", 8)  # warm up
