@@ -170,6 +170,41 @@ class Session {
     length_ += static_cast<int64_t>(tokens.size());
     return out;
   }
+  // A draft tree in one pass: `chain` (the last known token, then drafts) appended as forward()
+  // would, and each leaf (depth d: an alternative to chain[d + 1]) at its depth with its K/V after
+  // the chain's. Logits of every row: the chain's, then the leaves'. The leaves' K/V is then
+  // dropped (the session's length grows by the chain only).
+  py::array_t<float> forward_tree(const std::vector<int32_t>& chain, const std::vector<std::pair<int, int32_t>>& leaves) {
+    const int64_t n = static_cast<int64_t>(chain.size()), L = static_cast<int64_t>(leaves.size());
+    if (chain.empty()) throw std::invalid_argument("forward_tree: no tokens");
+    if (length_ + n + L > cache_.capacity_tokens()) throw std::invalid_argument("forward_tree: the session's cache is full");
+    ForwardBatch b;
+    for (int64_t i = 0; i < n; ++i) {
+      b.tokens.push_back(chain[static_cast<size_t>(i)]);
+      b.positions.push_back(static_cast<int32_t>(length_ + i));
+      b.kv_positions.push_back(static_cast<int32_t>(length_ + i));
+    }
+    for (int64_t l = 0; l < L; ++l) {
+      const int depth = leaves[static_cast<size_t>(l)].first;
+      if (depth < 0 || depth + 1 >= n) throw std::invalid_argument("forward_tree: a leaf's depth has no parent in the chain");
+      b.tokens.push_back(leaves[static_cast<size_t>(l)].second);
+      b.positions.push_back(static_cast<int32_t>(length_ + 1 + depth));
+      b.kv_positions.push_back(static_cast<int32_t>(length_ + n + l));
+    }
+    for (size_t i = 0; i < b.tokens.size(); ++i) {
+      b.page_tables.push_back(pages_.data());
+      b.logit_rows.push_back(static_cast<int32_t>(i));
+    }
+    const int vocab = model_->config().vocab_size;
+    py::array_t<float> out({static_cast<py::ssize_t>(b.logit_rows.size()), static_cast<py::ssize_t>(vocab)});
+    float* dst = out.mutable_data();
+    {
+      py::gil_scoped_release release;
+      model_->forward(b, cache_, dst);
+    }
+    length_ += n;
+    return out;
+  }
   void reset() { length_ = 0; }
   int64_t length() const { return length_; }
 
@@ -247,6 +282,8 @@ EngineConfig engine_config_from(const py::dict& d) {
   if (d.contains("draft_model") && !d["draft_model"].is_none()) c.draft_model = d["draft_model"].cast<PyModel>().model;
   if (d.contains("medusa") && !d["medusa"].is_none()) c.medusa = d["medusa"].cast<std::shared_ptr<MedusaHeads>>();
   c.spec_draft_length = get_or<int>(d, "spec_draft_length", c.spec_draft_length);
+  c.spec_tree_width = get_or<int>(d, "spec_tree_width", c.spec_tree_width);
+  if (c.spec_tree_width < 1 || c.spec_tree_width > 16) throw std::invalid_argument("spec_tree_width must be in [1, 16]");
   c.spec_token_cost = get_or<double>(d, "spec_token_cost", c.spec_token_cost);
   c.spec_draft_cost = get_or<double>(d, "spec_draft_cost", c.spec_draft_cost);
   if (c.spec_draft_length < 0) throw std::invalid_argument("spec_draft_length must be >= 0 (0: automatic)");
@@ -330,6 +367,7 @@ py::dict stats_dict(const EngineStats& s) {
   d["step_index"] = s.step_index;
   d["spec_verifies"] = s.spec_verifies;
   d["spec_draft_tokens"] = s.spec_draft_tokens;
+  d["spec_accepted_leaves"] = s.spec_accepted_leaves;
   d["spec_accepted_tokens"] = s.spec_accepted_tokens;
   d["grammar_masks"] = s.grammar_masks;
   d["grammar_mask_seconds"] = s.grammar_mask_seconds;
@@ -731,6 +769,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<PyModel, int, int>(), py::arg("model"), py::arg("max_tokens"), py::arg("page_size") = 16)
       .def("forward", &Session::forward, py::arg("tokens"), py::arg("all_logits") = true,
            "Appends tokens to the sequence; returns logits [len(tokens) or 1, vocab].")
+      .def("forward_tree", &Session::forward_tree, py::arg("chain"), py::arg("leaves"),
+           "chain (last known token + drafts) and leaves [(depth, token)] in one pass; logits of every row")
       .def("reset", &Session::reset)
       .def_property_readonly("length", &Session::length);
 

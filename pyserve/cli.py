@@ -189,7 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "running sequences, 3 below 20, 2 below 30, else none), and only drafts whose chance of "
                    "being kept pays for the time they add to the step on this machine (default: 0)")
     p.add_argument("--spec-tree-width", type=_positive_int, default=None, metavar="W",
-                   help="drafts per position (a tree); only 1, a chain, is implemented (default: 1)")
+                   help="as MLC's flag: with W > 1 each draft position also verifies the draft source's next "
+                   "W - 1 likeliest tokens (a tree of drafts, in the same forward pass; small_draft, eagle and "
+                   "medusa -- ngram has one guess a position) (default: 1, a chain)")
     p.add_argument("--enable-debug", action="store_true",
                    help="MLC's debug routes: POST /debug/dump_engine_metrics, /debug/reset_engine, "
                    "/debug/dump_event_trace; requests may carry debug_config (ignore_eos, pinned_system_prompt)")

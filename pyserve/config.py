@@ -298,8 +298,8 @@ def validate(cfg: EngineConfig) -> None:
     if cfg.speculative_mode in ("medusa", "eagle") and not cfg.additional_models:
         raise ConfigError(f"speculative_mode {cfg.speculative_mode} needs its trained weights "
                           f"(tools/train_{cfg.speculative_mode}.py makes them): --additional-models DIR")
-    if cfg.spec_tree_width != 1:
-        raise ConfigError(f"spec_tree_width {cfg.spec_tree_width} is not implemented yet (drafts form a chain: 1)")
+    if not 1 <= cfg.spec_tree_width <= 16:
+        raise ConfigError(f"spec_tree_width must be in [1, 16], got {cfg.spec_tree_width}")
     for name in OVERRIDABLE:
         value = getattr(cfg, name)
         if value is None:

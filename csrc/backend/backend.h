@@ -34,6 +34,10 @@ struct AttentionBatch {
   int window = 0;                     // sliding window (0: attend to the whole prefix)
   // Attention sink (StreamingLLM), with a window: a token also attends to positions [0, sink).
   int sink = 0;
+  // Tree verification (null: none): per token -1, or -- for a draft-tree leaf -- the cache slot
+  // (page * page_size + offset) holding its own K/V. A leaf attends to its sequence's positions
+  // before positions[i] (its parent's path) and to that slot, not to position positions[i].
+  const int64_t* own_slots = nullptr;
   float* out = nullptr;               // out: [n_tokens, n_heads, head_dim] at row stride out_stride
   int64_t out_stride = 0;
 };
@@ -75,6 +79,10 @@ class Backend {
   virtual void write_kv(const float* k, const float* v, int64_t ld, int m, int n_kv_heads, int head_dim,
                         int page_size, const int64_t* slots, float* k_cache, float* v_cache) = 0;
   virtual void attention(const AttentionBatch& batch) = 0;
+  // Copies the K/V at cache slot src to slot dst in this layer's K and V (a draft-tree leaf that
+  // was kept moves to its place in the sequence).
+  virtual void copy_kv_slot(int n_kv_heads, int head_dim, int page_size, int64_t src, int64_t dst, float* k_cache,
+                            float* v_cache) = 0;
   // out: [m, inter] = silu(gate_up[:, :inter]) * gate_up[:, inter:]
   virtual void silu_mul(const float* gate_up, int m, int inter, float* out) = 0;
 

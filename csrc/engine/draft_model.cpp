@@ -112,9 +112,20 @@ void DraftModel::run_batch(const std::vector<const float*>& features) {
     model_->lm_head(hidden, static_cast<int>(rows), logits_.data());
     if (eagle_) out_hidden_.assign(hidden, hidden + rows * H);
   }
+  const int w = std::min(width_, static_cast<int>(V));
+  alts_.clear();
+  top_.resize(static_cast<size_t>(w));
   for (size_t r = 0; r < rows; ++r) {
-    const int32_t best = argmax(logits_.data() + r * V, static_cast<int>(V));
-    next_.push_back(vocab_.empty() ? best : vocab_[static_cast<size_t>(best)]);
+    const float* lg = logits_.data() + r * V;
+    if (w > 1) {
+      top_tokens(lg, static_cast<int>(V), w, top_.data());
+    } else {
+      top_[0] = argmax(lg, static_cast<int>(V));
+    }
+    for (int i = 0; i < w; ++i) {
+      const int32_t t = vocab_.empty() ? top_[static_cast<size_t>(i)] : vocab_[static_cast<size_t>(top_[static_cast<size_t>(i)])];
+      if (i == 0) next_.push_back(t); else alts_.push_back(t);
+    }
   }
 }
 
@@ -127,8 +138,11 @@ void DraftModel::propose(std::vector<Want>& wants) {
     size_t index;  // its row in job_hidden_
   };
   std::vector<Job> jobs;
+  width_ = 1;
   for (Want& w : wants) {
     w.out->clear();
+    if (w.leaves) w.leaves->clear();
+    if (w.leaves) width_ = std::max(width_, w.width);
     const int n = static_cast<int>(w.tokens->size());
     if (w.k <= 0 || n == 0) continue;
     State& s = states_[w.seq];
@@ -143,6 +157,7 @@ void DraftModel::propose(std::vector<Want>& wants) {
     jobs.push_back({&w, &s, n, k, jobs.size()});
   }
   if (jobs.empty()) return;
+  width_ = std::min(width_, model_->config().vocab_size);
   const size_t H = static_cast<size_t>(model_->config().hidden_size);
   // EAGLE: each job's latest draft feature (the draft's output at its latest row), fed next round.
   std::vector<float> job_hidden(eagle_ ? jobs.size() * H : 0);
@@ -154,7 +169,11 @@ void DraftModel::propose(std::vector<Want>& wants) {
   auto flush = [&] {
     run_batch(features);
     for (size_t i = 0; i < owners.size(); ++i) {
-      owners[i]->want->out->push_back(next_[i]);
+      Want& w = *owners[i]->want;
+      w.out->push_back(next_[i]);
+      if (w.leaves)  // the runners-up at this draft's depth
+        for (int a = 0; a < std::min(w.width, width_) - 1; ++a)
+          w.leaves->push_back({static_cast<int>(w.out->size()) - 1, alts_[i * static_cast<size_t>(width_ - 1) + static_cast<size_t>(a)]});
       if (eagle_)
         std::copy(out_hidden_.begin() + static_cast<std::ptrdiff_t>(i * H),
                   out_hidden_.begin() + static_cast<std::ptrdiff_t>((i + 1) * H),

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cache/kv_cache.h"
+#include "engine/scheduler.h"
 #include "model/llama.h"
 
 namespace pyserve {
@@ -38,6 +39,9 @@ class DraftModel {
     // [count, hidden].
     const float* features = nullptr;
     int features_from = 0, features_count = 0;
+    // A draft tree: each position's next width - 1 likeliest tokens as leaves (width 1: none).
+    std::vector<DraftLeaf>* leaves = nullptr;
+    int width = 1;
   };
   // One proposal round for every sequence in `wants`, batched across them.
   void propose(std::vector<Want>& wants);
@@ -73,6 +77,8 @@ class DraftModel {
   ForwardBatch batch_;
   std::vector<float> logits_;   // [rows, vocab]
   std::vector<int32_t> next_;   // argmax of each logit row (a token id)
+  int width_ = 1;               // this round's tree width: alts_ holds width_ - 1 a row
+  std::vector<int32_t> alts_, top_;  // [rows][width_ - 1] token ids after the argmax; scratch
   std::shared_ptr<EagleInput> eagle_;
   std::vector<int32_t> vocab_;
   std::vector<float> out_hidden_;  // EAGLE: [logit rows, H], the draft's features for the next round

@@ -63,8 +63,8 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
   batch_.positions.reserve(step_tokens);
   batch_.page_tables.reserve(step_tokens);
   batch_.logit_rows.reserve(step_tokens);
-  // A decode samples one row, and one more per draft it verifies.
-  const size_t rows_per_seq = 1 + static_cast<size_t>(max_draft_length());
+  // A decode samples one row, and one more per draft (and tree leaf) it verifies.
+  const size_t rows_per_seq = 1 + static_cast<size_t>(max_draft_length()) * std::max(config_.spec_tree_width, 1);
   sample_hidden_.reserve(seqs * rows_per_seq * H);
   sample_logits_.reserve(seqs * rows_per_seq * V);
   counters_.spec_accepted_by_position.assign(static_cast<size_t>(max_draft_length()), 0);
@@ -386,6 +386,7 @@ void EngineCore::propose() {
   std::vector<Request*> weighed;
   for (Sequence* s : scheduler_.running()) {
     s->drafts.clear();
+    s->leaves.clear();
     auto it = requests_.find(s->id);
     if (it == requests_.end() || s->num_tokens - s->num_computed != 1) continue;  // only decodes speculate
     Request& r = *it->second;
@@ -412,8 +413,10 @@ void EngineCore::propose() {
   if (weigh && !candidates.empty()) {
     std::vector<double> later;
     for (const AcceptanceEstimate& e : spec_later_) later.push_back(e.value());
+    // A tree verifies width tokens per draft position.
     keep = choose_draft_lengths(candidates, later,
-                                config_.spec_token_cost + (draft_ || medusa_ ? config_.spec_draft_cost : 0));
+                                config_.spec_token_cost * std::max(config_.spec_tree_width, 1) +
+                                    (draft_ || medusa_ ? config_.spec_draft_cost : 0));
   }
   if (!draft_ && !medusa_) {
     for (size_t i = 0; i < weighed.size(); ++i) weighed[i]->seq.drafts.resize(static_cast<size_t>(keep[i]));
@@ -429,23 +432,27 @@ void EngineCore::propose() {
     if (keep[i] <= 0) continue;
     const FeatureStore& f = weighed[i]->spec_features;
     wants.push_back({weighed[i]->seq.id, &weighed[i]->tokens, keep[i], &weighed[i]->seq.drafts,
-                     f.empty() ? nullptr : f.data(), f.from(), f.count()});
+                     f.empty() ? nullptr : f.data(), f.from(), f.count(),
+                     config_.spec_tree_width > 1 ? &weighed[i]->seq.leaves : nullptr, config_.spec_tree_width});
     wanting.push_back(weighed[i]);
   }
   if (wants.empty()) return;
   draft_->propose(wants);
   if (draft_->eagle())  // what the draft consumed: it re-reads from the feature before its last position
     for (Request* r : wanting) r->spec_features.drop_before(draft_->computed(r->seq.id) - 1);
-  for (Request* r : wanting)  // a draft the grammar refuses could never be kept
-    if (r->grammar && !r->seq.drafts.empty())
+  for (Request* r : wanting) {
+    if (r->grammar && !r->seq.drafts.empty())  // a draft the grammar refuses could never be kept
       r->seq.drafts.resize(static_cast<size_t>(
           r->grammar->valid_prefix(r->seq.drafts.data(), static_cast<int>(r->seq.drafts.size()))));
+    prune_leaves(r->seq);
+  }
 }
 
 void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep) {
   // The heads run once over every sequence that drafts, as many heads as the longest wants.
   const size_t H = static_cast<size_t>(model_->config().hidden_size);
   std::vector<std::vector<int32_t>*> outs;
+  std::vector<std::vector<DraftLeaf>*> leaves;
   std::vector<Request*> drafting;
   int most = 0;
   medusa_hidden_.clear();
@@ -454,6 +461,7 @@ void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std:
     Request& r = *weighed[i];
     medusa_hidden_.insert(medusa_hidden_.end(), r.spec_features.latest(), r.spec_features.latest() + H);
     outs.push_back(&r.seq.drafts);
+    leaves.push_back(&r.seq.leaves);
     drafting.push_back(&r);
     most = std::max(most, keep[i]);
   }
@@ -461,7 +469,8 @@ void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std:
   if (medusa_hidden_.size() != drafting.size() * H) throw std::logic_error("medusa: a hidden state of the wrong size");
   {
     auto model_lock = model_->lock();  // the heads compute on the target's backend (and LM head)
-    medusa_->propose(medusa_hidden_.data(), static_cast<int>(drafting.size()), most, outs.data());
+    medusa_->propose(medusa_hidden_.data(), static_cast<int>(drafting.size()), most, outs.data(),
+                     config_.spec_tree_width > 1 ? leaves.data() : nullptr, config_.spec_tree_width);
   }
   for (size_t i = 0, d = 0; i < weighed.size(); ++i) {
     if (keep[i] <= 0) continue;
@@ -470,7 +479,16 @@ void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std:
     if (r.grammar && !r.seq.drafts.empty())  // a draft the grammar refuses could never be kept
       r.seq.drafts.resize(static_cast<size_t>(
           r.grammar->valid_prefix(r.seq.drafts.data(), static_cast<int>(r.seq.drafts.size()))));
+    prune_leaves(r.seq);
   }
+}
+
+void EngineCore::prune_leaves(Sequence& s) {
+  // A leaf stands in for a draft that is verified: past the drafts kept, it has no parent.
+  const int drafts = static_cast<int>(s.drafts.size());
+  s.leaves.erase(std::remove_if(s.leaves.begin(), s.leaves.end(), [&](const DraftLeaf& l) { return l.depth >= drafts; }),
+                 s.leaves.end());
+  std::stable_sort(s.leaves.begin(), s.leaves.end(), [](const DraftLeaf& a, const DraftLeaf& b) { return a.depth < b.depth; });
 }
 
 std::vector<ScheduledChunk> EngineCore::plan() {
@@ -502,12 +520,23 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
       faults_.check(Phase::build, step_index_, r.id);
       const int drafts = c.drafts();
       if (drafts > static_cast<int>(r.seq.drafts.size())) throw std::logic_error("more drafts planned than proposed");
-      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, drafts, -1, -1, 0, -1, 0};
+      RowUse u{&r, static_cast<int>(base), c.count, c.start, c.sample, drafts, c.leaves, -1, -1, 0, -1, 0};
+      const bool tree = config_.spec_tree_width > 1;
       for (int i = 0; i < c.count; ++i) {
         const int t = c.start + i;  // the known tokens, then the drafts
         batch_.tokens.push_back(t < r.seq.num_tokens ? r.tokens[t] : r.seq.drafts[t - r.seq.num_tokens]);
         batch_.positions.push_back(c.start + i);
         batch_.page_tables.push_back(r.seq.pages.data());
+        if (tree) batch_.kv_positions.push_back(c.start + i);
+      }
+      // Tree leaves: at their depth, their K/V in the slots after the drafts'.
+      if (c.leaves > static_cast<int>(r.seq.leaves.size()) || (c.leaves > 0 && !tree))
+        throw std::logic_error("more tree leaves planned than proposed");
+      for (int l = 0; l < c.leaves; ++l) {
+        batch_.tokens.push_back(r.seq.leaves[l].token);
+        batch_.positions.push_back(c.start + c.count - drafts + r.seq.leaves[l].depth);
+        batch_.page_tables.push_back(r.seq.pages.data());
+        batch_.kv_positions.push_back(c.start + c.count + l);
       }
       // Logit rows: each prompt position whose next token is scored (prompt logprobs, in slices
       // through the LM head in accept), then the last position if this chunk samples.
@@ -530,6 +559,10 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
           sample_rows_.push_back(static_cast<int32_t>(batch_.logit_rows.size()));
           batch_.logit_rows.push_back(static_cast<int32_t>(base) + c.count - 1 - drafts + j);
         }
+        for (int l = 0; l < c.leaves; ++l) {  // each leaf's, after
+          sample_rows_.push_back(static_cast<int32_t>(batch_.logit_rows.size()));
+          batch_.logit_rows.push_back(static_cast<int32_t>(base) + c.count + l);
+        }
       }
       rows_.push_back(u);
       const bool prefill = r.seq.num_tokens - c.start > 1 || c.start < r.num_prompt;
@@ -539,6 +572,7 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
       batch_.tokens.resize(base);
       batch_.positions.resize(base);
       batch_.page_tables.resize(base);
+      if (!batch_.kv_positions.empty()) batch_.kv_positions.resize(base);
       batch_.logit_rows.resize(logit_base);
       sample_rows_.resize(sample_base);
       ++counters_.step_failures;
@@ -602,21 +636,25 @@ void EngineCore::accept() {
         // rejection sampling with q one-hot: kept with probability p(draft), and otherwise the
         // token comes from p without the draft; so the output, seeded or greedy, is the one
         // decoding without drafts gives.
+        // A draft tree's leaves are alternatives at one depth: when the token drawn there is one
+        // of them, that leaf is kept, its row gives the next token, and the walk ends.
         const auto& stops = r.params.stop_token_ids;
         int kept = 0;
-        for (int j = 0; j <= u.drafts; ++j) {
+        // Draws the idx-th token of this step from sample row `row` (offset from u.sample_row).
+        auto draw = [&](int row, int idx) {
           TokenLogprob lp;
-          const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row + j) * V;
-          // A grammar's mask is where its matcher stands now: after the tokens kept before row j.
+          const float* lg = sample_logits_.data() + static_cast<size_t>(u.sample_row + row) * V;
+          // A grammar's mask is where its matcher stands now: after the tokens kept before this one.
           bool more = true;  // the grammar allows something besides EOS
           const uint32_t* allowed = r.grammar ? grammar_mask(*r.grammar, &more) : nullptr;
           // A complete grammar ends the choice even before min_tokens (masking EOS would leave nothing).
-          const int generated = more ? r.num_generated + j : std::max(r.params.min_tokens, r.num_generated + j);
+          const int generated = more ? r.num_generated + idx : std::max(r.params.min_tokens, r.num_generated + idx);
           const int32_t tok =
               sampler_.sample(lg, V, r.params, r.rng, r.history.get(), generated, eos, &lp, allowed);
           if (r.grammar && (!token_allowed(allowed, tok) || !r.grammar->consume(tok)))
             throw std::runtime_error("the grammar left no token to draw: " + r.grammar->error());
           a.tokens.push_back(tok);
+          a.rows.push_back(row);
           if (r.history) r.history->add_generated(tok, V);  // the next row's penalties count it
           if (r.params.logprobs >= 0) a.logprobs.push_back(std::move(lp));
           if (std::find(stops.begin(), stops.end(), tok) != stops.end() ||
@@ -624,13 +662,28 @@ void EngineCore::accept() {
             a.reason = "stop";
           else if (r.grammar && r.grammar->stopped())
             a.reason = "stop";  // the grammar is complete: only EOS could follow
-          else if ((r.params.max_tokens >= 0 && r.num_generated + j + 1 >= r.params.max_tokens) ||
-                   r.seq.num_tokens + j + 1 >= context_limit())
+          else if ((r.params.max_tokens >= 0 && r.num_generated + idx + 1 >= r.params.max_tokens) ||
+                   r.seq.num_tokens + idx + 1 >= context_limit())
             a.reason = "length";
+          return tok;
+        };
+        for (int j = 0; j <= u.drafts; ++j) {
+          const int32_t tok = draw(j, j);
           const bool draft_kept = j < u.drafts && tok == r.seq.drafts[j];
-          if (draft_kept) {
+          int leaf = -1;
+          for (int l = 0; l < u.leaves && !draft_kept && leaf < 0; ++l)
+            if (r.seq.leaves[l].depth == j && r.seq.leaves[l].token == tok) leaf = l;
+          if (draft_kept || leaf >= 0) {
             ++kept;
             ++counters_.spec_accepted_by_position[j];
+          }
+          if (leaf >= 0) ++counters_.spec_accepted_leaves;
+          if (leaf >= 0 && !a.reason) {
+            // The leaf's K/V moves to its depth's place in commit; its row draws the next token.
+            a.leaf_from = u.start + u.count + leaf;
+            a.leaf_to = u.start + u.count - u.drafts + j;
+            draw(u.drafts + 1 + leaf, j + 1);
+            break;
           }
           if (a.reason || !draft_kept) break;
         }
@@ -645,11 +698,11 @@ void EngineCore::accept() {
             spec_later_[static_cast<size_t>(j - 1)].update(j < kept, 0.99);  // tested: all before kept
           }
           ++counters_.spec_verifies;
-          counters_.spec_draft_tokens += u.drafts;
+          counters_.spec_draft_tokens += u.drafts + u.leaves;
           counters_.spec_accepted_tokens += kept;
         }
       }
-      if (medusa_ || (draft_ && draft_->eagle())) keep_features(u, r, a.tokens.size());
+      if (medusa_ || (draft_ && draft_->eagle())) keep_features(u, r, a.rows);
       accepted_.push_back(std::move(a));
     } catch (const std::exception& e) {
       ++counters_.step_failures;
@@ -658,17 +711,17 @@ void EngineCore::accept() {
   }
 }
 
-void EngineCore::keep_features(const RowUse& u, Request& r, size_t accepted) {
+void EngineCore::keep_features(const RowUse& u, Request& r, const std::vector<int>& rows) {
   const size_t H = static_cast<size_t>(model_->config().hidden_size);
   // Bounds what a sequence that does not draft for a while holds (older rows read as zeros).
   constexpr int kMaxFeatures = 4096;
   for (int i = 0; i < u.feature_rows; ++i)
     r.spec_features.put(u.start + i, hidden_ + static_cast<size_t>(u.feature_row + i) * H, H, kMaxFeatures);
-  // Sample row j (at position start + count - 1 - drafts + j) drew accepted token j.
+  // Accepted token j was drawn at position first + j, by sample row rows[j].
   const int first = u.start + u.count - 1 - u.drafts;
-  for (size_t j = 0; j < accepted; ++j)
-    r.spec_features.put(first + static_cast<int>(j), sample_hidden_.data() + (static_cast<size_t>(u.sample_row) + j) * H,
-                        H, kMaxFeatures);
+  for (size_t j = 0; j < rows.size(); ++j)
+    r.spec_features.put(first + static_cast<int>(j),
+                        sample_hidden_.data() + static_cast<size_t>(u.sample_row + rows[j]) * H, H, kMaxFeatures);
   if (medusa_) r.spec_features.drop_before(r.spec_features.end() - 1);  // the heads read the latest only
 }
 
@@ -687,6 +740,14 @@ void EngineCore::commit() {
     const int64_t key = r.seq.id;  // r may be gone by the time a fault is caught
     try {
       faults_.check(Phase::commit, step_index_, r.id);
+      if (a.leaf_from >= 0) {  // a kept tree leaf's K/V to its place in the sequence
+        const int ps = config_.page_size;
+        auto slot = [&](int pos) { return static_cast<int64_t>(r.seq.pages.at(static_cast<size_t>(pos / ps))) * ps + pos % ps; };
+        const ModelConfig& mc = model_->config();
+        for (int l = 0; l < mc.num_layers; ++l)
+          model_->backend().copy_kv_slot(mc.num_kv_heads, mc.head_dim, ps, slot(a.leaf_from), slot(a.leaf_to),
+                                         cache_.k(l), cache_.v(l));
+      }
       r.seq.num_computed += a.count;
       if (draft_ && draft_->eagle()) {
         // An EAGLE draft's K/V stands for the known tokens only (drafts were fed with the draft's
@@ -701,6 +762,7 @@ void EngineCore::commit() {
         draft_->keep(r.seq.id, r.seq.num_tokens + static_cast<int>(same));
       }
       r.seq.drafts.clear();
+      r.seq.leaves.clear();
       // Kept drafts are computed tokens: they join the tokens before the prefix cache reads them.
       // (accept counted every new token in the history already)
       r.tokens.insert(r.tokens.end(), a.tokens.begin(), a.tokens.end());

@@ -59,6 +59,9 @@ struct EngineConfig {
   // Speculative decoding (MLC's --speculative-mode, plus vLLM's prompt lookup).
   SpeculativeMode speculative_mode = SpeculativeMode::disable;
   int spec_draft_length = 0;  // drafts per sequence and step; 0: automatic (see draft_policy.h)
+  // Draft trees (MLC's --spec-tree-width): each draft position also verifies the draft source's
+  // next width - 1 likeliest tokens as leaves (small_draft, eagle, medusa; ngram has one guess).
+  int spec_tree_width = 1;
   // The automatic length's cost of one more token in a step, relative to a one-token step
   // (measured by the caller on the model and machine; 0: tokens are free, MLC's rule alone).
   double spec_token_cost = 0;
@@ -107,6 +110,7 @@ struct EngineStats {
   // verified and accepted, and the accepted ones by position (1st draft, 2nd, ...).
   int64_t spec_verifies = 0, spec_draft_tokens = 0, spec_accepted_tokens = 0;
   std::vector<int64_t> spec_accepted_by_position;
+  int64_t spec_accepted_leaves = 0;  // of the accepted: draft-tree leaves (alternatives to a draft)
   // Structured output: allowed-token masks computed, and the time spent computing them.
   int64_t grammar_masks = 0;
   double grammar_mask_seconds = 0;
@@ -169,6 +173,7 @@ class EngineCore {
     int start;        // first position
     bool sample;      // the chunk reaches the end of the known tokens: sample the next one
     int drafts;       // draft tokens it verifies (their rows sample too, after the first)
+    int leaves;       // draft-tree leaves it verifies (rows after the drafts', sampling too)
     int sample_row;   // its (first) row in sample_logits_, or -1
     int prompt_row;   // first of its prompt-logprob rows in the hidden states, or -1
     int prompt_rows;
@@ -181,7 +186,9 @@ class EngineCore {
     int count;                      // tokens computed this step
     std::vector<int32_t> tokens;    // tokens accepted (one per decode now; several with drafts)
     std::vector<TokenLogprob> logprobs;
+    std::vector<int> rows;          // the sample row (from the request's first) that drew each token
     const char* reason = nullptr;   // finish reason, if it finished
+    int leaf_from = -1, leaf_to = -1;  // a kept tree leaf: its K/V moves from this position to that
   };
 
   // The phases (propose runs before plan: drafts for the sequences that decode).
@@ -190,9 +197,11 @@ class EngineCore {
   int max_draft_length() const;  // the most any step proposes
   // medusa: drafts for weighed[i] (keep[i] of them, when > 0) from the heads, batched.
   void propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep);
+  // Leaves past the drafts kept go; the rest in depth order.
+  static void prune_leaves(Sequence& s);
   // medusa / eagle: the hidden states of this step's rows that drew r's accepted tokens (and, for
   // eagle, of its prompt chunk) into r.spec_features.
-  void keep_features(const RowUse& u, Request& r, size_t accepted);
+  void keep_features(const RowUse& u, Request& r, const std::vector<int>& rows);
   std::vector<ScheduledChunk> plan();
   void build(const std::vector<ScheduledChunk>& chunks);
   void run();

@@ -5,6 +5,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "engine/sampler.h"
+
 namespace pyserve {
 
 MedusaHeads::MedusaHeads(std::shared_ptr<LlamaModel> target, const TensorMap& tensors, int num_heads,
@@ -30,7 +32,8 @@ MedusaHeads::MedusaHeads(std::shared_ptr<LlamaModel> target, const TensorMap& te
   }
 }
 
-void MedusaHeads::propose(const float* hidden, int n, int k, std::vector<int32_t>* const* out) {
+void MedusaHeads::propose(const float* hidden, int n, int k, std::vector<int32_t>* const* out,
+                          std::vector<DraftLeaf>* const* leaves, int width) {
   k = std::min(k, num_heads());
   if (n <= 0 || k <= 0) return;
   const size_t H = static_cast<size_t>(target_->config().hidden_size);
@@ -58,12 +61,17 @@ void MedusaHeads::propose(const float* hidden, int n, int k, std::vector<int32_t
               static_cast<int64_t>(N), nullptr, false);
   else
     target_->lm_head(h_.data(), static_cast<int>(rows), logits_.data());
+  const int w = leaves ? std::max(1, std::min(width, static_cast<int>(N))) : 1;
+  top_.resize(static_cast<size_t>(w));
+  auto token = [&](int32_t row) { return lm_head_ ? vocab_[static_cast<size_t>(row)] : row; };
   for (int i = 0; i < n; ++i) {
     out[i]->clear();
+    if (leaves) leaves[i]->clear();
     for (int j = 0; j < k; ++j) {
       const float* lg = logits_.data() + (static_cast<size_t>(i) * k + j) * N;
-      const int best = static_cast<int>(std::max_element(lg, lg + N) - lg);  // first of equals
-      out[i]->push_back(lm_head_ ? vocab_[static_cast<size_t>(best)] : best);
+      top_tokens(lg, static_cast<int>(N), w, top_.data());  // the first of equals first
+      out[i]->push_back(token(top_[0]));
+      for (int a = 1; a < w; ++a) leaves[i]->push_back({j, token(top_[static_cast<size_t>(a)])});
     }
   }
 }

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "engine/scheduler.h"
 #include "model/llama.h"
 #include "tensor/tensor.h"
 
@@ -31,9 +32,11 @@ class MedusaHeads {
   int draft_vocab_size() const { return lm_head_ ? static_cast<int>(vocab_.size()) : target_->config().vocab_size; }
 
   // hidden: [n, H] (row i: sequence i's latest hidden state). Writes up to `k` drafts (<= num_heads)
-  // per row into out[i] (replacing what was there). Computes on the target's backend: the caller
-  // holds the target's lock().
-  void propose(const float* hidden, int n, int k, std::vector<int32_t>* const* out);
+  // per row into out[i] (replacing what was there). With leaves (a draft tree), each head's next
+  // width - 1 likeliest tokens go to leaves[i] at that head's depth. Computes on the target's
+  // backend: the caller holds the target's lock().
+  void propose(const float* hidden, int n, int k, std::vector<int32_t>* const* out,
+               std::vector<DraftLeaf>* const* leaves = nullptr, int width = 1);
 
  private:
   struct Head {
@@ -46,6 +49,7 @@ class MedusaHeads {
   std::vector<int32_t> vocab_;       // draft row -> token id (with lm_head_)
   // Working memory, grown to the largest call and kept.
   std::vector<float> lin_, h_, logits_;
+  std::vector<int32_t> top_;
 };
 
 }  // namespace pyserve

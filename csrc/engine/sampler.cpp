@@ -41,6 +41,19 @@ int32_t argmax(const float* x, int n) {
   return best;
 }
 
+void top_tokens(const float* x, int n, int w, int32_t* out) {
+  int have = 0;  // out[0 : have], largest first
+  for (int i = 0; i < n; ++i) {
+    if (have == w && !(x[i] > x[out[w - 1]])) continue;
+    int at = have < w ? have++ : w - 1;
+    while (at > 0 && x[i] > x[out[at - 1]]) {
+      out[at] = out[at - 1];
+      --at;
+    }
+    out[at] = i;
+  }
+}
+
 int32_t masked_argmax(const float* x, int n, const uint32_t* allowed) {
   int32_t best = -1;
   for (int w = 0; w * 32 < n; ++w) {

@@ -72,6 +72,8 @@ class Sampler {
 };
 
 int32_t argmax(const float* x, int n);
+// The w largest of x (w <= n) into out, largest first (the first of equals first, as argmax).
+void top_tokens(const float* x, int n, int w, int32_t* out);
 // argmax over the tokens whose bit in `allowed` is set (the first maximum, as argmax).
 int32_t masked_argmax(const float* x, int n, const uint32_t* allowed);
 // Sets x[t] = -inf for every token t whose bit in `allowed` is clear.

@@ -246,8 +246,18 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
     const int spare = budget - static_cast<int>(running_.size() - i);
     int n = is_decode ? 1 + std::max(0, std::min(static_cast<int>(s->drafts.size()), spare))
                       : std::min(s->num_tokens - s->num_computed, budget);
+    // Tree leaves whose parents are verified, while the budget lasts (they go first when short).
+    int leaves = 0;
+    if (is_decode)
+      while (leaves < static_cast<int>(s->leaves.size()) && s->leaves[leaves].depth < n - 1 &&
+             n + leaves < spare + 1)
+        ++leaves;
     bool preempted_self = false;
-    while (!grow(s, s->num_computed + n)) {
+    while (!grow(s, s->num_computed + n + leaves)) {
+      if (leaves > 0) {
+        leaves = 0;
+        continue;
+      }
       const int can = (static_cast<int>(s->pages.size()) + available_pages()) * ps - s->num_computed;
       if (can > 0) {  // a prompt chunk (or a decode's drafts) shrinks to the pages there are
         n = std::min(n, can);
@@ -262,8 +272,8 @@ std::vector<ScheduledChunk> Scheduler::plan_step(bool decode_only, bool prefill_
       }
     }
     if (preempted_self) break;  // s was the newest: nothing after it is left to plan
-    plan.push_back({s, s->num_computed, n, s->num_computed + n >= s->num_tokens});
-    budget -= n;
+    plan.push_back({s, s->num_computed, n, s->num_computed + n >= s->num_tokens, leaves});
+    budget -= n + leaves;
     ++i;
   }
 

@@ -11,6 +11,12 @@
 namespace pyserve {
 
 // What the scheduler knows of a request.
+// A leaf of a draft tree: a token proposed in place of the chain's draft at `depth`.
+struct DraftLeaf {
+  int depth;
+  int32_t token;
+};
+
 struct Sequence {
   int64_t id = 0;
   int num_tokens = 0;    // prompt + generated so far
@@ -31,6 +37,10 @@ struct Sequence {
   // A decode step verifies them: it computes the last token and as many drafts as the token
   // budget and free pages allow.
   std::vector<int32_t> drafts;
+  // A draft tree (--spec-tree-width > 1): alternatives to drafts[depth] (children of the draft
+  // before it, or of the last known token), sorted by depth. They are verified in the same step,
+  // their K/V in the slots after the drafts'.
+  std::vector<DraftLeaf> leaves;
 };
 
 struct ScheduledChunk {
@@ -38,6 +48,7 @@ struct ScheduledChunk {
   int start;    // first token index processed this step
   int count;    // tokens processed this step (a decode: 1 + the drafts it verifies)
   bool sample;  // the chunk reaches the end of the known tokens: sample the next one
+  int leaves = 0;  // seq->leaves[0 : leaves] are verified too (after the count tokens)
   int drafts() const { return sample ? start + count - seq->num_tokens : 0; }
 };
 

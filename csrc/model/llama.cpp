@@ -135,7 +135,9 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
     const int pos = batch.positions[i];
     if (pos < 0) throw std::out_of_range("forward: negative position");
     // (A sliding window's positions run past the cache's size: its pages are reused.)
-    const int32_t page = batch.page_tables[i][pos / ps];
+    const int kv_pos = batch.kv_positions.empty() ? pos : batch.kv_positions[i];
+    if (kv_pos < 0) throw std::out_of_range("forward: negative KV position");
+    const int32_t page = batch.page_tables[i][kv_pos / ps];
     if (page < 0 || page >= cache.num_pages()) throw std::out_of_range("forward: a token's KV page is outside the cache");
     for (int d = 0; d < half; ++d) {
       const float angle = static_cast<float>(pos) * inv_freq_[d];
@@ -149,7 +151,18 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
         ws_.sin_local[i * half + d] = static_cast<float>(std::sin(static_cast<double>(angle)));
       }
     }
-    ws_.slots[i] = static_cast<int64_t>(page) * ps + pos % ps;
+    ws_.slots[i] = static_cast<int64_t>(page) * ps + kv_pos % ps;
+  }
+  bool leaves = false;
+  if (!batch.kv_positions.empty()) {
+    if (batch.kv_positions.size() != static_cast<size_t>(n)) throw std::invalid_argument("forward: kv_positions is not [n]");
+    ws_.own_slots.resize(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) {
+      const bool leaf = batch.kv_positions[i] != batch.positions[i];
+      if (leaf && batch.positions[i] == 0) throw std::invalid_argument("forward: a tree leaf at position 0 has no parent");
+      ws_.own_slots[i] = leaf ? ws_.slots[i] : -1;
+      leaves = leaves || leaf;
+    }
   }
 
   AttentionBatch ab;
@@ -163,6 +176,7 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
   ab.page_size = ps;
   ab.page_tables = batch.page_tables.data();
   ab.positions = batch.positions.data();
+  ab.own_slots = leaves ? ws_.own_slots.data() : nullptr;
   ab.out = ws_.attn.data();
   ab.out_stride = Q;
 

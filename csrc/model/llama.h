@@ -22,7 +22,18 @@ struct ForwardBatch {
   // [n, hidden] when not empty: the layers' input rows in place of the tokens' embeddings (an
   // EAGLE draft feeds its own); the tokens then only size the batch.
   std::vector<float> inputs;
-  void clear() { tokens.clear(); positions.clear(); page_tables.clear(); logit_rows.clear(); inputs.clear(); }
+  // [n] when not empty: the position whose cache slot each token's K/V goes to. A token whose
+  // kv_position differs from its position is a draft-tree leaf: it sits at its depth in the
+  // sequence but attends only to the positions before its own and to itself (AttentionBatch).
+  std::vector<int32_t> kv_positions;
+  void clear() {
+    tokens.clear();
+    positions.clear();
+    page_tables.clear();
+    logit_rows.clear();
+    inputs.clear();
+    kv_positions.clear();
+  }
 };
 
 // The Llama-family decoder (Llama 2/3.x, TinyLlama, SmolLM2, Mistral, Qwen2, Gemma 3) over a
@@ -66,6 +77,7 @@ class LlamaModel {
     std::vector<float> h, xn, qkv, attn, gate_up, act, cos, sin, final_x;
     std::vector<float> cos_local, sin_local, block_out;  // Gemma 3: local rope; a block's output
     std::vector<int64_t> slots;
+    std::vector<int64_t> own_slots;  // tree leaves' (AttentionBatch::own_slots), when any
   };
   // A norm weight as the model multiplies by it: Gemma's (1 + w), everyone else's w.
   std::vector<float> norm_weight(const TensorMap& t, const std::string& name, int64_t dim) const;

@@ -72,6 +72,7 @@ def engine_options(model: LoadedModel, config: Any, max_model_len: int) -> dict[
                                        else config.prefix_cache_max_num_recycling_seqs),
         "speculative_mode": getattr(config, "speculative_mode", "disable"),
         "spec_draft_length": getattr(config, "spec_draft_length", 0),
+        "spec_tree_width": getattr(config, "spec_tree_width", 1),
     }
 
 

@@ -322,13 +322,19 @@ namespace {
 // each K/V load, a decode batch is one token per block. No block has tokens on both sides of
 // position `boundary` (0: no boundary).
 struct AttendBlock { int first, count; };
+// Draft-tree leaves (AttentionBatch::own_slots) are left out: attention_of_leaves computes them.
 std::vector<AttendBlock> attend_blocks(const AttentionBatch& b, int max_block, int boundary) {
   std::vector<AttendBlock> blocks;
+  auto leaf = [&](int i) { return b.own_slots != nullptr && b.own_slots[i] >= 0; };
   for (int i = 0; i < b.n_tokens;) {
+    if (leaf(i)) {
+      ++i;
+      continue;
+    }
     const bool above = b.positions[i] >= boundary;
     int n = 1;
     while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
-           b.positions[i + n] == b.positions[i] + n && (b.positions[i + n] >= boundary) == above)
+           b.positions[i + n] == b.positions[i] + n && (b.positions[i + n] >= boundary) == above && !leaf(i + n))
       ++n;
     blocks.push_back({i, n});
     i += n;
@@ -384,7 +390,71 @@ void merge_parts(int parts, const float* part, size_t part_stride, const float* 
 
 }  // namespace
 
+void CpuBackend::copy_kv_slot(int n_kv_heads, int head_dim, int page_size, int64_t src, int64_t dst, float* k_cache,
+                              float* v_cache) {
+  const int64_t ps = page_size, hd = head_dim;
+  const int64_t sp = src / ps, so = src % ps, dp = dst / ps, d_off = dst % ps;
+  for (int64_t h = 0; h < n_kv_heads; ++h) {
+    const float* ks = k_cache + (sp * n_kv_heads + h) * hd * ps + so;  // K page: [kvh][hd][ps]
+    float* kd = k_cache + (dp * n_kv_heads + h) * hd * ps + d_off;
+    for (int64_t d = 0; d < hd; ++d) kd[d * ps] = ks[d * ps];
+    std::memmove(v_cache + ((dp * n_kv_heads + h) * ps + d_off) * hd, v_cache + ((sp * n_kv_heads + h) * ps + so) * hd,
+                 hd * sizeof(float));  // V: [kvh][ps][hd]
+  }
+}
+
+// Each draft-tree leaf: its path (positions before its own, a segment the kernel attends to with
+// its softmax statistics) merged with its own K/V, one more score.
+void CpuBackend::attention_of_leaves(const AttentionBatch& b) {
+  std::vector<int> leaves;
+  for (int i = 0; i < b.n_tokens; ++i)
+    if (b.own_slots[i] >= 0) leaves.push_back(i);
+  if (leaves.empty()) return;
+  const int group = b.n_heads / b.n_kv_heads, hd = b.head_dim;
+  const int64_t ps = b.page_size, nkv = b.n_kv_heads;
+  int max_span = 1;
+  for (int i : leaves) max_span = std::max(max_span, b.positions[i]);
+  for (auto& s : scratch_)
+    if (s.size() < static_cast<size_t>(group) * (max_span + 1) + static_cast<size_t>(group) * (hd + 2))
+      s.resize(static_cast<size_t>(group) * (max_span + 1) + static_cast<size_t>(group) * (hd + 2));
+  const int64_t items = static_cast<int64_t>(leaves.size()) * b.n_kv_heads;
+  pool_.parallel_for(items, [&](int64_t ib, int64_t ie, int t) {
+    for (int64_t it = ib; it < ie; ++it) {
+      const int i = leaves[static_cast<size_t>(it / b.n_kv_heads)];
+      const int kvh = static_cast<int>(it % b.n_kv_heads);
+      const int pos = b.positions[i];
+      float* part = scratch_[t].data();                        // [group][hd]
+      float* stats = part + static_cast<size_t>(group) * hd;   // [group][2]
+      AttendArgs a = attend_args(b, {i, 1}, kvh, stats + 2 * group);
+      a.seg_lo = b.window > 0 ? std::max(0, pos - b.window + 1) : 0;
+      a.seg_hi = pos - 1;  // its parent's path (a leaf is never at position 0)
+      a.out = part;
+      a.out_stride = static_cast<int64_t>(group) * hd;
+      a.stats = stats;
+      kernels_.attend(a);
+      const int64_t slot = b.own_slots[i], page = slot / ps, off = slot % ps;
+      const float* kt = b.k_cache + (page * nkv + kvh) * hd * ps + off;  // [hd] at stride ps
+      const float* v = b.v_cache + ((page * nkv + kvh) * ps + off) * hd;
+      for (int g = 0; g < group; ++g) {
+        const float* q = b.q + i * b.q_stride + (static_cast<int64_t>(kvh) * group + g) * hd;
+        float dot = 0.f;
+        for (int d = 0; d < hd; ++d) dot += q[d] * kt[static_cast<int64_t>(d) * ps];
+        const float own = dot * b.scale, m0 = stats[2 * g], s0 = stats[2 * g + 1];
+        const float m = std::max(m0, own);
+        const float w0 = s0 * std::exp(m0 - m), w1 = std::exp(own - m);
+        const float* p0 = part + static_cast<size_t>(g) * hd;
+        float* out = b.out + i * b.out_stride + (static_cast<int64_t>(kvh) * group + g) * hd;
+        for (int d = 0; d < hd; ++d) out[d] = (w0 * p0[d] + w1 * v[d]) / (w0 + w1);
+      }
+    }
+  });
+}
+
 void CpuBackend::attention(const AttentionBatch& b) {
+  if (b.own_slots) {
+    if (b.sink > 0 && b.window > 0) throw std::invalid_argument("attention: draft trees with an attention sink are not supported");
+    attention_of_leaves(b);
+  }
   if (b.sink > 0 && b.window > 0) {
     attention_with_sink(b);
     return;

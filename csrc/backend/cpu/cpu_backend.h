@@ -75,6 +75,8 @@ class CpuBackend final : public Backend {
   void write_kv(const float* k, const float* v, int64_t ld, int m, int n_kv_heads, int head_dim,
                 int page_size, const int64_t* slots, float* k_cache, float* v_cache) override;
   void attention(const AttentionBatch& b) override;
+  void copy_kv_slot(int n_kv_heads, int head_dim, int page_size, int64_t src, int64_t dst, float* k_cache,
+                    float* v_cache) override;
   void silu_mul(const float* gate_up, int m, int inter, float* out) override;
   // Gemma 3's ops: plain scalar loops for now (cheap next to the matmuls).
   void gelu_tanh_mul(const float* gate_up, int m, int inter, float* out) override;
@@ -92,6 +94,7 @@ class CpuBackend final : public Backend {
   std::vector<float> split_out_, split_stats_;  // split decode attention's partial results
   std::vector<std::vector<float>> sink_parts_;  // per thread: attention_with_sink's two halves
   void attention_with_sink(const AttentionBatch& b);
+  void attention_of_leaves(const AttentionBatch& b);
   // Activations quantized for the quant panels (QActs), grown to the largest m * k seen.
   std::vector<int16_t> act_q_;
   std::vector<float> act_scale_;
