@@ -17,7 +17,7 @@ from pyserve.engine.native import eagle_draft, eagle_spec
 from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
 from test_medusa import expected_kept
-from test_speculative import _chi2_critical, check_counters, prompts, run
+from test_speculative import assert_sampling_unchanged, check_counters, crowded_workload, prompts, run
 
 
 def write_eagle(d, cfg, *, kind: str = "random", seed: int = 0, draft_vocab: list[int] | None = None) -> str:
@@ -100,16 +100,11 @@ def test_greedy_output_is_unchanged(target, tmp_path, batch) -> None:
 
 
 def test_preemption_prefix_hits_sampling_and_forks(target, tmp_path) -> None:
-    """A KV pool too small for everyone (the target preempts and recomputes; the draft's pool runs
-    short too), prompts sharing cached pages (the draft reads zeros for features the target never
-    computed), chunked prompts, seeded sampling with penalties, n > 1: plain decoding's tokens."""
+    """A crowded workload (test_speculative.crowded_workload: the target preempts and recomputes,
+    the draft's pool runs short too; prompts share cached pages, so the draft reads zeros for
+    features the target never computed; sampling, n > 1): plain decoding's tokens."""
     _, cm = target
-    ps = prompts(8, seed=140)
-    ps += [p + [9, 9] for p in ps[:4]]
-    reqs = [(ids, SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True).to_engine()) for ids in ps]
-    reqs.append((ps[0], SamplingParams(max_tokens=30, temperature=0.8, seed=5, n=3, presence_penalty=0.5,
-                                       ignore_eos=True).to_engine()))
-    small = dict(max_num_seqs=8, kv_capacity_tokens=160, max_batch_tokens=24)
+    reqs, small = crowded_workload(seed=140)
     plain, _ = run(cm, reqs, **small)
     spec, stats = run(cm, reqs, spec_draft_length=3, **small, **draft_options(target, tmp_path, kind="echo"))
     assert stats["preemptions"] > 0 and stats["spec_accepted_tokens"] > 0
@@ -117,33 +112,9 @@ def test_preemption_prefix_hits_sampling_and_forks(target, tmp_path) -> None:
 
 
 def test_sampled_tokens_follow_the_same_distribution(target, tmp_path) -> None:
-    """As for the other modes: a two-sample chi-square test on the fourth sampled token, 3,000
-    draws a side, different seeds, false-alarm rate 0.1%."""
-    _, cm = target
-    options = draft_options(target, tmp_path, kind="echo")
-    n = 3000
-    prompt = prompts(2, seed=70)[0]
-
-    def fourth_tokens(first_seed: int, **cfg) -> tuple[list[int], dict]:
-        reqs = [(prompt, SamplingParams(max_tokens=4, temperature=0.8, top_k=3, seed=first_seed + i,
-                                        ignore_eos=True).to_engine()) for i in range(n)]
-        seen, stats = run(cm, reqs, max_num_seqs=64, max_batch_tokens=256, kv_capacity_tokens=8192, **cfg)
-        return [seen[(i, 0)].tokens[3] for i in range(n)], stats
-
-    plain, _ = fourth_tokens(0)
-    spec, stats = fourth_tokens(10_000, spec_draft_length=3, **options)
-    assert stats["spec_accepted_tokens"] > 0
-    counts: dict[int, list[int]] = {}
-    for side, toks in enumerate((plain, spec)):
-        for t in toks:
-            counts.setdefault(t, [0, 0])[side] += 1
-    cells = [(a, b) for a, b in counts.values() if a + b >= 10]
-    rare = [sum(a for a, b in counts.values() if a + b < 10), sum(b for a, b in counts.values() if a + b < 10)]
-    if sum(rare):
-        cells.append(tuple(rare))
-    assert len(cells) >= 4
-    stat = sum((a - b) ** 2 / (a + b) for a, b in cells)
-    assert stat < _chi2_critical(len(cells) - 1, 3.09), (stat, len(cells))
+    """As for the other modes (test_speculative.assert_sampling_unchanged): a two-sample
+    chi-square test on the fourth sampled token, 3,000 draws a side, false-alarm rate 0.1%."""
+    assert_sampling_unchanged(target[1], **draft_options(target, tmp_path, kind="echo"))
 
 
 def test_eagle_through_the_async_engine(tmp_path) -> None:

@@ -17,7 +17,7 @@ from pyserve import _C
 from pyserve.engine.native import medusa_heads, medusa_spec
 from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
-from test_speculative import _chi2_critical, check_counters, prompts, run
+from test_speculative import assert_sampling_unchanged, check_counters, crowded_workload, prompts, run
 
 
 def write_heads(d, hidden: int, vocab: int, heads: int, *, seed: int = 0, scale: float = 0.5,
@@ -151,17 +151,12 @@ def test_greedy_output_is_unchanged(target, tmp_path, batch) -> None:
 
 
 def test_preemption_prefix_hits_sampling_and_forks(target, tmp_path) -> None:
-    """A KV pool too small for everyone (preemption and recompute), shared prompts, seeded sampling
-    with penalties and logprobs, n > 1: the tokens are those of plain decoding, and every
-    page comes back (run() checks)."""
+    """A crowded workload (test_speculative.crowded_workload: preemption and recompute, shared
+    prompts, seeded sampling, n > 1): the tokens are those of plain decoding, and every page comes
+    back (run() checks)."""
     _, cm = target
     heads = heads_for(target, tmp_path, scale=0.0)  # drafts kept now and then
-    ps = prompts(8, seed=100)
-    ps += [p + [9, 9] for p in ps[:4]]
-    reqs = [(ids, SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True).to_engine()) for ids in ps]
-    reqs.append((ps[0], SamplingParams(max_tokens=30, temperature=0.8, seed=5, n=3, presence_penalty=0.5,
-                                       logprobs=2, ignore_eos=True).to_engine()))
-    small = dict(max_num_seqs=8, kv_capacity_tokens=160, max_batch_tokens=24)
+    reqs, small = crowded_workload(seed=100)
     plain, _ = run(cm, reqs, **small)
     spec, stats = run(cm, reqs, speculative_mode="medusa", medusa=heads, spec_draft_length=3, **small)
     assert stats["preemptions"] > 0 and stats["spec_accepted_tokens"] > 0
@@ -169,33 +164,9 @@ def test_preemption_prefix_hits_sampling_and_forks(target, tmp_path) -> None:
 
 
 def test_sampled_tokens_follow_the_same_distribution(target, tmp_path) -> None:
-    """As for ngram and small_draft (test_speculative.py): a two-sample chi-square test on the
-    fourth sampled token, 3,000 draws a side, different seeds, false-alarm rate 0.1%."""
-    _, cm = target
-    heads = heads_for(target, tmp_path, scale=0.0)
-    n = 3000
-    prompt = prompts(2, seed=70)[0]
-
-    def fourth_tokens(first_seed: int, **cfg) -> tuple[list[int], dict]:
-        reqs = [(prompt, SamplingParams(max_tokens=4, temperature=0.8, top_k=3, seed=first_seed + i,
-                                        ignore_eos=True).to_engine()) for i in range(n)]
-        seen, stats = run(cm, reqs, max_num_seqs=64, max_batch_tokens=256, kv_capacity_tokens=8192, **cfg)
-        return [seen[(i, 0)].tokens[3] for i in range(n)], stats
-
-    plain, _ = fourth_tokens(0)
-    spec, stats = fourth_tokens(10_000, speculative_mode="medusa", medusa=heads, spec_draft_length=3)
-    assert stats["spec_accepted_tokens"] > 0
-    counts: dict[int, list[int]] = {}
-    for side, toks in enumerate((plain, spec)):
-        for t in toks:
-            counts.setdefault(t, [0, 0])[side] += 1
-    cells = [(a, b) for a, b in counts.values() if a + b >= 10]
-    rare = [sum(a for a, b in counts.values() if a + b < 10), sum(b for a, b in counts.values() if a + b < 10)]
-    if sum(rare):
-        cells.append(tuple(rare))
-    assert len(cells) >= 4
-    stat = sum((a - b) ** 2 / (a + b) for a, b in cells)
-    assert stat < _chi2_critical(len(cells) - 1, 3.09), (stat, len(cells))
+    """As for the other modes (test_speculative.assert_sampling_unchanged): a two-sample
+    chi-square test on the fourth sampled token, 3,000 draws a side, false-alarm rate 0.1%."""
+    assert_sampling_unchanged(target[1], speculative_mode="medusa", medusa=heads_for(target, tmp_path, scale=0.0))
 
 
 def test_medusa_through_the_async_engine(tmp_path) -> None:

@@ -15,7 +15,7 @@ from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
 from test_eagle import draft_options as eagle_options
 from test_medusa import heads_for
-from test_speculative import check_counters, prompts, run
+from test_speculative import check_counters, crowded_workload, prompts, run
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +76,7 @@ def test_leaves_under_preemption_prefix_hits_sampling_and_forks(target, near_dra
     """A KV pool too small for everyone (leaves are the first to go when pages are short), shared
     prompts, seeded sampling with penalties, n > 1: plain decoding's tokens, nothing leaked."""
     _, cm = target
-    ps = prompts(8, seed=170)
-    ps += [p + [9, 9] for p in ps[:4]]
-    reqs = [(ids, SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True).to_engine()) for ids in ps]
-    reqs.append((ps[0], SamplingParams(max_tokens=30, temperature=0.8, seed=5, n=3, presence_penalty=0.5,
-                                       ignore_eos=True).to_engine()))
-    small = dict(max_num_seqs=8, kv_capacity_tokens=192, max_batch_tokens=24)
+    reqs, small = crowded_workload(seed=170, kv_capacity_tokens=192)
     plain, _ = run(cm, reqs, **small)
     tree, stats = run(cm, reqs, speculative_mode="small_draft", draft_model=near_draft, spec_draft_length=3,
                       spec_tree_width=2, **small)

@@ -253,16 +253,22 @@ def test_a_draft_that_is_always_wrong_still_gives_the_target_output(cm, other_cm
     assert stats["spec_accepted_tokens"] < stats["spec_draft_tokens"] / 4
 
 
-def test_small_draft_under_preemption_prefix_hits_sampling_and_forks(cm, other_cm) -> None:
-    """A KV pool too small for everyone (the target preempts and recomputes; the draft's own pool
-    runs short too), shared prompts, seeded sampling with penalties, n > 1, and a draft that is
-    sometimes right: the tokens are the ones plain decoding gives, and nothing leaks."""
-    ps = prompts(8, seed=50)
+def crowded_workload(seed: int, kv_capacity_tokens: int = 160) -> tuple[list, dict]:
+    """Requests and engine limits under which the KV pool is far too small for everyone (the
+    target preempts and recomputes), prompts share cached pages, prompts come in chunks, and one
+    request samples (seeded, with a penalty) n = 3 choices: (requests, limits)."""
+    ps = prompts(8, seed=seed)
     ps += [p + [9, 9] for p in ps[:4]]
     reqs = [(ids, SamplingParams(max_tokens=36, temperature=0.0, ignore_eos=True).to_engine()) for ids in ps]
     reqs.append((ps[0], SamplingParams(max_tokens=30, temperature=0.8, seed=5, n=3, presence_penalty=0.5,
                                        ignore_eos=True).to_engine()))
-    small = dict(max_num_seqs=8, kv_capacity_tokens=160, max_batch_tokens=24)
+    return reqs, dict(max_num_seqs=8, kv_capacity_tokens=kv_capacity_tokens, max_batch_tokens=24)
+
+
+def test_small_draft_under_preemption_prefix_hits_sampling_and_forks(cm, other_cm) -> None:
+    """A crowded workload (the draft's own pool runs short too) with a draft that is sometimes
+    right: the tokens are the ones plain decoding gives, and nothing leaks."""
+    reqs, small = crowded_workload(seed=50)
     plain, _ = run(cm, reqs, **small)
     for draft in (cm, other_cm):
         spec, stats = run(cm, reqs, speculative_mode="small_draft", draft_model=draft, spec_draft_length=3, **small)
@@ -304,17 +310,15 @@ def _chi2_critical(df: int, z: float) -> float:
     return df * (1.0 - h + z * h**0.5) ** 3
 
 
-@pytest.mark.parametrize("mode", ["ngram", "small_draft"])
-def test_sampled_tokens_follow_the_same_distribution(cm, mode: str) -> None:
+def assert_sampling_unchanged(cm, **spec) -> None:
     """With drafts verified the way sampling draws them, the distribution of sampled tokens is the
     one plain decoding gives. Different seeds on each side (so this is not the same-seed equality
     tested above): a two-sample chi-square test on the fourth generated token over 3,000 draws each,
     rare tokens pooled; false-alarm rate 0.1% (z = 3.09). (It tells temperature 0.8 from 0.6 on this
-    model; a verifier that kept drafts too often would shift far more.)"""
+    model; a verifier that kept drafts too often would shift far more.) `spec`: the engine's
+    speculative options."""
     n = 3000
     prompt = prompts(2, seed=70)[0]  # repetitive: prompt lookup drafts often
-    # the target as its own draft: its greedy guess is kept whenever the draw agrees, often but not always
-    draft = {"draft_model": cm} if mode == "small_draft" else {}
 
     def fourth_tokens(first_seed: int, **cfg) -> tuple[list[int], dict]:
         reqs = [(prompt, SamplingParams(max_tokens=4, temperature=0.8, top_k=3, seed=first_seed + i,
@@ -323,10 +327,10 @@ def test_sampled_tokens_follow_the_same_distribution(cm, mode: str) -> None:
         return [seen[(i, 0)].tokens[3] for i in range(n)], stats
 
     plain, _ = fourth_tokens(0)
-    spec, stats = fourth_tokens(10_000, speculative_mode=mode, spec_draft_length=3, **draft)
+    spec_tokens, stats = fourth_tokens(10_000, spec_draft_length=3, **spec)
     assert stats["spec_draft_tokens"] > 0 and 0 < stats["spec_accepted_tokens"]
     counts: dict[int, list[int]] = {}
-    for side, toks in enumerate((plain, spec)):
+    for side, toks in enumerate((plain, spec_tokens)):
         for t in toks:
             counts.setdefault(t, [0, 0])[side] += 1
     cells, rare = [], [0, 0]
@@ -340,3 +344,10 @@ def test_sampled_tokens_follow_the_same_distribution(cm, mode: str) -> None:
     assert len(cells) >= 4  # a distribution worth comparing
     stat = sum((a - b) ** 2 / (a + b) for a, b in cells)  # equal sample sizes
     assert stat < _chi2_critical(len(cells) - 1, 3.09), (stat, len(cells))
+
+
+@pytest.mark.parametrize("mode", ["ngram", "small_draft"])
+def test_sampled_tokens_follow_the_same_distribution(cm, mode: str) -> None:
+    # small_draft: the target as its own draft: its greedy guess is kept whenever the draw agrees,
+    # often but not always
+    assert_sampling_unchanged(cm, speculative_mode=mode, **({"draft_model": cm} if mode == "small_draft" else {}))
