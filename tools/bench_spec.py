@@ -112,7 +112,9 @@ def metric(url: str, name: str) -> float:
 
 
 def run_workload(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int) -> dict:
-    """Every prompt once, `concurrency` in flight at a time; decode tok/s over the whole run."""
+    """Every prompt once (repeated until there are `concurrency` of them, so that as many are in
+    flight), `concurrency` at a time; decode tok/s over the whole run."""
+    prompts = prompts * -(-concurrency // len(prompts))
     results: list[dict] = [{}] * len(prompts)
     before = {k: metric(url, k) for k in ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
                                           "spec_decode_num_accepted_tokens_total")}

@@ -403,8 +403,10 @@ void EngineCore::propose() {
         s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
       offered = static_cast<int>(s->drafts.size());
     }
-    // Explore a sequence whose first drafts were never tested, or not for 16 of its steps.
-    const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= 16;
+    // Explore a sequence whose first drafts were never tested, or not for 16 of its steps (64 where
+    // drafts cost something to make: a draft model catches up on every token since its last).
+    const int explore_every = draft_ || medusa_ ? 64 : 16;
+    const bool explore = r.spec_acceptance.kept + r.spec_acceptance.rejected == 0 || ++r.spec_untested >= explore_every;
     candidates.push_back({offered, r.spec_acceptance.value(), explore});
     weighed.push_back(&r);
   }
