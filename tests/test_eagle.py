@@ -139,3 +139,19 @@ def test_eagle_through_the_async_engine(tmp_path) -> None:
         with open(os.path.join(bad, "config.json"), "w") as f:
             json.dump({"architecture": "eagle", "hidden_size": 7, "vocab_size": model.config.vocab_size}, f)
         eagle_spec(model, bad)
+
+
+def test_prompt_logprobs_with_long_prompts(target, tmp_path) -> None:
+    """Prompt-logprob rows double as the draft's features (a prompt chunk asks for its rows once):
+    prompts longer than a step's budget, with prompt logprobs, give plain decoding's tokens and
+    prompt logprobs."""
+    _, cm = target
+    rng = np.random.default_rng(200)
+    ps = [[int(t) for t in rng.integers(5, 300, 150)] for _ in range(3)]
+    reqs = [(p, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, prompt_logprobs=1).to_engine())
+            for p in ps]
+    plain, _ = run(cm, reqs, max_num_seqs=3)
+    spec, stats = run(cm, reqs, max_num_seqs=3, spec_draft_length=2, **draft_options(target, tmp_path, kind="echo"))
+    assert {k: c.tokens for k, c in spec.items()} == {k: c.tokens for k, c in plain.items()}
+    assert {k: c.prompt_logprobs for k, c in spec.items()} == {k: c.prompt_logprobs for k, c in plain.items()}
+    assert stats["spec_draft_tokens"] > 0

@@ -116,3 +116,51 @@ def test_tree_width_through_the_async_engine() -> None:
     tree = anyio.run(lambda: engine_greedy(path, ps, 24, speculative_mode="small_draft", additional_models=[path],
                                            spec_tree_width=3, spec_draft_length=2))
     assert tree == plain
+
+
+def test_stop_tokens_and_a_next_turn_from_the_prefix_cache(target, near_draft) -> None:
+    """Trees with stop tokens (the ones plain decoding draws most often here, so many requests end
+    on one), finished sequences kept in the prefix cache, and a second round whose prompts are the
+    first round's prompts + outputs + a few tokens (the next turn of a chat), read from the cache:
+    plain decoding's tokens. (A kept leaf whose token ends its request still has its K/V moved into
+    place; this workload did not reproduce the case where it was not, so it guards the path
+    around it rather than that case itself.)"""
+    from collections import Counter
+
+    from test_engine_core import drain
+
+    _, cm = target
+    ps = prompts(24, seed=190)
+    free, _ = run(cm, [(p, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True).to_engine()) for p in ps],
+                  max_num_seqs=24)
+    stops = [t for t, _ in Counter(t for c in free.values() for t in c.tokens[2:]).most_common(6)]
+
+    def two_rounds(**cfg):
+        e = _C.EngineCore(cm, {"max_num_seqs": 24, "max_batch_tokens": 96, "page_size": 4, "max_model_len": 512,
+                               "kv_capacity_tokens": 4096, "eos_token_ids": [], "prefix_cache_max_recycling": -1, **cfg})
+        seen: dict = {}
+        for i, p in enumerate(ps):
+            e.add_request(i, p, SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=stops, min_tokens=2,
+                                               ignore_eos=True).to_engine())
+        drain(e, seen, max_steps=5000)
+        for i, p in enumerate(ps):
+            e.add_request(100 + i, p + seen[(i, 0)].tokens + [7, 8, 9],  # a next turn: the last token is read too
+                          SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True).to_engine())
+        drain(e, seen, max_steps=5000)
+        return {k: c.tokens for k, c in seen.items()}, e.stats()
+
+    plain, _ = two_rounds()
+    assert sum(plain[(i, 0)][-1] in stops for i in range(len(ps))) >= len(ps) // 4  # many end on a stop
+    tree, stats = two_rounds(speculative_mode="small_draft", draft_model=near_draft, spec_draft_length=3,
+                             spec_tree_width=4)
+    assert stats["spec_accepted_leaves"] > 0
+    assert tree == plain
+
+
+def test_trees_and_attention_sinks_are_refused_at_start(tmp_path) -> None:
+    from pyserve.config import EngineConfig, with_attention_overrides
+
+    model = load_model(tiny_models.tiny_model_dir("mistral"))
+    model.config = with_attention_overrides(model.config, EngineConfig(attention_sink_size=4))
+    with pytest.raises(ValueError, match="attention sink"):
+        _C.EngineCore(c_model(model), {"spec_tree_width": 2, "speculative_mode": "ngram", "eos_token_ids": []})

@@ -37,6 +37,10 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
     if (!config_.draft_model) throw std::invalid_argument(eagle ? "speculative_mode eagle needs the EAGLE draft layer"
                                                                  : "speculative_mode small_draft needs a draft model");
     if (eagle && !config_.eagle) throw std::invalid_argument("speculative_mode eagle needs the draft's input fc");
+    if (eagle && (config_.eagle->target != model_ || config_.draft_model == model_))
+      throw std::invalid_argument("eagle: the draft's input must read this engine's model, and the draft be another one");
+    if (!eagle && !config_.draft_vocab.empty())
+      throw std::invalid_argument("a draft vocabulary is for eagle drafts only (a small_draft has the target's)");
     const int vocab = config_.draft_vocab.empty() ? config_.draft_model->config().vocab_size : model_->config().vocab_size;
     if (vocab != model_->config().vocab_size)
       throw std::invalid_argument("the draft model's vocabulary (" + std::to_string(config_.draft_model->config().vocab_size) +
@@ -51,6 +55,8 @@ EngineCore::EngineCore(std::shared_ptr<LlamaModel> model, EngineConfig config)
     medusa_ = config_.medusa;
   }
   if (config_.max_model_len < 2) throw std::invalid_argument("max_model_len must be >= 2");
+  if (config_.spec_tree_width > 1 && model_->config().attention_sink > 0)
+    throw std::invalid_argument("draft trees (spec_tree_width > 1) do not work with an attention sink yet");
   config_.prompt_logit_rows = at_least_one(config_.prompt_logit_rows);
   // Everything a step needs is sized here, from the configured limits: serving allocates no
   // buffer that grows with the largest request ever seen.
@@ -549,11 +555,16 @@ void EngineCore::build(const std::vector<ScheduledChunk>& chunks) {
         for (int i = 0; i < scored; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
       }
       // eagle: a prompt chunk's rows (those that do not sample) are its draft's features.
+      // (Prompt-logprob rows are those same rows when there are any: they serve as features too.)
       const int plain_rows = c.count - (c.sample ? 1 + drafts : 0);
       if (draft_ && draft_->eagle() && plain_rows > 0) {
-        u.feature_row = static_cast<int>(batch_.logit_rows.size());
+        if (u.prompt_rows == plain_rows) {
+          u.feature_row = u.prompt_row;
+        } else {
+          u.feature_row = static_cast<int>(batch_.logit_rows.size());
+          for (int i = 0; i < plain_rows; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
+        }
         u.feature_rows = plain_rows;
-        for (int i = 0; i < plain_rows; ++i) batch_.logit_rows.push_back(static_cast<int32_t>(base) + i);
       }
       if (c.sample) {  // the last known token's row, then each draft's
         u.sample_row = static_cast<int>(sample_rows_.size());
@@ -679,12 +690,14 @@ void EngineCore::accept() {
             ++kept;
             ++counters_.spec_accepted_by_position[j];
           }
-          if (leaf >= 0) ++counters_.spec_accepted_leaves;
-          if (leaf >= 0 && !a.reason) {
-            // The leaf's K/V moves to its depth's place in commit; its row draws the next token.
+          if (leaf >= 0) {
+            // The leaf's K/V moves to its depth's place in commit (it counts as computed, and may
+            // enter the prefix cache, even when its token ends the request); unless its token
+            // ended the request, its row draws the next token.
+            ++counters_.spec_accepted_leaves;
             a.leaf_from = u.start + u.count + leaf;
             a.leaf_to = u.start + u.count - u.drafts + j;
-            draw(u.drafts + 1 + leaf, j + 1);
+            if (!a.reason) draw(u.drafts + 1 + leaf, j + 1);
             break;
           }
           if (a.reason || !draft_kept) break;
@@ -715,8 +728,9 @@ void EngineCore::accept() {
 
 void EngineCore::keep_features(const RowUse& u, Request& r, const std::vector<int>& rows) {
   const size_t H = static_cast<size_t>(model_->config().hidden_size);
-  // Bounds what a sequence that does not draft for a while holds (older rows read as zeros).
-  constexpr int kMaxFeatures = 4096;
+  // Bounds what a sequence that does not draft for a while holds (older rows read as zeros): at
+  // most 1024 rows (2.4 MB at the default model's width).
+  constexpr int kMaxFeatures = 1024;
   for (int i = 0; i < u.feature_rows; ++i)
     r.spec_features.put(u.start + i, hidden_ + static_cast<size_t>(u.feature_row + i) * H, H, kMaxFeatures);
   // Accepted token j was drawn at position first + j, by sample row rows[j].

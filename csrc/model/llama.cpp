@@ -115,7 +115,7 @@ const float* LlamaModel::forward_hidden(const ForwardBatch& batch, KVCache& cach
   if (n == 0) return ws_.final_x.data();
   if (batch.positions.size() != batch.tokens.size() || batch.page_tables.size() != batch.tokens.size())
     throw std::invalid_argument("forward: tokens, positions and page_tables differ in length");
-  reserve(n);
+  reserve(std::max<int>(n, static_cast<int>(batch.logit_rows.size())));  // final_x holds the logit rows
   Backend& be = *backend_;
   const int H = c.hidden_size, Q = c.q_dim(), KV = c.kv_dim(), I = c.intermediate_size;
   const int QKV = Q + 2 * KV, half = c.head_dim / 2, ps = cache.page_size();
