@@ -142,3 +142,28 @@ def draft_vocabulary(data: list[Answer], vocab_size: int, size: int):
     n = vocab_size if size <= 0 else min(size, vocab_size)
     vocab = np.argsort(-counts, kind="stable")[:n].astype(np.int32)
     return vocab, float(counts[vocab].sum() / counts.sum())
+
+
+def add_arguments(ap, out: str, what: str) -> None:
+    """The options train_medusa.py and train_eagle.py share (`what`: whose LM head the draft
+    vocabulary cuts down)."""
+    ap.add_argument("--model", default=None, help="the target (default: the bundled model)")
+    ap.add_argument("--out", default=out, help="output directory")
+    ap.add_argument("--draft-vocab", type=int, default=8192, help=f"rows of {what} LM head (0: all)")
+    ap.add_argument("--prompts", type=int, default=768)
+    ap.add_argument("--answer-tokens", type=int, default=128)
+    ap.add_argument("--data", default=None, help="a JSON file caching the target's answers (read if it matches)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def training_answers(args) -> tuple[str, list[Answer], list[Answer]]:
+    """(the target's path, training answers, held-out answers): greedy and sampled (0.7) answers
+    to args.prompts chat prompts, 1 in 8 held out."""
+    from pyserve.model.loader import default_model_path
+
+    path = args.model or default_model_path()
+    data = target_answers(path, chat_prompts(args.prompts, args.seed), args.answer_tokens, (0.0, 0.7),
+                          threads=args.threads, seed=args.seed, cache=args.data)
+    train, held = split_held_out(data)
+    return path, train, held

@@ -39,38 +39,28 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def main() -> int:
+    from self_distill import add_arguments
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="the target (default: the bundled model)")
-    ap.add_argument("--out", default="/tmp/pyserve-eagle", help="output directory")
-    ap.add_argument("--draft-vocab", type=int, default=8192, help="rows of the draft's LM head (0: all)")
-    ap.add_argument("--prompts", type=int, default=768)
-    ap.add_argument("--answer-tokens", type=int, default=128)
+    add_arguments(ap, "/tmp/pyserve-eagle", "the draft's")
     ap.add_argument("--minutes", type=float, default=25.0, help="training time budget")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step")
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--noise", type=float, default=0.1, help="feature noise, relative to the features' scale")
-    ap.add_argument("--data", default=None, help="a JSON file caching the target's answers (read if it matches)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
     import torch
     from safetensors.numpy import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pyserve.model.loader import default_model_path
-    from self_distill import (chat_prompts, draft_vocabulary, load_teacher, split_held_out, target_answers,
-                              target_features)
+    from self_distill import draft_vocabulary, load_teacher, target_features, training_answers
 
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     torch.set_num_threads(args.threads)
-    path = args.model or default_model_path()
     t0 = time.perf_counter()
 
-    data = target_answers(path, chat_prompts(args.prompts, args.seed), args.answer_tokens, (0.0, 0.7),
-                          threads=args.threads, seed=args.seed, cache=args.data)
-    train, held = split_held_out(data)
+    path, train, held = training_answers(args)
     teacher, _ = load_teacher(path)
     embed = teacher.get_input_embeddings().weight.detach()  # [V, H]
     head = teacher.get_output_embeddings().weight.detach()  # [V, H]
