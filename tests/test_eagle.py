@@ -17,7 +17,7 @@ from pyserve.engine.native import eagle_draft, eagle_spec
 from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
 from test_medusa import expected_kept
-from test_speculative import assert_sampling_unchanged, check_counters, crowded_workload, prompts, run
+from test_speculative import assert_async_engine_keeps_output, assert_sampling_unchanged, check_counters, crowded_workload, prompts, run
 
 
 def write_eagle(d, cfg, *, kind: str = "random", seed: int = 0, draft_vocab: list[int] | None = None) -> str:
@@ -119,21 +119,9 @@ def test_sampled_tokens_follow_the_same_distribution(target, tmp_path) -> None:
 
 def test_eagle_through_the_async_engine(tmp_path) -> None:
     """--speculative-mode eagle --additional-models DIR: loaded, checked, greedy output kept."""
-    import anyio
-
-    from engine_helpers import engine_greedy
-    from pyserve.config import ConfigError, EngineConfig
-    from pyserve.engine.async_engine import AsyncEngine
-
-    path = tiny_models.tiny_model_dir("llama")
-    model = load_model(path)
+    model = load_model(tiny_models.tiny_model_dir("llama"))
     d = write_eagle(tmp_path / "eagle", model.config, draft_vocab=list(range(0, model.config.vocab_size, 2)))
-    ps = prompts(4, seed=150)
-    plain = anyio.run(engine_greedy, path, ps, 24)
-    spec = anyio.run(lambda: engine_greedy(path, ps, 24, speculative_mode="eagle", additional_models=[d]))
-    assert spec == plain
-    with pytest.raises(ConfigError, match="additional-models"):
-        AsyncEngine(load_model(path), EngineConfig(num_threads=2, speculative_mode="eagle"))
+    assert_async_engine_keeps_output("eagle", d, seed=150)
     with pytest.raises(ValueError, match="hidden size"):
         bad = write_eagle(tmp_path / "bad", model.config)
         with open(os.path.join(bad, "config.json"), "w") as f:

@@ -17,7 +17,7 @@ from pyserve import _C
 from pyserve.engine.native import medusa_heads, medusa_spec
 from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
-from test_speculative import assert_sampling_unchanged, check_counters, crowded_workload, prompts, run
+from test_speculative import assert_async_engine_keeps_output, assert_sampling_unchanged, check_counters, crowded_workload, prompts, run
 
 
 def write_heads(d, hidden: int, vocab: int, heads: int, *, seed: int = 0, scale: float = 0.5,
@@ -171,19 +171,7 @@ def test_sampled_tokens_follow_the_same_distribution(target, tmp_path) -> None:
 
 def test_medusa_through_the_async_engine(tmp_path) -> None:
     """--speculative-mode medusa --additional-models DIR: loaded, checked, and greedy output kept."""
-    import anyio
-
-    from engine_helpers import engine_greedy
-    from pyserve.config import ConfigError, EngineConfig
-    from pyserve.engine.async_engine import AsyncEngine
-
-    path = tiny_models.tiny_model_dir("llama")
-    model = load_model(path)
+    model = load_model(tiny_models.tiny_model_dir("llama"))
     heads = write_heads(tmp_path / "heads", model.config.hidden_size, model.config.vocab_size, 3, scale=0.0,
                         draft_vocab=list(range(0, model.config.vocab_size, 2)))
-    ps = prompts(4, seed=110)
-    plain = anyio.run(engine_greedy, path, ps, 24)
-    spec = anyio.run(lambda: engine_greedy(path, ps, 24, speculative_mode="medusa", additional_models=[heads]))
-    assert spec == plain
-    with pytest.raises(ConfigError, match="additional-models"):
-        AsyncEngine(load_model(path), EngineConfig(num_threads=2, speculative_mode="medusa"))
+    assert_async_engine_keeps_output("medusa", heads, seed=110)

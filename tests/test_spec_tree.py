@@ -15,7 +15,7 @@ from pyserve.engine.sampling import SamplingParams
 from pyserve.model.loader import load_model
 from test_eagle import draft_options as eagle_options
 from test_medusa import heads_for
-from test_speculative import check_counters, crowded_workload, prompts, run
+from test_speculative import assert_async_engine_keeps_output, check_counters, crowded_workload, prompts, run
 
 
 @pytest.fixture(scope="module")
@@ -106,16 +106,8 @@ def test_a_leaf_attends_to_its_path_and_itself(target) -> None:
 
 def test_tree_width_through_the_async_engine() -> None:
     """--spec-tree-width reaches the engine: greedy output kept with a draft tree."""
-    import anyio
-
-    from engine_helpers import engine_greedy
-
     path = tiny_models.tiny_model_dir("llama")
-    ps = prompts(4, seed=180)
-    plain = anyio.run(engine_greedy, path, ps, 24)
-    tree = anyio.run(lambda: engine_greedy(path, ps, 24, speculative_mode="small_draft", additional_models=[path],
-                                           spec_tree_width=3, spec_draft_length=2))
-    assert tree == plain
+    assert_async_engine_keeps_output("small_draft", path, seed=180, spec_tree_width=3, spec_draft_length=2)
 
 
 def test_stop_tokens_and_a_next_turn_from_the_prefix_cache(target, near_draft) -> None:

@@ -282,25 +282,37 @@ def test_small_draft_needs_a_draft_of_the_same_vocabulary(cm) -> None:
         core(cm, speculative_mode="small_draft")
 
 
-def test_small_draft_through_the_async_engine(tmp_path) -> None:
-    """--speculative-mode small_draft --additional-models PATH: the draft is loaded, checked for the
-    target's vocabulary, and the greedy tokens are those of plain decoding."""
+def assert_async_engine_keeps_output(mode: str, additional: str, seed: int, **engine_kw) -> None:
+    """Through AsyncEngine on the tiny Llama (--speculative-mode MODE --additional-models
+    ADDITIONAL, and engine_kw): greedy tokens equal plain decoding's; without --additional-models
+    the mode is a ConfigError naming the flag."""
     import anyio
 
     from engine_helpers import engine_greedy
     from pyserve.config import ConfigError, EngineConfig
     from pyserve.engine.async_engine import AsyncEngine
 
-    target = tiny_models.tiny_model_dir("llama")
-    ps = prompts(4, seed=60)
-    plain = anyio.run(engine_greedy, target, ps, 24)
-    spec = anyio.run(lambda: engine_greedy(target, ps, 24, speculative_mode="small_draft", additional_models=[target]))
+    path = tiny_models.tiny_model_dir("llama")
+    ps = prompts(4, seed=seed)
+    plain = anyio.run(engine_greedy, path, ps, 24)
+    spec = anyio.run(lambda: engine_greedy(path, ps, 24, speculative_mode=mode, additional_models=[additional],
+                                           **engine_kw))
     assert spec == plain
+    with pytest.raises(ConfigError, match="additional-models"):
+        AsyncEngine(load_model(path), EngineConfig(num_threads=2, speculative_mode=mode))
+
+
+def test_small_draft_through_the_async_engine(tmp_path) -> None:
+    """--speculative-mode small_draft --additional-models PATH: the draft is loaded, checked for the
+    target's vocabulary, and the greedy tokens are those of plain decoding."""
+    from pyserve.config import EngineConfig
+    from pyserve.engine.async_engine import AsyncEngine
+
+    target = tiny_models.tiny_model_dir("llama")
+    assert_async_engine_keeps_output("small_draft", target, seed=60)
     with pytest.raises(ValueError, match="vocabulary"):  # another tokenizer
         AsyncEngine(load_model(target), EngineConfig(num_threads=2, speculative_mode="small_draft",
                                                      additional_models=[tiny_models.tiny_model_dir("qwen2")]))
-    with pytest.raises(ConfigError, match="additional-models"):
-        AsyncEngine(load_model(target), EngineConfig(num_threads=2, speculative_mode="small_draft"))
 
 
 def _chi2_critical(df: int, z: float) -> float:

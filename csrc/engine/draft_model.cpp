@@ -160,14 +160,14 @@ void DraftModel::propose(std::vector<Want>& wants) {
   width_ = std::min(width_, model_->config().vocab_size);
   const size_t H = static_cast<size_t>(model_->config().hidden_size);
   // EAGLE: each job's latest draft feature (the draft's output at its latest row), fed next round.
-  std::vector<float> job_hidden(eagle_ ? jobs.size() * H : 0);
-  std::vector<const float*> features;  // per batch row: the f of its input (null: zeros)
+  job_hidden_.resize(eagle_ ? jobs.size() * H : 0);
+  features_.clear();  // per batch row: the f of its input (null: zeros)
 
   // Catch-up: the tokens accepted since the last round, in forwards of at most step_tokens_; the
   // row of a sequence's last known token gives its first draft.
   std::vector<Job*> owners;  // the job of each logit row of the batch being built
   auto flush = [&] {
-    run_batch(features);
+    run_batch(features_);
     for (size_t i = 0; i < owners.size(); ++i) {
       Want& w = *owners[i]->want;
       w.out->push_back(next_[i]);
@@ -177,10 +177,10 @@ void DraftModel::propose(std::vector<Want>& wants) {
       if (eagle_)
         std::copy(out_hidden_.begin() + static_cast<std::ptrdiff_t>(i * H),
                   out_hidden_.begin() + static_cast<std::ptrdiff_t>((i + 1) * H),
-                  job_hidden.begin() + static_cast<std::ptrdiff_t>(owners[i]->index * H));
+                  job_hidden_.begin() + static_cast<std::ptrdiff_t>(owners[i]->index * H));
     }
     owners.clear();
-    features.clear();
+    features_.clear();
     batch_.clear();
   };
   batch_.clear();
@@ -199,7 +199,7 @@ void DraftModel::propose(std::vector<Want>& wants) {
         batch_.positions.push_back(p);
         batch_.page_tables.push_back(s.pages.data());
         const int f = p - 1 - w.features_from;  // the target's feature that drew token p
-        features.push_back(w.features && f >= 0 && f < w.features_count ? w.features + static_cast<size_t>(f) * H
+        features_.push_back(w.features && f >= 0 && f < w.features_count ? w.features + static_cast<size_t>(f) * H
                                                                         : nullptr);
       }
       s.computed += take;
@@ -219,7 +219,7 @@ void DraftModel::propose(std::vector<Want>& wants) {
       std::vector<int32_t>& out = *j.want->out;
       if (round >= j.k || static_cast<int>(out.size()) != round) continue;
       batch_.tokens.push_back(out.back());
-      features.push_back(eagle_ ? job_hidden.data() + j.index * H : nullptr);
+      features_.push_back(eagle_ ? job_hidden_.data() + j.index * H : nullptr);
       batch_.positions.push_back(j.n + round - 1);
       batch_.page_tables.push_back(j.state->pages.data());
       batch_.logit_rows.push_back(static_cast<int32_t>(batch_.tokens.size()) - 1);

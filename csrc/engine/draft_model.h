@@ -83,6 +83,8 @@ class DraftModel {
   std::vector<int32_t> vocab_;
   std::vector<float> out_hidden_;  // EAGLE: [logit rows, H], the draft's features for the next round
   std::vector<float> cat_, zeros_;  // EAGLE: [rows, 2H] = [f; e(t)]; a zero feature
+  std::vector<float> job_hidden_;      // EAGLE, in propose: [jobs, H], each one's latest draft feature
+  std::vector<const float*> features_; // in propose: per batch row, the f of its input (null: zeros)
 };
 
 }  // namespace pyserve

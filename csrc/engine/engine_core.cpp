@@ -405,8 +405,7 @@ void EngineCore::propose() {
     int offered = room;  // a draft model or the heads offer what they are asked for
     if (!draft_ && !medusa_) {
       ngram_propose(r.tokens.data(), static_cast<int>(r.tokens.size()), room, config_.ngram, s->drafts);
-      if (r.grammar && !s->drafts.empty())  // a draft the grammar refuses could never be kept
-        s->drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s->drafts.data(), static_cast<int>(s->drafts.size()))));
+      settle_drafts(r);
       offered = static_cast<int>(s->drafts.size());
     }
     // Explore a sequence whose first drafts were never tested, or not for 16 of its steps (64 where
@@ -448,12 +447,7 @@ void EngineCore::propose() {
   draft_->propose(wants);
   if (draft_->eagle())  // what the draft consumed: it re-reads from the feature before its last position
     for (Request* r : wanting) r->spec_features.drop_before(draft_->computed(r->seq.id) - 1);
-  for (Request* r : wanting) {
-    if (r->grammar && !r->seq.drafts.empty())  // a draft the grammar refuses could never be kept
-      r->seq.drafts.resize(static_cast<size_t>(
-          r->grammar->valid_prefix(r->seq.drafts.data(), static_cast<int>(r->seq.drafts.size()))));
-    prune_leaves(r->seq);
-  }
+  for (Request* r : wanting) settle_drafts(*r);
 }
 
 void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep) {
@@ -484,14 +478,14 @@ void EngineCore::propose_medusa(const std::vector<Request*>& weighed, const std:
     if (keep[i] <= 0) continue;
     Request& r = *drafting[d++];
     if (r.seq.drafts.size() > static_cast<size_t>(keep[i])) r.seq.drafts.resize(static_cast<size_t>(keep[i]));
-    if (r.grammar && !r.seq.drafts.empty())  // a draft the grammar refuses could never be kept
-      r.seq.drafts.resize(static_cast<size_t>(
-          r.grammar->valid_prefix(r.seq.drafts.data(), static_cast<int>(r.seq.drafts.size()))));
-    prune_leaves(r.seq);
+    settle_drafts(r);
   }
 }
 
-void EngineCore::prune_leaves(Sequence& s) {
+void EngineCore::settle_drafts(Request& r) {
+  Sequence& s = r.seq;
+  if (r.grammar && !s.drafts.empty())  // a draft the grammar refuses could never be kept
+    s.drafts.resize(static_cast<size_t>(r.grammar->valid_prefix(s.drafts.data(), static_cast<int>(s.drafts.size()))));
   // A leaf stands in for a draft that is verified: past the drafts kept, it has no parent.
   const int drafts = static_cast<int>(s.drafts.size());
   s.leaves.erase(std::remove_if(s.leaves.begin(), s.leaves.end(), [&](const DraftLeaf& l) { return l.depth >= drafts; }),

@@ -197,8 +197,9 @@ class EngineCore {
   int max_draft_length() const;  // the most any step proposes
   // medusa: drafts for weighed[i] (keep[i] of them, when > 0) from the heads, batched.
   void propose_medusa(const std::vector<Request*>& weighed, const std::vector<int>& keep);
-  // Leaves past the drafts kept go; the rest in depth order.
-  static void prune_leaves(Sequence& s);
+  // After any draft source proposed: drafts the grammar refuses go, and so do leaves past the
+  // drafts kept; the rest in depth order.
+  static void settle_drafts(Request& r);
   // medusa / eagle: the hidden states of this step's rows that drew r's accepted tokens (and, for
   // eagle, of its prompt chunk) into r.spec_features.
   void keep_features(const RowUse& u, Request& r, const std::vector<int>& rows);

@@ -19,8 +19,8 @@ class FeatureStore {
 
   // The row at position pos. A position held already is overwritten (a recompute after
   // preemption gives the same values); one past the end extends; any other starts afresh (the
-  // positions between were never computed: prefix-cache hits). At most `cap` rows are held: the
-  // oldest go first.
+  // positions between were never computed: prefix-cache hits). At most `cap` rows are held: past
+  // it the oldest half go at once (one move per cap / 2 rows, not a move of the whole store per row).
   void put(int pos, const float* row, size_t dim, int cap) {
     if (dim_ != dim) {
       rows_.clear();
@@ -35,7 +35,7 @@ class FeatureStore {
       from_ = pos;
     }
     rows_.insert(rows_.end(), row, row + dim);
-    if (count() > cap) drop_before(end() - cap);
+    if (count() > cap) drop_before(end() - cap / 2);
   }
   // Forgets the rows before position pos.
   void drop_before(int pos) {
