@@ -122,11 +122,31 @@ TensorMap tensor_map_from(const py::list& tensors, std::vector<py::buffer_info>&
   return map;
 }
 
-PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa) {
+// "cpu", or a GPU: "cuda" / "rocm" (device 0) or "cuda:N" / "rocm:N", of the vendor this build has.
+std::shared_ptr<Backend> make_backend(const std::string& device, int num_threads, const std::string& isa) {
+  if (device == "cpu") return make_cpu_backend(num_threads, isa);
+  const size_t colon = device.find(':');
+  const std::string kind = device.substr(0, colon);
+  if (kind != "cuda" && kind != "rocm")
+    throw std::invalid_argument("device must be cpu, cuda[:N] or rocm[:N], got '" + device + "'");
+  int index = 0;
+  if (colon != std::string::npos) {
+    const std::string n = device.substr(colon + 1);
+    if (n.empty() || n.find_first_not_of("0123456789") != std::string::npos || n.size() > 4)
+      throw std::invalid_argument("device '" + device + "': the index after ':' must be a number");
+    index = std::stoi(n);
+  }
+  if (gpu_device_kind() != "none" && kind != gpu_device_kind())
+    throw std::invalid_argument("device '" + device + "': this build's GPU backend is " + gpu_device_kind());
+  return make_gpu_backend(index);
+}
+
+PyModel make_model(const py::dict& config, const py::list& tensors, int num_threads, const std::string& isa,
+                   const std::string& device) {
   ModelConfig c = model_config_from(config);
   std::vector<py::buffer_info> infos;
   TensorMap map = tensor_map_from(tensors, infos);
-  auto backend = make_cpu_backend(num_threads, isa);
+  auto backend = make_backend(device, num_threads, isa);
   PyModel m;
   {
     py::gil_scoped_release release;
@@ -410,8 +430,20 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   const int KVH = static_cast<int>(k_cache.shape(1));
   if (static_cast<int>(tables.size()) != T || static_cast<int>(positions.size()) != T)
     throw std::invalid_argument("attention: one page table and position per token");
-  std::vector<const int32_t*> ptrs;
-  for (auto& t : tables) ptrs.push_back(t.data());
+  // Tokens given the same table array are one sequence (a prefill block), one row of the padded
+  // table.
+  int64_t max_pages = 1;
+  for (auto& t : tables) max_pages = std::max<int64_t>(max_pages, t.size());
+  std::vector<const int32_t*> rows;
+  std::vector<int32_t> table, token_seq(static_cast<size_t>(T));
+  for (int i = 0; i < T; ++i) {
+    auto it = std::find(rows.begin(), rows.end(), tables[i].data());
+    token_seq[i] = static_cast<int32_t>(it - rows.begin());
+    if (it != rows.end()) continue;
+    rows.push_back(tables[i].data());
+    table.resize(rows.size() * max_pages, -1);
+    std::copy(tables[i].data(), tables[i].data() + tables[i].size(), table.end() - max_pages);
+  }
   cpu::CpuBackend be(threads, cpu::select_kernels(isa));
   // Lay the caller's [slots, KVH, D] rows out the way the backend keeps its cache.
   const int64_t slots = k_cache.shape(0);
@@ -434,7 +466,10 @@ py::array_t<float> kernel_attention(FArray q, FArray k_cache, FArray v_cache, in
   b.k_cache = k_buf->data();
   b.v_cache = v_buf->data();
   b.page_size = page_size;
-  b.page_tables = ptrs.data();
+  b.page_table = table.data();
+  b.n_seqs = static_cast<int>(rows.size());
+  b.max_pages = static_cast<int>(max_pages);
+  b.token_seq = token_seq.data();
   b.positions = positions.data();
   b.window = window;
   b.sink = sink;
@@ -694,11 +729,26 @@ class SchedulerHarness {
 
 }  // namespace
 
+#ifdef PYSERVE_GPU
+namespace pyserve::gpu {
+void bind_gpu(py::module_& parent);  // backend/cuda/probe.cu: the pyserve._C.gpu submodule
+}  // namespace pyserve::gpu
+#endif
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyserve's C++ engine: model, paged KV cache, scheduler, CPU kernels";
 
-  m.def("devices", [] { return std::vector<std::string>{"cpu"}; },
-        "The devices this build can serve (the GPU backends add theirs when built).");
+  m.def("devices", [] {
+          std::vector<std::string> d{"cpu"};
+          // A GPU build on a machine with a device serves it too, under its vendor's name.
+          if (gpu_device_count() > 0) d.push_back(gpu_device_kind());
+          return d;
+        },
+        "The devices this build can serve here: cpu, plus cuda or rocm where the build has the GPU backend and "
+        "the machine a device.");
+#ifdef PYSERVE_GPU
+  pyserve::gpu::bind_gpu(m);
+#endif
 
   m.def("cpu_features", [] {
     const auto& f = cpu::cpu_features();
@@ -714,7 +764,7 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<PyModel>(m, "Model")
       .def(py::init(&make_model), py::arg("config"), py::arg("tensors"), py::arg("num_threads") = 0,
-           py::arg("isa") = "auto",
+           py::arg("isa") = "auto", py::arg("device") = "cpu",
            "config: dict of ModelConfig fields; tensors: [(name, format, buffer, shape)]")
       .def_property_readonly("backend", [](const PyModel& p) { return p.model->backend().name(); })
       .def_property_readonly("num_threads", [](const PyModel& p) { return p.model->backend().num_threads(); })
@@ -726,6 +776,8 @@ PYBIND11_MODULE(_C, m) {
              std::vector<py::buffer_info> infos;
              TensorMap map = tensor_map_from(tensors, infos);
              const int64_t H = draft.model->config().hidden_size;
+             if (!draft.model->backend().host_memory())
+               throw std::invalid_argument("EAGLE drafts run on the CPU backend only (for now)");
              auto e = std::make_shared<EagleInput>();
              e->target = target.model;
              py::gil_scoped_release unlocked;
@@ -741,6 +793,8 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](const PyModel& target, const py::list& tensors, int num_heads, std::vector<int32_t> draft_vocab) {
              std::vector<py::buffer_info> infos;
              TensorMap map = tensor_map_from(tensors, infos);
+             if (!target.model->backend().host_memory())
+               throw std::invalid_argument("Medusa heads run on the CPU backend only (for now)");
              py::gil_scoped_release unlocked;
              return std::make_shared<MedusaHeads>(target.model, map, num_heads, std::move(draft_vocab));
            }),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
@@ -30,8 +31,14 @@ from pyserve.config import (
     ConfigError,
     EngineConfig,
     apply_overrides,
+    device_index,
+    device_kind,
+    kv_bytes_per_token,
+    KV_DTYPE_BYTES,
     parse_overrides,
+    resolve_device,
     resolve_for_model,
+    valid_device,
     validate,
     with_attention_overrides,
 )
@@ -43,7 +50,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 QUANTIZATION_SCHEMES = ("q0f32", "q0f16", "q0bf16", "q8f16_1", "q4f16_1")
 # Flags that are also --overrides keys: giving both is ambiguous, so it is an error.
 _FLAG_FIELDS = ("max_num_sequence", "max_total_sequence_length", "prefill_chunk_size", "num_threads",
-                "spec_draft_length", "spec_tree_width")
+                "spec_draft_length", "spec_tree_width", "memory_utilization")
 
 
 def _number(kind: type, check: Callable[[Any], bool], expected: str, bound: str) -> Callable[[str], Any]:
@@ -129,9 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=_port, default=8000, help="port to listen on; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--device", choices=DEVICES, default="cpu",
-                   help="where the model runs; a device this build of the engine cannot serve is refused "
-                   "before the model loads (today's builds serve cpu only) (default: %(default)s)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="where the model runs: cpu, cuda, cuda:N, rocm, rocm:N, or auto (the GPU where this build "
+                   "and this machine have one, else the CPU); a device this build cannot serve is refused "
+                   "before the model loads (default: %(default)s)")
+    p.add_argument("--gpu-memory-utilization", dest="memory_utilization",
+                   type=_number(float, lambda v: 0 < v <= 1, "a number", "in (0, 1]"), default=None,
+                   help="share of the device's free memory (after the weights) the KV cache may take "
+                   "(default: 0.85 on a GPU, 0.5 of free RAM on the CPU)")
     p.add_argument(
         "--mode",
         choices=MODES,
@@ -288,6 +300,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_total_sequence_length=args.max_total_sequence_length,
         prefill_chunk_size=args.prefill_chunk_size,
         num_threads=args.num_threads,
+        memory_utilization=args.memory_utilization,
         prefix_cache_mode=args.prefix_cache_mode,
         prefix_cache_max_num_recycling_seqs=args.prefix_cache_max_num_recycling_seqs,
         prefill_mode=args.prefill_mode,
@@ -404,22 +417,31 @@ def _missing_extension(exc: ImportError) -> str:
             f"`pip install -e .` in pyserve's source tree")
 
 
-def check_build(device: str) -> None:
+def _device(text: str) -> str:
+    if not valid_device(text):
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(DEVICES)} (or cuda:N / rocm:N), got {text!r}")
+    return text
+
+
+def check_build(device: str) -> str:
     """Fails fast, before a model is loaded, when the engine extension cannot be imported (exit 1)
-    or cannot serve `device` (exit 2)."""
+    or cannot serve `device` (exit 2). Returns the device to use (auto resolved)."""
     try:
         from pyserve import _C
     except ImportError as e:
         raise BuildError(_missing_extension(e), 1) from e
     devices = available_devices(_C)
-    if device not in devices:
+    device = resolve_device(device, devices)
+    if device_kind(device) not in devices:
         raise BuildError(f"--device {device} is not available in this build of pyserve (it serves: {', '.join(devices)})", 2)
+    return device
 
 
 def build_app(args: argparse.Namespace) -> Any:
     """Check the build, load the model, resolve the engine config, start the engine, and return
     the ASGI app."""
-    check_build(args.device)
+    device = check_build(args.device)
+    args.engine_config = dataclasses.replace(args.engine_config, device=device)
     from pyserve.model.loader import ModelLoadError, default_model_path, load_model
 
     try:
@@ -444,7 +466,7 @@ def build_app(args: argparse.Namespace) -> Any:
 
     try:
         model.config = with_attention_overrides(model.config, args.engine_config)
-        engine_config = resolve_for_model(args.engine_config, model.config)
+        engine_config = resolve_for_model(args.engine_config, model.config, weight_bytes=model.file_bytes)
     except ConfigError as e:
         raise BuildError(str(e), 2) from e
     log.info(
@@ -480,6 +502,15 @@ def build_app(args: argparse.Namespace) -> Any:
         engine_config.num_threads,
         getattr(engine, "weight_bytes", 0) / 1e6,
     )
+    if device_kind(engine_config.device) != "cpu":
+        from pyserve import _C
+
+        info = _C.gpu.device_info(device_index(engine_config.device))
+        log.info("device %s: %s, %.1f GiB, %.1f GiB free after the weights; KV cache %d tokens (%.1f GiB)",
+                 engine_config.device, info["name"], info["total_bytes"] / 2**30, info["free_bytes"] / 2**30,
+                 engine_config.kv_cache_tokens, engine_config.kv_cache_tokens * kv_bytes_per_token(
+                     model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim,
+                     KV_DTYPE_BYTES[device_kind(engine_config.device)]) / 2**30)
     app = create_app(engine, **app_options_from_args(args))
     try:
         kv_tokens = engine.stats().get("kv_capacity_tokens", engine_config.kv_cache_tokens)

@@ -24,7 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODES = ("local", "interactive", "server")
-DEVICES = ("cpu", "cuda")
+# --device: cpu, a GPU of the build's vendor (cuda / rocm, device 0, or cuda:N / rocm:N), or auto
+# (the GPU where the build and the machine have one, else the CPU).
+DEVICES = ("cpu", "cuda", "rocm", "auto")
 PREFIX_CACHE_MODES = ("radix", "disable")
 PREFILL_MODES = ("hybrid", "chunked")
 # MLC's --speculative-mode values, plus vLLM's prompt lookup ("ngram"):
@@ -32,12 +34,38 @@ SPECULATIVE_MODES = ("disable", "ngram", "small_draft", "eagle", "medusa")
 
 DEFAULT_MAX_BATCH = 80  # MLC-LLM's default max_batch_size
 LOCAL_MAX_TOTAL_SEQUENCE_LENGTH = 8192
-DEFAULT_PREFILL_CHUNK = {"cpu": 512, "cuda": 2048}
-DEFAULT_MEMORY_UTILIZATION = {"cpu": 0.5, "cuda": 0.85}  # share of free memory the KV cache may take
+DEFAULT_PREFILL_CHUNK = {"cpu": 512, "cuda": 2048, "rocm": 2048}
+# Share of free memory the KV cache may take (a GPU's: after the weights; MLC's default 0.85).
+DEFAULT_MEMORY_UTILIZATION = {"cpu": 0.5, "cuda": 0.85, "rocm": 0.85}
 FALLBACK_KV_BUDGET_BYTES = 2 << 30  # when free memory is unknown
-# Bytes per KV element assumed when sizing the cache from memory: f32 on the CPU, f16 on CUDA.
-# (The engine may store it smaller; then the cache simply uses less than its budget.)
-KV_DTYPE_BYTES = {"cpu": 4, "cuda": 2}
+# Bytes per KV element when sizing the cache from memory: f32 on every backend today (the GPU
+# kernels can read an f16 cache; the engine does not store one yet).
+KV_DTYPE_BYTES = {"cpu": 4, "cuda": 4, "rocm": 4}
+
+
+def device_kind(device: str) -> str:
+    """cpu, cuda, rocm or auto: the device's kind without its index ("cuda:1" -> "cuda")."""
+    return device.split(":", 1)[0]
+
+
+def device_index(device: str) -> int:
+    """The N of cuda:N / rocm:N (0 when not given)."""
+    return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def valid_device(device: str) -> bool:
+    kind, sep, index = device.partition(":")
+    if kind not in DEVICES:
+        return False
+    return not sep or (kind in ("cuda", "rocm") and index.isdigit() and len(index) <= 4)
+
+
+def resolve_device(device: str, available: tuple[str, ...]) -> str:
+    """auto -> the build's GPU where `available` (what pyserve._C.devices() reports) has one, else
+    cpu; any other device as it is."""
+    if device != "auto":
+        return device
+    return next((d for d in available if d != "cpu"), "cpu")
 
 
 class ConfigError(ValueError):
@@ -179,6 +207,8 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype_
 def available_memory_bytes(device: str) -> int | None:
     """Free memory the KV cache may draw on: MemAvailable for the CPU; None where unknown (the
     engine knows the GPU's free memory better than we do here)."""
+    if device_kind(device) in ("cuda", "rocm"):
+        return gpu_free_bytes(device)
     if device != "cpu":
         return None
     try:
@@ -191,6 +221,17 @@ def available_memory_bytes(device: str) -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
+        return None
+
+
+def gpu_free_bytes(device: str) -> int | None:
+    """Free memory on the GPU `device` (cuda[:N] / rocm[:N]) as the driver reports it; None without
+    a GPU build or a device."""
+    try:
+        from pyserve import _C
+
+        return int(_C.gpu.device_info(device_index(device))["free_bytes"])
+    except (ImportError, AttributeError, RuntimeError):
         return None
 
 
@@ -224,7 +265,7 @@ def resolve_engine_config(
     if cfg.kv_cache_tokens is not None:
         kv_capacity = cfg.kv_cache_tokens
     else:
-        util = cfg.memory_utilization or DEFAULT_MEMORY_UTILIZATION.get(cfg.device, 0.5)
+        util = cfg.memory_utilization or DEFAULT_MEMORY_UTILIZATION.get(device_kind(cfg.device), 0.5)
         budget = FALLBACK_KV_BUDGET_BYTES if available_bytes is None else int(available_bytes * util)
         kv_capacity = budget // max(kv_bytes_per_token, 1)
         # More than every sequence at full context is never needed.
@@ -247,7 +288,7 @@ def resolve_engine_config(
     # A single sequence cannot outgrow the whole cache (unless the window keeps it small).
     cfg.max_single_sequence_length = context if slides_everywhere else min(context, cfg.max_total_sequence_length)
     if cfg.prefill_chunk_size is None:
-        cfg.prefill_chunk_size = min(DEFAULT_PREFILL_CHUNK.get(cfg.device, 512), cfg.max_total_sequence_length)
+        cfg.prefill_chunk_size = min(DEFAULT_PREFILL_CHUNK.get(device_kind(cfg.device), 512), cfg.max_total_sequence_length)
     if cfg.num_threads is None:
         cfg.num_threads = default_num_threads()
     # The pool holds max_total_sequence_length tokens in whole pages, and at least one page per
@@ -259,22 +300,27 @@ def resolve_engine_config(
     return cfg
 
 
-def resolve_for_model(config: EngineConfig, model_config: Any) -> EngineConfig:
+def resolve_for_model(config: EngineConfig, model_config: Any, weight_bytes: int = 0) -> EngineConfig:
     """`config` with every unset field filled for this model: its context length, its KV bytes per
-    token on `config.device`, and the memory free there. A config that is already resolved is
-    returned unchanged. `model_config` needs max_position_embeddings, num_hidden_layers,
+    token on `config.device`, and the memory free there (on a GPU, less the `weight_bytes` the
+    model's weights will take once uploaded). A config that is already resolved is returned
+    unchanged. `model_config` needs max_position_embeddings, num_hidden_layers,
     num_key_value_heads and head_dim (pyserve.model's ModelConfig has them)."""
     if config.resolved():
         validate(config)
         return config
     mc = model_config
+    available = available_memory_bytes(config.device)
+    if available is not None and device_kind(config.device) in ("cuda", "rocm"):
+        available = max(0, available - weight_bytes)
     return resolve_engine_config(
         config,
         context_length=int(mc.max_position_embeddings),
         kv_bytes_per_token=kv_bytes_per_token(
-            int(mc.num_hidden_layers), int(mc.num_key_value_heads), int(mc.head_dim), KV_DTYPE_BYTES.get(config.device, 4)
+            int(mc.num_hidden_layers), int(mc.num_key_value_heads), int(mc.head_dim),
+            KV_DTYPE_BYTES.get(device_kind(config.device), 4),
         ),
-        available_bytes=available_memory_bytes(config.device),
+        available_bytes=available,
         slides_everywhere=bool(getattr(mc, "slides_everywhere", lambda: False)()),
     )
 
@@ -282,8 +328,8 @@ def resolve_for_model(config: EngineConfig, model_config: Any) -> EngineConfig:
 def validate(cfg: EngineConfig) -> None:
     if cfg.mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
-    if cfg.device not in DEVICES:
-        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {cfg.device!r}")
+    if not valid_device(cfg.device):
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)} (cuda:N / rocm:N for device N), got {cfg.device!r}")
     if cfg.prefix_cache_mode not in PREFIX_CACHE_MODES:
         raise ConfigError(f"prefix_cache_mode must be one of {', '.join(PREFIX_CACHE_MODES)}, got {cfg.prefix_cache_mode!r}")
     recycling = cfg.prefix_cache_max_num_recycling_seqs

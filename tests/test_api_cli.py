@@ -86,6 +86,10 @@ def test_max_tokens_flags():
         (["--port", "http"], "port"),
         (["--max-num-sequence", "0"], ">= 1"),
         (["--device", "tpu"], "--device"),
+        (["--device", "cuda:x"], "--device"),
+        (["--device", "cpu:1"], "--device"),
+        (["--gpu-memory-utilization", "1.5"], "(0, 1]"),
+        (["--gpu-memory-utilization", "0.9", "--overrides", "gpu_memory_utilization=0.5"], "both"),
         (["--overrides", "bogus_key=1"], "unknown key 'bogus_key'"),
         (["--overrides", "max_num_sequence=lots"], "integer"),
         (["--overrides", "max_num_sequence"], "key=value"),
@@ -272,6 +276,25 @@ def test_devices_come_from_what_the_extension_reports():
     assert cli.available_devices(types.SimpleNamespace(devices=("cpu",))) == ("cpu",)
 
 
+def test_device_flags():
+    args = cli.parse_args(["--device", "cuda:1", "--gpu-memory-utilization", "0.7"])
+    assert args.device == "cuda:1" and args.engine_config.device == "cuda:1"
+    assert args.engine_config.memory_utilization == 0.7
+
+
+def test_auto_device_is_the_gpu_where_there_is_one(monkeypatch):
+    import pyserve
+
+    monkeypatch.setattr(pyserve, "_C", types.SimpleNamespace(devices=lambda: ["cpu"]), raising=False)
+    assert cli.check_build("auto") == "cpu"
+    monkeypatch.setattr(pyserve, "_C", types.SimpleNamespace(devices=lambda: ["cpu", "rocm"]), raising=False)
+    assert cli.check_build("auto") == "rocm"
+    assert cli.check_build("rocm:1") == "rocm:1"
+    with pytest.raises(cli.BuildError) as info:
+        cli.check_build("cuda:0")
+    assert info.value.exit_code == 2 and "it serves: cpu, rocm" in str(info.value)
+
+
 def test_cuda_build_accepts_cuda(monkeypatch):
     import pyserve
 
@@ -434,9 +457,10 @@ def test_resolve_for_model_is_the_one_sizing(monkeypatch):
     # 50% of the CPU's free memory at 46080 f32 KV bytes per token: 1000 tokens.
     assert seen == ["cpu"] and cfg.resolved() and cfg.max_total_sequence_length == 1000
     assert cfg == resolve(EngineConfig(mode="server"), context=8192, bytes_per_token=46080, available=46080 * 2000)
-    # CUDA sizes with f16 KV, and 85% of free memory.
-    cuda = resolve_for_model(EngineConfig(mode="server", device="cuda"), SMOLLM2)
-    assert seen[-1] == "cuda" and cuda.max_total_sequence_length == int(46080 * 2000 * 0.85) // 23040
+    # CUDA sizes with f32 KV (what its backend stores today) and 85% of the memory free after the
+    # weights.
+    cuda = resolve_for_model(EngineConfig(mode="server", device="cuda"), SMOLLM2, weight_bytes=46080 * 100)
+    assert seen[-1] == "cuda" and cuda.max_total_sequence_length == int(46080 * 1900 * 0.85) // 46080
     # The context caps the local preset; a resolved config comes back as it is.
     local = resolve_for_model(EngineConfig(), types.SimpleNamespace(**{**vars(SMOLLM2), "max_position_embeddings": 512}))
     assert local.max_single_sequence_length == 512

@@ -29,8 +29,11 @@ struct AttentionBatch {
   const float* k_cache = nullptr;     // this layer's K and V pages
   const float* v_cache = nullptr;
   int page_size = 0;
-  const int32_t* const* page_tables = nullptr;  // per token: its sequence's page table
-  const int32_t* positions = nullptr;            // per token: its position in its sequence
+  // The batch's page tables, padded to one width: row s is sequence s's pages (StepInputs).
+  const int32_t* page_table = nullptr;  // [n_seqs, max_pages]
+  int n_seqs = 0, max_pages = 0;
+  const int32_t* token_seq = nullptr;   // [n_tokens]: each token's row of page_table
+  const int32_t* positions = nullptr;   // [n_tokens]: each token's position in its sequence
   int window = 0;                     // sliding window (0: attend to the whole prefix)
   // Attention sink (StreamingLLM), with a window: a token also attends to positions [0, sink).
   int sink = 0;
@@ -40,6 +43,27 @@ struct AttentionBatch {
   const int64_t* own_slots = nullptr;
   float* out = nullptr;               // out: [n_tokens, n_heads, head_dim] at row stride out_stride
   int64_t out_stride = 0;
+
+  const int32_t* table_of(int token) const { return page_table + static_cast<int64_t>(token_seq[token]) * max_pages; }
+};
+
+// What one forward step's kernels read besides the activations, built by the model on the host
+// once per step and handed to the backend by prepare(), which returns the same arrays where its
+// kernels can read them (the CPU: these very arrays; a GPU: one copy to device memory).
+struct StepInputs {
+  int n_tokens = 0;
+  const int32_t* tokens = nullptr;     // [n_tokens]
+  const int32_t* positions = nullptr;  // [n_tokens]
+  const int64_t* slots = nullptr;      // [n_tokens]: the cache slot each token's K/V goes to
+  const int64_t* own_slots = nullptr;  // [n_tokens], or null: AttentionBatch::own_slots
+  int half_dim = 0;                    // head_dim / 2
+  const float* cos = nullptr;          // [n_tokens, half_dim]: RoPE's angles
+  const float* sin = nullptr;
+  const float* cos_local = nullptr;    // [n_tokens, half_dim], or null: layers with a local RoPE base
+  const float* sin_local = nullptr;
+  int n_seqs = 0, max_pages = 0;
+  const int32_t* page_table = nullptr;  // [n_seqs, max_pages]
+  const int32_t* token_seq = nullptr;   // [n_tokens]
 };
 
 // Memory the backend's kernels can address (host memory on the CPU, device memory on a GPU).
@@ -50,6 +74,10 @@ class Buffer {
   virtual size_t bytes() const = 0;
 };
 
+// The model's parameters and workspace live in the backend's memory. Where that is not host
+// memory (host_memory() false), the model moves data across only through these calls: parameters
+// once at load (upload), per step the StepInputs (prepare), and the rows it hands back (to_host).
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -57,6 +85,18 @@ class Backend {
   virtual int num_threads() const = 0;
 
   virtual std::unique_ptr<Buffer> allocate(size_t n_floats) = 0;
+
+  // True where the kernels read and write host memory (the CPU): the model then skips the copies.
+  virtual bool host_memory() const { return true; }
+  // A buffer holding a copy of host[0, n).
+  std::unique_ptr<Buffer> upload(const float* host, size_t n);
+  // Copies n floats: host -> backend memory, backend -> host (waits for the work queued before),
+  // and within the backend's memory.
+  virtual void to_device(float* dst, const float* host, size_t n);
+  virtual void to_host(float* host, const float* src, size_t n);
+  virtual void copy(float* dst, const float* src, size_t n);
+  // The step's inputs where the kernels can read them, valid until the next prepare().
+  virtual StepInputs prepare(const StepInputs& host) { return host; }
 
   // Packs the row-wise concatenation of `parts` (each [rows_i, cols], same cols) into one matrix,
   // so that fused projections (q|k|v, gate|up) run as one matmul.
@@ -100,6 +140,14 @@ class Backend {
   // x: [n] *= s
   virtual void scale(float* x, int64_t n, float s) = 0;
 };
+
+// The GPU backend on device `index` (CUDA or HIP, whichever this build has). Throws where the
+// build has no GPU backend or the device is missing.
+std::shared_ptr<Backend> make_gpu_backend(int index);
+// Devices the GPU backend sees (0 without a GPU build, a driver or a device), and its kind:
+// "cuda" (NVIDIA), "rocm" (AMD through HIP), "none" (no GPU backend built).
+int gpu_device_count();
+std::string gpu_device_kind();
 
 // The CPU backend with `num_threads` threads (0: all cores) and the given kernel ISA
 // ("auto" | "avx512" | "avx2" | "scalar"). Throws if the ISA is not available here.

@@ -1,6 +1,5 @@
 #pragma once
 #include <cstdint>
-#include <cstring>
 #include <memory>
 
 #include "backend/backend.h"
@@ -23,7 +22,8 @@ namespace pyserve {
 class KVCache {
  public:
   KVCache(Backend& backend, int num_layers, int num_pages, int page_size, int kv_dim)
-      : num_layers_(num_layers), num_pages_(num_pages), page_size_(page_size), kv_dim_(kv_dim),
+      : backend_(backend),
+        num_layers_(num_layers), num_pages_(num_pages), page_size_(page_size), kv_dim_(kv_dim),
         layer_floats_(static_cast<int64_t>(num_pages) * page_size * kv_dim),
         buffer_(backend.allocate(static_cast<size_t>(layer_floats_) * 2 * num_layers)) {}
 
@@ -42,8 +42,8 @@ class KVCache {
   void copy_page(int src, int dst) {
     const size_t page = static_cast<size_t>(page_size_) * kv_dim_;
     for (int l = 0; l < num_layers_; ++l) {
-      std::memcpy(k(l) + dst * page, k(l) + src * page, page * sizeof(float));
-      std::memcpy(v(l) + dst * page, v(l) + src * page, page * sizeof(float));
+      backend_.copy(k(l) + dst * page, k(l) + src * page, page);
+      backend_.copy(v(l) + dst * page, v(l) + src * page, page);
     }
   }
 
@@ -53,6 +53,7 @@ class KVCache {
   }
 
  private:
+  Backend& backend_;
   int num_layers_, num_pages_, page_size_, kv_dim_;
   int64_t layer_floats_;
   std::unique_ptr<Buffer> buffer_;

@@ -65,34 +65,48 @@ class LlamaModel {
   void forward(const ForwardBatch& batch, KVCache& cache, float* logits);
 
  private:
+  using Param = std::unique_ptr<Buffer>;  // a vector parameter in the backend's memory
   struct Layer {
-    std::vector<float> attn_norm, ffn_norm, qkv_bias;  // qkv_bias empty without attention_bias
-    std::unique_ptr<Matrix> qkv, o, gate_up, down;     // q|k|v and gate|up fused row-wise
-    // Gemma 3 only (empty otherwise), stored as (1 + w): the per-head q/k norms and the norms of
+    Param attn_norm, ffn_norm, qkv_bias;            // qkv_bias null without attention_bias
+    std::unique_ptr<Matrix> qkv, o, gate_up, down;  // q|k|v and gate|up fused row-wise
+    // Gemma 3 only (null otherwise), stored as (1 + w): the per-head q/k norms and the norms of
     // the attention and MLP outputs.
-    std::vector<float> q_norm, k_norm, post_attn_norm, post_ffn_norm;
+    Param q_norm, k_norm, post_attn_norm, post_ffn_norm;
   };
+  // Activations, in the backend's memory.
   struct Workspace {
-    int capacity = 0;
-    std::vector<float> h, xn, qkv, attn, gate_up, act, cos, sin, final_x;
-    std::vector<float> cos_local, sin_local, block_out;  // Gemma 3: local rope; a block's output
-    std::vector<int64_t> slots;
-    std::vector<int64_t> own_slots;  // tree leaves' (AttentionBatch::own_slots), when any
+    int capacity = 0;       // tokens
+    int logit_rows = 0;     // rows of logits (lm_head on a device backend)
+    Param h, xn, qkv, attn, gate_up, act, final_x;
+    Param block_out;        // Gemma 3: a block's output before its norm
+    Param logits;           // device backends: [logit_rows, vocab]
+  };
+  // The step's inputs as the host builds them (StepInputs points into these).
+  struct HostStep {
+    std::vector<float> cos, sin, cos_local, sin_local;
+    std::vector<int64_t> slots, own_slots;
+    std::vector<int32_t> page_table, token_seq;
+    std::vector<float> final_x;  // device backends: the logit rows' hidden states, copied back
   };
   // A norm weight as the model multiplies by it: Gemma's (1 + w), everyone else's w.
-  std::vector<float> norm_weight(const TensorMap& t, const std::string& name, int64_t dim) const;
+  Param norm_weight(const TensorMap& t, const std::string& name, int64_t dim) const;
+  StepInputs build_step(const ForwardBatch& batch, int num_pages, int page_size);
+  static const float* ptr(const Param& p) { return p ? p->data() : nullptr; }
 
   ModelConfig config_;
   std::shared_ptr<Backend> backend_;
   std::unique_ptr<Matrix> embed_;    // [vocab, hidden]: also the LM head when tied
   std::unique_ptr<Matrix> lm_head_;  // null when tied
-  std::vector<float> final_norm_;
+  Param final_norm_;
   std::vector<float> inv_freq_;
   std::vector<float> inv_freq_local_;  // empty unless some layers rotate with rope_local_theta
   bool any_local_rope_ = false;
   std::vector<Layer> layers_;
   size_t weight_bytes_ = 0;
   Workspace ws_;
+  HostStep step_;
+  std::vector<const int32_t*> seq_tables_;  // build_step's scratch: the batch's sequences
+  std::vector<int> seq_pages_;
   std::mutex forward_mu_;  // the workspace and thread pool serve one forward at a time
 };
 

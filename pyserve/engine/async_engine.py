@@ -27,7 +27,8 @@ from typing import Any
 
 import anyio
 
-from pyserve.config import EngineConfig, resolve_for_model, with_attention_overrides
+from pyserve.config import (EngineConfig, device_kind, resolve_device, resolve_for_model,
+                            with_attention_overrides)
 from pyserve.engine.errors import EngineError, EngineFailed
 from pyserve.engine.grammar import GrammarCompiler
 from pyserve.engine.native import (draft_model, eagle_draft, eagle_spec, engine_options, measure_draft_cost,
@@ -81,17 +82,20 @@ class AsyncEngine:
 
         if config is None:
             config = EngineConfig()
-        if config.device not in _C.devices():
+        devices = tuple(_C.devices())
+        config = dataclasses.replace(config, device=resolve_device(config.device, devices))
+        if device_kind(config.device) not in devices:
             raise ValueError(f"device {config.device!r} is not supported by this build "
-                             f"(supported: {', '.join(_C.devices())})")
+                             f"(supported: {', '.join(devices)})")
         model.config = with_attention_overrides(model.config, config)
-        self.config = resolve_for_model(config, model.config)
+        self.config = resolve_for_model(config, model.config, weight_bytes=model.file_bytes)
         self.model = model
         # Medusa heads read the target's LM head rows: taken before its tensors are released.
         mode = self.config.speculative_mode
         medusa = medusa_spec(model, self.config.additional_models[0]) if mode == "medusa" else None
         eagle = eagle_spec(model, self.config.additional_models[0]) if mode == "eagle" else None
-        self._c_model = native_model(model, self.config.num_threads, isa, release_tensors=True)
+        self._c_model = native_model(model, self.config.num_threads, isa, release_tensors=True,
+                                     device=self.config.device)
         self.max_model_len: int = int(self.config.max_single_sequence_length)
         self._notify_r, self._notify_w = socket.socketpair()
         self._notify_r.setblocking(False)

@@ -13,15 +13,15 @@ log = logging.getLogger(__name__)
 
 
 def native_model(model: LoadedModel, num_threads: int = 0, isa: str = "auto", *,
-                 release_tensors: bool = False) -> Any:
-    """Packs the model's weights for the C++ backend (`num_threads` 0: all cores; `isa` "auto":
-    the best the CPU and OS allow). The engine packs copies of every weight (quant panels, float
+                 release_tensors: bool = False, device: str = "cpu") -> Any:
+    """Packs the model's weights for the C++ backend on `device` (cpu, cuda[:N], rocm[:N]; on the
+    CPU `num_threads` 0: all cores, `isa` "auto": the best the CPU and OS allow). The engine packs copies of every weight (quant panels, float
     panels); with release_tensors the loader's own tensors are dropped afterwards, and with them
     the file's memory map, whose pages would otherwise count a second time in the RSS."""
     from pyserve import _C
 
     tensors = [(name, r.format, r.data, tuple(r.shape)) for name, r in model.tensors.items()]
-    c_model = _C.Model(dataclasses.asdict(model.config), tensors, num_threads, isa)
+    c_model = _C.Model(dataclasses.asdict(model.config), tensors, num_threads, isa, device)
     if release_tensors:
         del tensors
         model.tensors = {}
@@ -98,7 +98,7 @@ def draft_model(target: LoadedModel, config: Any, isa: str = "auto") -> Any:
 
         quantize_model(draft, "q4f16_1")
     log.info("small_draft: draft model %s (%d layers)", path, draft.config.num_hidden_layers)
-    return native_model(draft, config.num_threads, isa, release_tensors=True)
+    return native_model(draft, config.num_threads, isa, release_tensors=True, device=config.device)
 
 
 @dataclasses.dataclass

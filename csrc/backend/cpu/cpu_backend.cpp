@@ -333,7 +333,7 @@ std::vector<AttendBlock> attend_blocks(const AttentionBatch& b, int max_block, i
     }
     const bool above = b.positions[i] >= boundary;
     int n = 1;
-    while (i + n < b.n_tokens && n < max_block && b.page_tables[i + n] == b.page_tables[i] &&
+    while (i + n < b.n_tokens && n < max_block && b.token_seq[i + n] == b.token_seq[i] &&
            b.positions[i + n] == b.positions[i] + n && (b.positions[i + n] >= boundary) == above && !leaf(i + n))
       ++n;
     blocks.push_back({i, n});
@@ -359,7 +359,7 @@ AttendArgs attend_args(const AttentionBatch& b, const AttendBlock& bl, int kvh, 
   a.n_kv_heads = b.n_kv_heads;
   a.kv_head = kvh;
   a.page_size = b.page_size;
-  a.page_table = b.page_tables[bl.first];
+  a.page_table = b.table_of(bl.first);
   a.positions = b.positions + bl.first;
   a.window = b.window;
   a.scratch = scratch;
