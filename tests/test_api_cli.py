@@ -295,6 +295,17 @@ def test_auto_device_is_the_gpu_where_there_is_one(monkeypatch):
     assert info.value.exit_code == 2 and "it serves: cpu, rocm" in str(info.value)
 
 
+def test_gpu_build_without_a_device_says_so(monkeypatch):
+    import pyserve
+
+    gpu = types.SimpleNamespace(vendor="cuda")
+    monkeypatch.setattr(pyserve, "_C", types.SimpleNamespace(devices=lambda: ["cpu"], gpu=gpu), raising=False)
+    with pytest.raises(cli.BuildError) as info:
+        cli.check_build("cuda:0")
+    assert info.value.exit_code == 2 and "has the cuda backend, but no device is visible" in str(info.value)
+    assert cli.check_build("auto") == "cpu"
+
+
 def test_cuda_build_accepts_cuda(monkeypatch):
     import pyserve
 
