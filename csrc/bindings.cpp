@@ -776,7 +776,7 @@ PYBIND11_MODULE(_C, m) {
              std::vector<py::buffer_info> infos;
              TensorMap map = tensor_map_from(tensors, infos);
              const int64_t H = draft.model->config().hidden_size;
-             if (!draft.model->backend().host_memory())
+             if (!draft.model->backend().host_memory() || !target.model->backend().host_memory())
                throw std::invalid_argument("EAGLE drafts run on the CPU backend only (for now)");
              auto e = std::make_shared<EagleInput>();
              e->target = target.model;

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -76,6 +77,16 @@ class _Mailbox:
         return outs
 
 
+def _path_bytes(path: str) -> int:
+    """Bytes of a model file, or of every file in a model directory (0 where unreadable)."""
+    try:
+        if os.path.isdir(path):
+            return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 class AsyncEngine:
     def __init__(self, model: LoadedModel, config: EngineConfig | None = None, *, isa: str = "auto") -> None:
         from pyserve import _C
@@ -87,8 +98,15 @@ class AsyncEngine:
         if device_kind(config.device) not in devices:
             raise ValueError(f"device {config.device!r} is not supported by this build "
                              f"(supported: {', '.join(devices)})")
+        if device_kind(config.device) != "cpu" and config.speculative_mode in ("eagle", "medusa"):
+            raise ValueError(f"speculative_mode {config.speculative_mode} runs on the CPU only for now "
+                             f"(device {config.device}): use ngram or small_draft there")
         model.config = with_attention_overrides(model.config, config)
-        self.config = resolve_for_model(config, model.config, weight_bytes=model.file_bytes)
+        # On a GPU the weights take device memory before the KV cache does (a small_draft's too).
+        weight_bytes = model.file_bytes
+        if config.speculative_mode == "small_draft" and config.additional_models:
+            weight_bytes += _path_bytes(config.additional_models[0])
+        self.config = resolve_for_model(config, model.config, weight_bytes=weight_bytes)
         self.model = model
         # Medusa heads read the target's LM head rows: taken before its tensors are released.
         mode = self.config.speculative_mode

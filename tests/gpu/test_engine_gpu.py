@@ -129,3 +129,24 @@ def test_server_on_the_device_through_the_openai_sdk() -> None:
                                                 messages=[{"role": "user", "content": "Say hello."}])
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == r.choices[0].message.content
+
+
+def test_ngram_speculation_on_the_device_keeps_greedy_output() -> None:
+    """Prompt lookup verifies drafts in the device's forward pass (tree-free chains, rollback of
+    rejected slots): the output is plain decoding's."""
+    path = tiny_gguf("llama", "Q8_0")
+    prompts = [[1, 5, 9, 13, 17, 21] * 5 + [40 + i] for i in range(6)]
+    spec = anyio.run(lambda: engine_greedy(path, prompts, 32, device=GPU, kv_cache_tokens=2048,
+                                           speculative_mode="ngram"))
+    plain = anyio.run(lambda: engine_greedy(path, prompts, 32, device=GPU, kv_cache_tokens=2048))
+    assert spec == plain
+
+
+def test_eagle_and_medusa_are_refused_on_the_device(tmp_path) -> None:
+    from pyserve.config import EngineConfig
+    from pyserve.engine.async_engine import AsyncEngine
+
+    for mode in ("eagle", "medusa"):
+        with pytest.raises(ValueError, match="runs on the CPU only"):
+            AsyncEngine(load_model(tiny_gguf("llama", "Q8_0")),
+                        EngineConfig(device=GPU, speculative_mode=mode, additional_models=[str(tmp_path)]))

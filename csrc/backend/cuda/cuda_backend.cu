@@ -111,8 +111,11 @@ std::unique_ptr<Buffer> CudaBackend::allocate(size_t n_floats) {
 
 void CudaBackend::to_device(float* dst, const float* host, size_t n) {
   if (n == 0) return;
-  // From pageable memory the copy is staged before the call returns: `host` may go right after.
+  // Waits for the copy: `host` is often a temporary (Backend::upload), and how early an async
+  // copy from pageable memory lets go of it differs between CUDA and HIP. Callers copy when the
+  // stream is idle anyway (at load, and before the LM head after forward_hidden's to_host).
   PYSERVE_GPU_CHECK(gpuMemcpyAsync(dst, host, n * sizeof(float), gpuMemcpyHostToDevice, stream_));
+  PYSERVE_GPU_CHECK(gpuStreamSynchronize(stream_));
 }
 
 void CudaBackend::to_host(float* host, const float* src, size_t n) {
@@ -189,6 +192,7 @@ StepInputs CudaBackend::prepare(const StepInputs& host) {
 
 void* CudaBackend::workspace(size_t bytes) {
   if (bytes > workspace_.bytes()) {
+    use_device();
     PYSERVE_GPU_CHECK(gpuStreamSynchronize(stream_));  // queued kernels may still use the old one
     workspace_ = DeviceMemory(std::max(bytes, workspace_.bytes() * 2));
   }
@@ -205,7 +209,7 @@ std::unique_ptr<Matrix> CudaBackend::pack(const std::vector<const TensorView*>& 
       throw std::invalid_argument("pack: " + p->name + " is not a matrix with " + std::to_string(cols) + " columns");
     if (!supports(p->dtype))
       throw std::invalid_argument("the GPU backend does not run " + std::string(dtype_info(p->dtype).name) + " (" +
-                                  p->name + "); it runs f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q5_k, q6_k");
+                                  p->name + "); it runs f32, f16, bf16, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k");
     one_format = one_format && p->dtype == parts.front()->dtype;
   }
   if (one_format) return upload_rows(parts);
@@ -283,7 +287,9 @@ void CudaBackend::attention(const AttentionBatch& b) {
   a.out_stride = b.out_stride;
   // One token per sequence and no tree leaves: the split-K decode kernel.
   const bool decode_only = b.own_slots == nullptr && b.n_seqs == b.n_tokens;
-  const size_t ws = attention_workspace_bytes(b.n_tokens, b.n_heads, b.head_dim, b.max_pages * b.page_size);
+  // Only the decode kernel's split-K partials need a workspace (sized for its largest split).
+  const size_t ws =
+      decode_only ? attention_workspace_bytes(b.n_tokens, b.n_heads, b.head_dim, b.max_pages * b.page_size) : 0;
   void* scratch = ws > 0 ? workspace(ws) : nullptr;
   gpu::attention(a, scratch, ws, decode_only, stream_);
 }
