@@ -423,10 +423,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _gpu_kind(gpu: Any) -> str:
-    return "rocm" if getattr(gpu, "vendor", "") == "hip" else "cuda"
-
-
 def check_build(device: str) -> str:
     """Fails fast, before a model is loaded, when the engine extension cannot be imported (exit 1)
     or cannot serve `device` (exit 2). Returns the device to use (auto resolved)."""
@@ -437,7 +433,7 @@ def check_build(device: str) -> str:
     devices = available_devices(_C)
     device = resolve_device(device, devices)
     gpu = getattr(_C, "gpu", None)
-    if device_kind(device) not in devices and gpu is not None and device_kind(device) == _gpu_kind(gpu):
+    if device_kind(device) not in devices and gpu is not None and device_kind(device) == gpu.kind:
         raise BuildError(f"--device {device}: this build has the {device_kind(device)} backend, but no device is "
                          f"visible (it serves: {', '.join(devices)})", 2)
     if device_kind(device) not in devices:

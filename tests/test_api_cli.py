@@ -298,7 +298,7 @@ def test_auto_device_is_the_gpu_where_there_is_one(monkeypatch):
 def test_gpu_build_without_a_device_says_so(monkeypatch):
     import pyserve
 
-    gpu = types.SimpleNamespace(vendor="cuda")
+    gpu = types.SimpleNamespace(kind="cuda")
     monkeypatch.setattr(pyserve, "_C", types.SimpleNamespace(devices=lambda: ["cpu"], gpu=gpu), raising=False)
     with pytest.raises(cli.BuildError) as info:
         cli.check_build("cuda:0")

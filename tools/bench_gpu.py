@@ -235,7 +235,7 @@ def main() -> int:
     device = args.device or next(d for d in _C.devices() if d != "cpu")
     info = gpu.device_info(int(device.split(":")[1]) if ":" in device else 0)
     print(f"# bench_gpu on {info['name']} ({info['total_bytes'] / 2**30:.0f} GiB, {info['multiprocessors']} SMs/CUs, "
-          f"compute {info['compute_capability']}, warp {info['warp_size']}); pyserve {gpu.vendor} build")
+          f"compute {info['compute_capability']}, warp {info['warp_size']}); pyserve {gpu.kind} build")
     peak = copy_peak_gbps(gpu)
     print(f"\ncopy peak (copy_bytes, 1 GiB, read + write): {peak:.0f} GB/s")
     sections = set(filter(None, args.only.split(","))) or {"gemv", "attention", "gemm", "decode", "serving"}

@@ -1,5 +1,6 @@
 // pyserve._C.gpu: the device, and every kernel family's probes (probe_*.cu), for tests/gpu and
 // tools/bench_gpu.py. Only in builds with a GPU backend (PYSERVE_CUDA=1 / PYSERVE_HIP=1).
+#include "backend/backend.h"  // gpu_device_count, gpu_device_kind
 #include "backend/cuda/probe_util.h"
 #include "backend/cuda/rope_table.h"
 
@@ -7,23 +8,9 @@ namespace pyserve::gpu {
 
 void bind_gpu(py::module_& parent) {
   py::module_ m = parent.def_submodule("gpu", "Device kernels on numpy arrays (tests/gpu, tools/bench_gpu.py)");
-  m.attr("vendor") = [] {
-#ifdef PYSERVE_GPU_HIP
-    return "hip";
-#else
-    return "cuda";
-#endif
-  }();
+  m.attr("kind") = gpu_device_kind();  // the --device name this build serves: "cuda" or "rocm"
   m.attr("warp_size") = kWarpSize;
-  m.def("device_count", [] {
-    int n = 0;
-    // No driver or no device is "none", not an error: callers fall back to the CPU.
-    if (gpuGetDeviceCount(&n) != gpuSuccess) {
-      (void)gpuGetLastError();
-      return 0;
-    }
-    return n;
-  });
+  m.def("device_count", &gpu_device_count, "Devices the GPU backend sees (0 without a driver or a device).");
   m.def(
       "device_info",
       [](int device) {
